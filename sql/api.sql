@@ -1,0 +1,80 @@
+-- pg_listsync: views and the DDL event trigger (the functions are defined by the Rust code).
+
+-- One row per binding: what it syncs where, whether it works, and how far behind it is.
+CREATE VIEW listsync.status AS
+SELECT b.id                                   AS binding,
+       b.filter_name                          AS filter,
+       c.name                                 AS connection,
+       c.provider,
+       coalesce(b.list_name, b.list_id)       AS list,
+       b.list_id,
+       CASE WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
+       coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) AS state_reason,
+       (SELECT count(*) FROM listsync.members m
+         WHERE m.binding_id = b.id AND m.status IN ('subscribed', 'pending'))       AS members,
+       (SELECT count(*) FROM listsync.outbox o WHERE o.binding_id = b.id AND o.address <> '') AS pending,
+       (SELECT now() - min(o.dirtied_at) FROM listsync.outbox o
+         WHERE o.binding_id = b.id AND o.address <> '')                              AS oldest_pending_age,
+       (SELECT count(*) FROM listsync.dead_letter_items d WHERE d.binding_id = b.id) AS dead_letters,
+       (SELECT count(*) FROM listsync.members m
+         WHERE m.binding_id = b.id AND m.status NOT IN ('subscribed', 'pending'))   AS refused,
+       b.skipped_invalid                      AS skipped_invalid_addresses,
+       b.last_success_at,
+       b.last_error_at,
+       b.last_error,
+       c.throttled_until
+  FROM listsync.bindings b
+  JOIN listsync.connections c ON c.id = b.connection_id;
+
+-- Items a provider refused for good, with its words. listsync.retry_dead_letters() retries them.
+CREATE VIEW listsync.dead_letters AS
+SELECT d.binding_id AS binding, b.filter_name AS filter, c.name AS connection, d.address, d.operation,
+       d.attempts, d.error, d.first_failed_at, d.last_failed_at
+  FROM listsync.dead_letter_items d
+  JOIN listsync.bindings b ON b.id = d.binding_id
+  JOIN listsync.connections c ON c.id = b.connection_id;
+
+-- Recent provider calls (kept for listsync.deliveries_retention).
+CREATE VIEW listsync.deliveries AS
+SELECT l.id, l.at, c.name AS connection, l.binding_id AS binding, l.operation, l.request,
+       l.http_status, l.duration_ms, l.outcome, l.message
+  FROM listsync.delivery_log l
+  LEFT JOIN listsync.connections c ON c.id = l.connection_id;
+
+-- Connections without their secrets.
+CREATE VIEW listsync.connection_list AS
+SELECT id, name, provider, settings, state, state_reason, throttled_until, owner, created_at
+  FROM listsync.connections;
+
+GRANT SELECT ON listsync.status, listsync.dead_letters, listsync.deliveries, listsync.connection_list TO PUBLIC;
+GRANT SELECT ON listsync.filters, listsync.bindings TO PUBLIC;
+
+-- DROP TABLE ... CASCADE (or DROP COLUMN ... CASCADE) takes the filter and binding views with
+-- it: the bindings they served become visibly inactive instead of failing later.
+CREATE FUNCTION listsync._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF to_regclass('listsync.bindings') IS NULL THEN
+        RETURN;  -- the extension itself is being dropped
+    END IF;
+    WITH dropped AS (
+        SELECT b.id, format('table %s was dropped', d.object_identity) AS reason
+          FROM pg_event_trigger_dropped_objects() d
+          JOIN listsync.bindings b ON d.object_type = 'table' AND d.objid = b.source::oid
+        UNION ALL
+        SELECT b.id, format('its view %s was dropped', d.object_identity)
+          FROM pg_event_trigger_dropped_objects() d
+          JOIN listsync.bindings b ON d.object_type = 'view' AND d.schema_name = 'listsync'
+           AND d.object_name IN ('binding:' || b.id, 'filter:' || b.filter_name)
+    ), deactivated AS (
+        UPDATE listsync.bindings b SET state = 'inactive', state_reason = dropped.reason
+          FROM dropped WHERE b.id = dropped.id AND b.state <> 'inactive'
+        RETURNING b.id
+    )
+    DELETE FROM listsync.outbox WHERE binding_id IN (SELECT id FROM deactivated);
+    DELETE FROM listsync.filters f
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.object_type = 'view' AND d.schema_name = 'listsync' AND d.object_name = 'filter:' || f.name;
+END
+$$;
+CREATE EVENT TRIGGER listsync_sql_drop ON sql_drop EXECUTE FUNCTION listsync._on_sql_drop();

@@ -1,0 +1,174 @@
+-- pg_listsync catalog. Everything here is owned by the role that ran CREATE EXTENSION; other
+-- roles reach it only through the functions and views of api.sql.
+--
+-- Config tables (connections, filters, bindings, and the state that says what was delivered)
+-- are registered with pg_extension_config_dump so that pg_dump/restore keeps them.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'listsync_admin') THEN
+        CREATE ROLE listsync_admin NOLOGIN;
+    END IF;
+END
+$$;
+COMMENT ON ROLE listsync_admin IS
+    'pg_listsync administrators: may manage connections and read provider secrets';
+
+-- A provider account: which API, how to reach it, and whether it currently works.
+CREATE TABLE listsync.connections (
+    id            bigserial PRIMARY KEY,
+    name          text NOT NULL UNIQUE,
+    provider      text NOT NULL,
+    settings      jsonb NOT NULL DEFAULT '{}',
+    state         text NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'error')),
+    state_reason  text,
+    -- A provider that asked us to slow down (429, Retry-After) is not called before this time.
+    throttled_until timestamptz,
+    owner         regrole NOT NULL DEFAULT current_user::regrole,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Secrets live apart so that no view, no join and no default privilege ever reaches them.
+CREATE TABLE listsync.connection_secrets (
+    connection_id bigint PRIMARY KEY REFERENCES listsync.connections (id) ON DELETE CASCADE,
+    secrets       jsonb NOT NULL DEFAULT '{}'
+);
+
+-- A saved filter. The predicate's truth is the view listsync."filter:<name>": PostgreSQL keeps
+-- it right through column renames and refuses to drop or retype what it reads (semantics 9).
+CREATE TABLE listsync.filters (
+    id             bigserial PRIMARY KEY,
+    name           text NOT NULL UNIQUE,
+    source         regclass NOT NULL,
+    email_column   name NOT NULL,
+    predicate      text NOT NULL,
+    conditions     jsonb,
+    time_dependent boolean NOT NULL DEFAULT false,
+    owner          regrole NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- A filter bound to a list at a provider.
+CREATE TABLE listsync.bindings (
+    id                bigserial PRIMARY KEY,
+    filter_id         bigint REFERENCES listsync.filters (id) ON DELETE SET NULL,
+    filter_name       text NOT NULL,
+    connection_id     bigint NOT NULL REFERENCES listsync.connections (id),
+    source            regclass,
+    list_id           text,
+    list_name         text,
+    -- Provider-side set-up the worker has done for this binding (tag ids, field ids, ...).
+    remote            jsonb NOT NULL DEFAULT '{}',
+    fields            jsonb NOT NULL DEFAULT '{}',
+    tags              text[] NOT NULL DEFAULT '{}',
+    on_leave          text NOT NULL DEFAULT 'remove'
+                      CHECK (on_leave IN ('remove', 'archive', 'unsubscribe', 'delete', 'keep')),
+    new_member_status text NOT NULL DEFAULT 'subscribed'
+                      CHECK (new_member_status IN ('subscribed', 'pending')),
+    state             text NOT NULL DEFAULT 'active'
+                      CHECK (state IN ('active', 'paused', 'error', 'inactive')),
+    state_reason      text,
+    owner             regrole NOT NULL,
+    last_success_at   timestamptz,
+    last_error_at     timestamptz,
+    last_error        text,
+    last_reconciled_at timestamptz,
+    -- Rows the filter matches whose email is NULL or not an address (never sent); recounted by
+    -- the worker when the outbox holds the pair (binding, '').
+    skipped_invalid   bigint NOT NULL DEFAULT 0,
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON listsync.bindings (source);
+
+-- The outbox: which (binding, address) pairs are dirty (semantics 3: level, not edge).
+-- `generation` grows with every capture of the pair, so a worker that delivered the state it
+-- read can tell whether a newer change arrived meanwhile.
+CREATE TABLE listsync.outbox (
+    binding_id         bigint NOT NULL,
+    address            text NOT NULL,
+    generation         bigint NOT NULL DEFAULT 1,
+    dirtied_at         timestamptz NOT NULL DEFAULT now(),
+    not_before         timestamptz NOT NULL DEFAULT '-infinity',
+    claimed_generation bigint,
+    lease_until        timestamptz,
+    attempts           integer NOT NULL DEFAULT 0,
+    last_error         text,
+    PRIMARY KEY (binding_id, address)
+);
+CREATE INDEX outbox_due ON listsync.outbox (not_before);
+
+-- What the worker recorded at the provider after each delivery: the remote state the next
+-- change is compared with.
+CREATE TABLE listsync.members (
+    binding_id  bigint NOT NULL REFERENCES listsync.bindings (id) ON DELETE CASCADE,
+    address     text NOT NULL,
+    status      text NOT NULL
+                CHECK (status IN ('subscribed', 'pending', 'unsubscribed', 'cleaned',
+                                  'bounced', 'complained', 'refused')),
+    remote_id   text,
+    fields      jsonb NOT NULL DEFAULT '{}',
+    synced_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (binding_id, address)
+);
+
+-- GDPR erasures requested for an address and not yet carried out at a binding's provider.
+CREATE TABLE listsync.erasures (
+    binding_id   bigint NOT NULL REFERENCES listsync.bindings (id) ON DELETE CASCADE,
+    address      text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (binding_id, address)
+);
+
+-- Items the provider refused for good, with its words. A new change of the pair retries it.
+CREATE TABLE listsync.dead_letter_items (
+    binding_id      bigint NOT NULL REFERENCES listsync.bindings (id) ON DELETE CASCADE,
+    address         text NOT NULL,
+    operation       text NOT NULL,
+    attempts        integer NOT NULL,
+    error           text NOT NULL,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (binding_id, address)
+);
+
+-- Addresses never to be sent anywhere (semantics 6), whatever the filters say.
+CREATE TABLE listsync.suppressions (
+    address    text PRIMARY KEY,
+    reason     text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Recent provider calls, for operators. Trimmed by the worker (listsync.deliveries_retention).
+CREATE TABLE listsync.delivery_log (
+    id            bigserial PRIMARY KEY,
+    at            timestamptz NOT NULL DEFAULT now(),
+    connection_id bigint,
+    binding_id    bigint,
+    operation     text NOT NULL,
+    request       text NOT NULL,
+    items         integer NOT NULL DEFAULT 0,
+    http_status   integer,
+    duration_ms   double precision,
+    outcome       text NOT NULL,
+    message       text
+);
+CREATE INDEX ON listsync.delivery_log (at);
+
+SELECT pg_catalog.pg_extension_config_dump('listsync.connections', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.connections_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.connection_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.filters', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.filters_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.bindings', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.bindings_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.members', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.erasures', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.dead_letter_items', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.suppressions', '');
+
+REVOKE ALL ON ALL TABLES IN SCHEMA listsync FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA listsync FROM PUBLIC;
+GRANT USAGE ON SCHEMA listsync TO PUBLIC;
+GRANT SELECT ON listsync.connection_secrets TO listsync_admin;

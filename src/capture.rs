@@ -1,0 +1,457 @@
+//! The capture trigger: inside the writing transaction, decide which (binding, address) pairs a
+//! row change made dirty, and record them in the outbox (semantics 2, 3, 7).
+//!
+//! Three triggers per bound table, installed and kept current by [`sync_triggers`]:
+//! - `listsync_capture`, AFTER INSERT OR DELETE OR UPDATE OF <every column a binding reads>, FOR
+//!   EACH ROW: evaluates each filter natively on OLD and NEW and buffers dirty pairs. An UPDATE
+//!   of other columns never reaches it (PostgreSQL's own column-list firing).
+//! - `listsync_capture_flush`, the same events FOR EACH STATEMENT: writes the buffered pairs to
+//!   the outbox with one INSERT per statement. Pairs of a statement that fails, or of a
+//!   subtransaction that rolls back, are dropped from the buffer; leftovers (writes routed to
+//!   a partition directly) are flushed before commit or prepare.
+//! - `listsync_capture_truncate`, AFTER TRUNCATE: every recorded member becomes dirty.
+//!
+//! The per-table state (prepared predicates, which columns matter) is built once per backend
+//! from the filter and binding views and dropped on a relcache invalidation of the table.
+
+use crate::catalog::{binding_view, filter_view, view_oid};
+use crate::error::{Error, OrRaise};
+use crate::filter::eval::{Evaluator, Prepared};
+use crate::filter::view::ViewRule;
+use crate::privilege::AsExtension;
+use pgrx::prelude::*;
+use pgrx::{PgRelation, pg_sys};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_void;
+
+// SAFETY (of the declaration): the signature matches utils/datum.h; it only compares memory
+// and never raises an ERROR, so it needs no guard.
+unsafe extern "C-unwind" {
+    /// `utils/datum.h`; compares two datums' stored images (toasted values by pointer).
+    fn datumIsEqual(value1: pg_sys::Datum, value2: pg_sys::Datum, typ_by_val: bool, typ_len: i32) -> bool;
+}
+
+struct FilterState {
+    predicate: Prepared,
+    email: i16,
+}
+
+struct BindingState {
+    id: i64,
+    filter: usize,
+    mapped: Vec<i16>,
+}
+
+#[derive(Clone, Copy)]
+struct ColumnState {
+    attnum: i16,
+    len: i16,
+    by_value: bool,
+}
+
+/// A partition's rows converted to the shape of the bound (partitioned) table.
+struct Conversion {
+    map: *mut pg_sys::TupleConversionMap,
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+}
+
+struct TableCapture {
+    filters: Vec<FilterState>,
+    bindings: Vec<BindingState>,
+    /// Every column some binding reads: an UPDATE changing none of them is nothing to us.
+    read: Vec<ColumnState>,
+    conversion: Option<Conversion>,
+    // Last: the evaluator owns the memory everything above points into.
+    evaluator: Evaluator,
+}
+
+thread_local! {
+    static TABLES: RefCell<HashMap<pg_sys::Oid, TableCapture>> = RefCell::new(HashMap::new());
+    static STALE: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    static ALL_STALE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+/// Dirty pairs waiting for the statement's end, each with the subtransaction that marked it.
+#[derive(Default)]
+struct Pending {
+    pairs: HashMap<(i64, String), pg_sys::SubTransactionId>,
+}
+
+impl Pending {
+    fn mark(&mut self, binding: i64, address: String) {
+        // SAFETY: reads the current subtransaction id, a backend global.
+        let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        self.pairs.entry((binding, address)).or_insert(subxact);
+    }
+
+    /// A rolled-back subtransaction takes its marks (and its children's, which have larger
+    /// ids) with it; marks of earlier, enclosing or committed siblings stay.
+    fn forget_since(&mut self, subxact: pg_sys::SubTransactionId) {
+        self.pairs.retain(|_, marked_in| *marked_in < subxact);
+    }
+}
+
+pub fn register_callbacks() {
+    // SAFETY: registering process-lifetime callbacks during library load; both are #[pg_guard]
+    // and never raise an ERROR from a COMMIT/ABORT event.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0));
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // Only marks: the entry may be in use further up the stack (invalidations arrive whenever
+    // a lock is taken); it is rebuilt at the next trigger call.
+    if relid == pg_sys::InvalidOid {
+        ALL_STALE.with(|all| all.set(true));
+    } else {
+        STALE.with(|stale| stale.borrow_mut().insert(relid));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // Still inside the transaction: an ERROR here aborts it cleanly.
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_PRE_COMMIT => flush().or_raise(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| p.borrow_mut().pairs.clear()),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    subxact: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        PENDING.with(|p| p.borrow_mut().forget_since(subxact));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The triggers
+
+#[pg_trigger]
+fn capture<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    let data = trigger.trigger_data();
+    // SAFETY: PostgreSQL passes a valid TriggerData to a trigger function; for an AFTER ROW
+    // trigger the slots hold the old/new row as the event requires.
+    unsafe { capture_row(data)? };
+    Ok(None)
+}
+
+#[pg_trigger]
+fn capture_flush<'a>(_trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    flush()?;
+    Ok(None)
+}
+
+#[pg_trigger]
+fn capture_truncate<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    let relid = trigger.relid().map_err(|e| Error::internal(e.to_string()))?;
+    AsExtension::run(|| -> crate::error::Result<()> {
+        Spi::run_with_args(
+            &format!("INSERT INTO listsync.outbox AS o (binding_id, address)
+             SELECT m.binding_id, m.address FROM listsync.members m
+               JOIN listsync.bindings b ON b.id = m.binding_id
+              WHERE b.source = $1::oid::regclass AND b.state <> 'inactive'
+             UNION
+             SELECT b.id, '' FROM listsync.bindings b WHERE b.source = $1::oid::regclass AND b.state <> 'inactive'
+             {}", crate::outbox::ON_CONFLICT_DIRTY),
+            &[relid.into()],
+        )?;
+        Ok(())
+    })?;
+    crate::wake::request_wake();
+    Ok(None)
+}
+
+/// # Safety
+/// `data` must be the TriggerData of an AFTER ROW trigger call.
+unsafe fn capture_row(data: &pg_sys::TriggerData) -> crate::error::Result<()> {
+    // SAFETY: tg_relation is the table the trigger fired on.
+    let relid = unsafe { (*data.tg_relation).rd_id };
+    let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let (old, new) = match event {
+        pg_sys::TRIGGER_EVENT_INSERT => (std::ptr::null_mut(), data.tg_trigslot),
+        pg_sys::TRIGGER_EVENT_UPDATE => (data.tg_trigslot, data.tg_newslot),
+        pg_sys::TRIGGER_EVENT_DELETE => (data.tg_trigslot, std::ptr::null_mut()),
+        _ => return Ok(()),
+    };
+    with_table(relid, data.tg_relation, |table| {
+        // SAFETY: slots come from the trigger data; conversion slots belong to the table entry.
+        unsafe { table.capture(old, new) };
+        Ok(())
+    })
+}
+
+impl TableCapture {
+    /// # Safety
+    /// `old`/`new` are NULL or slots holding rows of the table this entry was built for.
+    unsafe fn capture(&self, old: *mut pg_sys::TupleTableSlot, new: *mut pg_sys::TupleTableSlot) {
+        // SAFETY: see the function contract; every slot access is by attribute number of the
+        // bound table, which the (converted) slots have.
+        unsafe {
+            let (old, new) = match &self.conversion {
+                None => (old, new),
+                Some(c) => (convert(c, old, c.old), convert(c, new, c.new)),
+            };
+            if !old.is_null() && !new.is_null() && !self.read.iter().any(|c| changed(c, old, new)) {
+                return;
+            }
+            let old_match: Vec<bool> =
+                self.filters.iter().map(|f| !old.is_null() && self.evaluator.matches(f.predicate, old)).collect();
+            let new_match: Vec<bool> =
+                self.filters.iter().map(|f| !new.is_null() && self.evaluator.matches(f.predicate, new)).collect();
+            self.evaluator.reset_row();
+
+            PENDING.with(|pending| {
+                let mut pending = pending.borrow_mut();
+                for binding in &self.bindings {
+                    let (was, is) = (old_match[binding.filter], new_match[binding.filter]);
+                    if !was && !is {
+                        continue;
+                    }
+                    let email = self.filters[binding.filter].email;
+                    let old_address = if was { Some(address_of(old, email)) } else { None };
+                    let new_address = if is { Some(address_of(new, email)) } else { None };
+                    let mut mark = |address: Option<String>| pending.mark(binding.id, address.unwrap_or_default());
+                    match (old_address, new_address) {
+                        (Some(a), None) | (None, Some(a)) => mark(a),
+                        (Some(a), Some(b)) if a != b => {
+                            mark(a);
+                            mark(b);
+                        }
+                        (Some(a), Some(_)) => {
+                            let columns = self.read.iter().filter(|c| binding.mapped.contains(&c.attnum));
+                            if columns.into_iter().any(|c| changed(c, old, new)) {
+                                mark(a);
+                            }
+                        }
+                        (None, None) => {}
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The address a row holds: `Some(normalized)`, or `None` when NULL or invalid — which the
+/// outbox records as the empty address, "recount this binding's skipped rows".
+///
+/// # Safety
+/// `slot` holds a row with a text-like column `attnum`.
+unsafe fn address_of(slot: *mut pg_sys::TupleTableSlot, attnum: i16) -> Option<String> {
+    let mut is_null = false;
+    // SAFETY: per the contract; text-like types (text, varchar, bpchar, citext) are varlena
+    // text, which String::from_datum detoasts and reads.
+    unsafe {
+        let datum = pg_sys::slot_getattr(slot, attnum as i32, &mut is_null);
+        let raw: Option<String> = String::from_datum(datum, is_null);
+        raw.and_then(|r| crate::address::normalize(&r))
+    }
+}
+
+/// # Safety
+/// Both slots hold rows of the same table.
+unsafe fn changed(column: &ColumnState, old: *mut pg_sys::TupleTableSlot, new: *mut pg_sys::TupleTableSlot) -> bool {
+    let (mut old_null, mut new_null) = (false, false);
+    // SAFETY: per the contract; datumIsEqual only reads the datums' images.
+    unsafe {
+        let a = pg_sys::slot_getattr(old, column.attnum as i32, &mut old_null);
+        let b = pg_sys::slot_getattr(new, column.attnum as i32, &mut new_null);
+        match (old_null, new_null) {
+            (true, true) => false,
+            (false, false) => !datumIsEqual(a, b, column.by_value, column.len as i32),
+            _ => true,
+        }
+    }
+}
+
+/// # Safety
+/// `from` is NULL or a slot of the partition; `to` a slot of the bound table's shape.
+unsafe fn convert(
+    conversion: &Conversion,
+    from: *mut pg_sys::TupleTableSlot,
+    to: *mut pg_sys::TupleTableSlot,
+) -> *mut pg_sys::TupleTableSlot {
+    if from.is_null() {
+        return from;
+    }
+    // SAFETY: per the contract; the map was built from these two tuple descriptors.
+    unsafe { pg_sys::execute_attr_map_slot((*conversion.map).attrMap, from, to) }
+}
+
+/// Runs `body` with the capture state of `relid`, building it if missing or stale.
+fn with_table(relid: pg_sys::Oid, relation: pg_sys::Relation, body: impl FnOnce(&TableCapture) -> crate::error::Result<()>) -> crate::error::Result<()> {
+    if ALL_STALE.with(|all| all.replace(false)) {
+        TABLES.with(|t| t.borrow_mut().clear());
+        STALE.with(|s| s.borrow_mut().clear());
+    }
+    if STALE.with(|s| s.borrow_mut().remove(&relid)) {
+        TABLES.with(|t| t.borrow_mut().remove(&relid));
+    }
+    let present = TABLES.with(|t| t.borrow().contains_key(&relid));
+    if !present {
+        let built = build(relid, relation)?;
+        TABLES.with(|t| t.borrow_mut().insert(relid, built));
+    }
+    TABLES.with(|t| match t.borrow().get(&relid) {
+        Some(table) => body(table),
+        None => Ok(()),
+    })
+}
+
+fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result<TableCapture> {
+    AsExtension::run(|| {
+        // A partition's row trigger is a clone of its ancestor's: find the bound ancestor.
+        let bound: Option<pg_sys::Oid> = Spi::get_one_with_args(
+            "SELECT b.source::oid FROM listsync.bindings b
+              WHERE b.source::oid IN (SELECT relid FROM pg_catalog.pg_partition_ancestors($1))
+                AND b.state <> 'inactive'
+              ORDER BY b.source::oid = $1 DESC LIMIT 1",
+            &[relid.into()],
+        )?;
+        let evaluator = Evaluator::new();
+        let Some(bound) = bound else {
+            return Ok(TableCapture { filters: vec![], bindings: vec![], read: vec![], conversion: None, evaluator });
+        };
+        let rows = Spi::connect(|c| -> crate::error::Result<Vec<(i64, i64, String)>> {
+            let mut rows = Vec::new();
+            for row in c.select(
+                "SELECT b.id, f.id, f.name FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
+                  WHERE b.source = $1::oid::regclass AND b.state <> 'inactive' ORDER BY f.id, b.id",
+                None,
+                &[bound.into()],
+            )? {
+                rows.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
+            }
+            Ok(rows)
+        })?;
+
+        let mut filters: Vec<FilterState> = Vec::new();
+        let mut filter_index: HashMap<i64, usize> = HashMap::new();
+        let mut bindings = Vec::new();
+        let mut read: Vec<i16> = Vec::new();
+        for (binding_id, filter_id, filter_name) in rows {
+            let index = match filter_index.get(&filter_id) {
+                Some(i) => *i,
+                None => {
+                    let view = view_oid(&filter_view(&filter_name))?
+                        .ok_or_else(|| Error::internal(format!("the view of filter \"{filter_name}\" is missing")))?;
+                    let rule = ViewRule::load(view)?;
+                    let email = rule.column_of("email")?;
+                    read.push(email);
+                    read.extend(rule.predicate_columns());
+                    filters.push(FilterState { predicate: evaluator.prepare(rule.quals()), email });
+                    filter_index.insert(filter_id, filters.len() - 1);
+                    filters.len() - 1
+                }
+            };
+            let view = view_oid(&binding_view(binding_id))?
+                .ok_or_else(|| Error::internal(format!("the view of binding {binding_id} is missing")))?;
+            let mapped = ViewRule::load(view)?.field_columns()?;
+            read.extend(&mapped);
+            bindings.push(BindingState { id: binding_id, filter: index, mapped });
+        }
+        read.sort_unstable();
+        read.dedup();
+
+        // SAFETY: the relation is open for the trigger call; its descriptor lives as long.
+        let (read, conversion) = unsafe {
+            let bound_relation = PgRelation::open(bound);
+            let descriptor = bound_relation.rd_att;
+            let read = read
+                .into_iter()
+                .map(|attnum| {
+                    let attribute = &*(*descriptor).attrs.as_ptr().add(attnum as usize - 1);
+                    ColumnState { attnum, len: attribute.attlen, by_value: attribute.attbyval }
+                })
+                .collect();
+            let conversion = if bound == relid { None } else { conversion_for(&evaluator, relation, descriptor) };
+            (read, conversion)
+        };
+        Ok(TableCapture { filters, bindings, read, conversion, evaluator })
+    })
+}
+
+/// How to read a partition's rows as rows of the bound table; `None` when they have the same
+/// shape (attribute numbers agree).
+///
+/// # Safety
+/// `partition` is open; `bound_descriptor` is the bound table's descriptor.
+unsafe fn conversion_for(evaluator: &Evaluator, partition: pg_sys::Relation, bound_descriptor: pg_sys::TupleDesc) -> Option<Conversion> {
+    // SAFETY: everything is allocated in the evaluator's context and lives as long as it.
+    unsafe {
+        let previous = pg_sys::MemoryContextSwitchTo(evaluator.memory_context());
+        let target = pg_sys::CreateTupleDescCopy(bound_descriptor);
+        let source = pg_sys::CreateTupleDescCopy((*partition).rd_att);
+        let map = pg_sys::convert_tuples_by_name(source, target);
+        let conversion = (!map.is_null()).then(|| Conversion {
+            map,
+            old: pg_sys::MakeSingleTupleTableSlot(target, &pg_sys::TTSOpsVirtual),
+            new: pg_sys::MakeSingleTupleTableSlot(target, &pg_sys::TTSOpsVirtual),
+        });
+        pg_sys::MemoryContextSwitchTo(previous);
+        conversion
+    }
+}
+
+/// Writes the buffered dirty pairs to the outbox, with one statement.
+fn flush() -> crate::error::Result<()> {
+    let pairs = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().pairs));
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let (bindings, addresses): (Vec<i64>, Vec<String>) = pairs.into_keys().unzip();
+    AsExtension::run(|| crate::outbox::mark(bindings, addresses))?;
+    crate::wake::request_wake();
+    Ok(())
+}
+
+/// Installs, updates or removes the capture triggers of `relid` to match its bindings: the
+/// column list of the row trigger is every column a binding's views read.
+pub fn sync_triggers(relid: pg_sys::Oid) -> crate::error::Result<()> {
+    let table = crate::catalog::relation_name(relid);
+    let columns: Option<Vec<String>> = Spi::get_one_with_args(
+        "SELECT array_agg(DISTINCT pg_catalog.quote_ident(a.attname::text))
+           FROM listsync.bindings b
+           JOIN listsync.filters f ON f.id = b.filter_id
+           CROSS JOIN LATERAL (VALUES (pg_catalog.to_regclass(pg_catalog.format('listsync.%I', 'filter:' || f.name))),
+                                      (pg_catalog.to_regclass(pg_catalog.format('listsync.%I', 'binding:' || b.id)))) v(view)
+           JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.view
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+                AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = $1 AND d.refobjsubid > 0
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = $1 AND a.attnum = d.refobjsubid
+          WHERE b.source = $1::regclass AND b.state <> 'inactive'",
+        &[relid.into()],
+    )?;
+    for trigger in ["listsync_capture", "listsync_capture_flush", "listsync_capture_truncate"] {
+        Spi::run(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"))?;
+    }
+    if let Some(columns) = columns.filter(|c| !c.is_empty()) {
+        let events = format!("INSERT OR DELETE OR UPDATE OF {}", columns.join(", "));
+        Spi::run(&format!(
+            "CREATE TRIGGER listsync_capture AFTER {events} ON {table} FOR EACH ROW EXECUTE FUNCTION listsync.capture()"
+        ))?;
+        Spi::run(&format!(
+            "CREATE TRIGGER listsync_capture_flush AFTER {events} ON {table} FOR EACH STATEMENT EXECUTE FUNCTION listsync.capture_flush()"
+        ))?;
+        Spi::run(&format!(
+            "CREATE TRIGGER listsync_capture_truncate AFTER TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION listsync.capture_truncate()"
+        ))?;
+    }
+    // SAFETY: queues a relcache invalidation, delivered to every backend at commit.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    Ok(())
+}

@@ -1,0 +1,1041 @@
+//! The SQL surface over the catalog: connections, filters and bindings (DESIGN.md, "Public SQL
+//! API"). Each function checks its caller's rights and its arguments, then does its catalog
+//! work with the extension's rights (`privilege::AsExtension`).
+//!
+//! A filter is stored as a view, `listsync."filter:<name>"`, selecting the email and key columns
+//! of the rows the predicate matches; a binding as a view `listsync."binding:<id>"` adding the
+//! normalized address and the mapped fields. PostgreSQL then does for us what semantics 9 asks:
+//! the views follow column renames, refuse to let a column they read be dropped or retyped,
+//! and pg_dump recreates them from their definition. The capture trigger reads its predicates
+//! from these views' rules, and the worker reads desired state through them.
+
+use crate::error::{Error, Kind, OrRaise, Result};
+use crate::filter::compile::compile_predicate;
+use crate::filter::conditions::{self, ColumnKind, escape_literal, quote_identifier};
+use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
+use crate::privilege::{self, AsExtension};
+use crate::providers;
+use pgrx::prelude::*;
+use pgrx::{JsonB, pg_sys};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+pub const MAX_FILTER_NAME_BYTES: usize = 56;
+
+pub fn filter_view(name: &str) -> String {
+    format!("listsync.{}", quote_identifier(&format!("filter:{name}")))
+}
+
+pub fn binding_view(id: i64) -> String {
+    format!("listsync.{}", quote_identifier(&format!("binding:{id}")))
+}
+
+/// `schema.table`, quoted as needed.
+pub fn relation_name(relid: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[relid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("{}", relid.to_u32()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+
+pub struct Column {
+    pub name: String,
+    pub category: char,
+    pub type_name: String,
+}
+
+pub struct Table {
+    pub relid: pg_sys::Oid,
+    pub name: String,
+    pub columns: Vec<Column>,
+    pub key: Vec<String>,
+}
+
+impl Table {
+    pub fn load(relid: pg_sys::Oid) -> Result<Table> {
+        let name = relation_name(relid);
+        let kind: Option<String> = Spi::get_one_with_args(
+            "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1",
+            &[relid.into()],
+        )?;
+        match kind.as_deref() {
+            Some("r") | Some("p") => {}
+            Some(_) => {
+                return Err(Error::new(Kind::FeatureNotSupported, format!("\"{name}\" is not a table"))
+                    .with_hint("Filters are defined over tables (or partitioned tables); writes through views reach the table's triggers."));
+            }
+            None => return Err(Error::new(Kind::UndefinedTable, format!("relation with OID {} does not exist", relid.to_u32()))),
+        }
+        let columns = Spi::connect(|c| -> Result<Vec<Column>> {
+            let mut columns = Vec::new();
+            let rows = c.select(
+                "SELECT a.attname::text, t.typcategory::text, pg_catalog.format_type(a.atttypid, a.atttypmod)
+                   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                None,
+                &[relid.into()],
+            )?;
+            for row in rows {
+                columns.push(Column {
+                    name: row.get::<String>(1)?.unwrap_or_default(),
+                    category: row.get::<String>(2)?.and_then(|s| s.chars().next()).unwrap_or('X'),
+                    type_name: row.get::<String>(3)?.unwrap_or_default(),
+                });
+            }
+            Ok(columns)
+        })?;
+        let key: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+            "SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_catalog.pg_index i,
+                    unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord),
+                    pg_catalog.pg_attribute a
+              WHERE i.indrelid = $1 AND i.indisprimary
+                AND a.attrelid = i.indrelid AND a.attnum = k.attnum",
+            &[relid.into()],
+        )?
+        .unwrap_or_default();
+        Ok(Table { relid, name, columns, key })
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    fn column_kind(&self, name: &str) -> Option<ColumnKind> {
+        self.column(name).map(|c| match c.category {
+            'S' => ColumnKind::Text,
+            'A' => ColumnKind::Array,
+            'D' if c.type_name == "date" => ColumnKind::Date,
+            'D' if c.type_name.starts_with("timestamp") => ColumnKind::Timestamp,
+            _ => ColumnKind::Other,
+        })
+    }
+
+    fn require_key(&self, filter: &str) -> Result<()> {
+        if self.key.is_empty() {
+            return Err(Error::new(
+                Kind::ObjectNotInPrerequisiteState,
+                format!("filter \"{filter}\": table {} has no primary key", self.name),
+            )
+            .with_hint("pg_listsync needs a primary key to pick one row per address deterministically; add one."));
+        }
+        Ok(())
+    }
+
+    fn require_email_column(&self, filter: &str, email_column: &str) -> Result<()> {
+        match self.column(email_column) {
+            None => Err(Error::new(
+                Kind::UndefinedColumn,
+                format!("filter \"{filter}\": column \"{email_column}\" of table {} does not exist", self.name),
+            )
+            .with_hint("Name the column holding the email address with email_column => '...'.")),
+            Some(c) if c.category != 'S' => Err(Error::new(
+                Kind::DatatypeMismatch,
+                format!("filter \"{filter}\": email column \"{email_column}\" is of type {}, not a text type", c.type_name),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+#[pg_extern(schema = "listsync")]
+fn create_connection(
+    name: &str,
+    provider: &str,
+    settings: default!(JsonB, "'{}'"),
+    secrets: default!(JsonB, "'{}'"),
+) -> i64 {
+    create_connection_impl(name, provider, settings.0, secrets.0).or_raise()
+}
+
+fn create_connection_impl(name: &str, provider: &str, settings: Value, secrets: Value) -> Result<i64> {
+    privilege::require_admin("create a connection")?;
+    check_name("connection", name, 63)?;
+    providers::validate_config(provider, &settings, &secrets)
+        .map_err(|e| Error::invalid(format!("connection \"{name}\": {e}")))?;
+    AsExtension::run(|| {
+        if connection_id(name)?.is_some() {
+            return Err(Error::new(Kind::DuplicateObject, format!("connection \"{name}\" already exists")));
+        }
+        let owner = privilege::caller();
+        let id: i64 = Spi::get_one_with_args(
+            "INSERT INTO listsync.connections (name, provider, settings, owner)
+             VALUES ($1, $2, $3, $4::oid::regrole) RETURNING id",
+            &[name.into(), provider.into(), JsonB(settings).into(), owner.into()],
+        )?
+        .ok_or_else(|| Error::internal("INSERT returned no id"))?;
+        Spi::run_with_args(
+            "INSERT INTO listsync.connection_secrets (connection_id, secrets) VALUES ($1, $2)",
+            &[id.into(), JsonB(secrets).into()],
+        )?;
+        Ok(id)
+    })
+}
+
+/// Changes a connection's settings or secrets (a rotated API key, say) and clears its error
+/// state, so that the bindings stopped by an authentication failure can resume.
+#[pg_extern(schema = "listsync")]
+fn alter_connection(name: &str, settings: default!(Option<JsonB>, "NULL"), secrets: default!(Option<JsonB>, "NULL")) {
+    alter_connection_impl(name, settings.map(|j| j.0), secrets.map(|j| j.0)).or_raise()
+}
+
+fn alter_connection_impl(name: &str, settings: Option<Value>, secrets: Option<Value>) -> Result<()> {
+    privilege::require_admin("alter a connection")?;
+    AsExtension::run(|| {
+        let id = connection_id(name)?.ok_or_else(|| Error::not_found("connection", name))?;
+        let (provider, old_settings, old_secrets) = Spi::connect(|c| -> Result<(String, Value, Value)> {
+            let row = c
+                .select(
+                    "SELECT c.provider, c.settings, s.secrets FROM listsync.connections c
+                       JOIN listsync.connection_secrets s ON s.connection_id = c.id WHERE c.id = $1",
+                    None,
+                    &[id.into()],
+                )?
+                .first();
+            Ok((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default(),
+                row.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
+            ))
+        })?;
+        let settings = settings.unwrap_or(old_settings);
+        let secrets = secrets.unwrap_or(old_secrets);
+        providers::validate_config(&provider, &settings, &secrets)
+            .map_err(|e| Error::invalid(format!("connection \"{name}\": {e}")))?;
+        Spi::run_with_args(
+            "UPDATE listsync.connections SET settings = $2, state = 'ok', state_reason = NULL,
+                    throttled_until = NULL WHERE id = $1",
+            &[id.into(), JsonB(settings).into()],
+        )?;
+        Spi::run_with_args(
+            "UPDATE listsync.connection_secrets SET secrets = $2 WHERE connection_id = $1",
+            &[id.into(), JsonB(secrets).into()],
+        )?;
+        // Bindings stopped by this connection's failure may go on.
+        Spi::run_with_args(
+            "UPDATE listsync.bindings SET state = 'active', state_reason = NULL WHERE connection_id = $1 AND state = 'error'",
+            &[id.into()],
+        )?;
+        crate::wake::request_wake();
+        Ok(())
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn drop_connection(name: &str) {
+    drop_connection_impl(name).or_raise()
+}
+
+fn drop_connection_impl(name: &str) -> Result<()> {
+    privilege::require_admin("drop a connection")?;
+    AsExtension::run(|| {
+        let id = connection_id(name)?.ok_or_else(|| Error::not_found("connection", name))?;
+        let bindings: Option<Vec<i64>> = Spi::get_one_with_args(
+            "SELECT array_agg(id ORDER BY id) FROM listsync.bindings WHERE connection_id = $1",
+            &[id.into()],
+        )?;
+        if let Some(bindings) = bindings.filter(|b| !b.is_empty()) {
+            let list = bindings.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Error::new(
+                Kind::DependentObjectsStillExist,
+                format!("cannot drop connection \"{name}\" because bindings use it"),
+            )
+            .with_detail(format!("Bindings: {list}."))
+            .with_hint("Unbind them first with listsync.unbind(id)."));
+        }
+        Spi::run_with_args("DELETE FROM listsync.connections WHERE id = $1", &[id.into()])?;
+        Ok(())
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn test_connection(name: &str) -> JsonB {
+    JsonB(test_connection_impl(name).or_raise())
+}
+
+fn test_connection_impl(name: &str) -> Result<Value> {
+    privilege::require_admin("test a connection")?;
+    let connection = AsExtension::run(|| crate::delivery::load_connection_by_name(name))?;
+    crate::delivery::check_connection(&connection)
+}
+
+pub fn connection_id(name: &str) -> Result<Option<i64>> {
+    Ok(Spi::get_one_with_args("SELECT id FROM listsync.connections WHERE name = $1", &[name.into()])?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filters
+
+struct FilterRow {
+    id: i64,
+    source: pg_sys::Oid,
+    email_column: String,
+    owner: pg_sys::Oid,
+}
+
+fn load_filter(name: &str) -> Result<FilterRow> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT id, source::oid, email_column::text, owner::oid FROM listsync.filters WHERE name = $1",
+            None,
+            &[name.into()],
+        )?;
+        if rows.is_empty() {
+            return Err(Error::not_found("filter", name));
+        }
+        let row = rows.first();
+        Ok(FilterRow {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            source: row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+            email_column: row.get::<String>(3)?.unwrap_or_default(),
+            owner: row.get::<pg_sys::Oid>(4)?.unwrap_or(pg_sys::InvalidOid),
+        })
+    })
+}
+
+fn require_owner(what: &str, owner: pg_sys::Oid) -> Result<()> {
+    let caller = privilege::caller();
+    // SAFETY: role membership check by OIDs.
+    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok() {
+        return Ok(());
+    }
+    Err(Error::new(Kind::InsufficientPrivilege, format!("must be owner of {what}"))
+        .with_detail(format!("{what} is owned by role \"{}\".", privilege::role_name(owner))))
+}
+
+fn check_name(what: &str, name: &str, max_bytes: usize) -> Result<()> {
+    if name.trim().is_empty() || name.len() > max_bytes || name.chars().any(char::is_control) {
+        return Err(Error::new(
+            Kind::InvalidName,
+            format!("invalid {what} name \"{name}\""),
+        )
+        .with_hint(format!("A {what} name is 1 to {max_bytes} bytes of printable characters.")));
+    }
+    Ok(())
+}
+
+/// The predicate written as SQL, or the JSON condition tree compiled to SQL.
+pub enum Definition {
+    Sql(String),
+    Conditions(Value),
+}
+
+impl Definition {
+    fn to_sql(&self, filter: &str, table: &Table) -> Result<String> {
+        match self {
+            Definition::Sql(sql) => Ok(sql.clone()),
+            Definition::Conditions(tree) => conditions::to_sql(tree, &|c| table.column_kind(c))
+                .map_err(|e| Error::invalid(format!("filter \"{filter}\": conditions {e}"))),
+        }
+    }
+
+    fn conditions(&self) -> Option<Value> {
+        match self {
+            Definition::Sql(_) => None,
+            Definition::Conditions(tree) => Some(tree.clone()),
+        }
+    }
+}
+
+#[pg_extern(schema = "listsync")]
+fn create_filter(name: &str, source: pg_sys::Oid, predicate: &str, email_column: default!(&str, "'email'")) -> i64 {
+    create_filter_impl(name, source, Definition::Sql(predicate.to_string()), email_column).or_raise()
+}
+
+#[pg_extern(schema = "listsync", name = "create_filter")]
+fn create_filter_from_conditions(
+    name: &str,
+    source: pg_sys::Oid,
+    conditions: JsonB,
+    email_column: default!(&str, "'email'"),
+) -> i64 {
+    create_filter_impl(name, source, Definition::Conditions(conditions.0), email_column).or_raise()
+}
+
+fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, email_column: &str) -> Result<i64> {
+    check_name("filter", name, MAX_FILTER_NAME_BYTES)?;
+    let table = Table::load(source)?;
+    if !privilege::caller_has_table_privilege(source, pg_sys::ACL_SELECT as pg_sys::AclMode) {
+        return Err(Error::new(
+            Kind::InsufficientPrivilege,
+            format!("permission denied to create filter \"{name}\": no SELECT privilege on table {}", table.name),
+        ));
+    }
+    table.require_key(name)?;
+    table.require_email_column(name, email_column)?;
+    let predicate = definition.to_sql(name, &table)?;
+    let compiled = compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
+    let owner = privilege::caller();
+    AsExtension::run(|| {
+        if Spi::get_one_with_args::<i64>("SELECT id FROM listsync.filters WHERE name = $1", &[name.into()])?.is_some() {
+            return Err(Error::new(Kind::DuplicateObject, format!("filter \"{name}\" already exists")));
+        }
+        let id: i64 = Spi::get_one_with_args(
+            "INSERT INTO listsync.filters (name, source, email_column, predicate, conditions, time_dependent, owner)
+             VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7::oid::regrole) RETURNING id",
+            &[
+                name.into(),
+                source.into(),
+                email_column.into(),
+                compiled.sql.clone().into(),
+                definition.conditions().map(JsonB).into(),
+                compiled.time_dependent.into(),
+                owner.into(),
+            ],
+        )?
+        .ok_or_else(|| Error::internal("INSERT returned no id"))?;
+        create_filter_view(name, &table, email_column, &compiled.sql, owner, false)?;
+        Ok(id)
+    })
+}
+
+/// A JSON condition tree passed as text lands on the SQL overload; say how to pick the other.
+fn json_hint(error: Error, predicate: &str) -> Error {
+    if predicate.trim_start().starts_with('{') && error.kind == Kind::SyntaxError {
+        error.with_hint("To pass a JSON condition tree, cast it: '{\"all\": [...]}'::jsonb.")
+    } else {
+        error
+    }
+}
+
+fn create_filter_view(name: &str, table: &Table, email_column: &str, predicate: &str, owner: pg_sys::Oid, replace: bool) -> Result<()> {
+    let mut select = vec![format!("{} AS email", quote_identifier(email_column))];
+    select.extend(table.key.iter().enumerate().map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)));
+    let view = filter_view(name);
+    Spi::run(&format!(
+        "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
+        if replace { "OR REPLACE" } else { "" },
+        select.join(", "),
+        table.name
+    ))?;
+    Spi::run(&format!("COMMENT ON VIEW {view} IS {}", escape_literal(&format!("pg_listsync filter {name}"))))?;
+    grant_view_to(&view, owner)
+}
+
+fn grant_view_to(view: &str, role: pg_sys::Oid) -> Result<()> {
+    if role != pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) {
+        Spi::run(&format!("GRANT SELECT ON {view} TO {}", quote_identifier(&privilege::role_name(role))))?;
+    }
+    Ok(())
+}
+
+#[pg_extern(schema = "listsync")]
+fn alter_filter(name: &str, predicate: &str) {
+    alter_filter_impl(name, Definition::Sql(predicate.to_string())).or_raise()
+}
+
+#[pg_extern(schema = "listsync", name = "alter_filter")]
+fn alter_filter_from_conditions(name: &str, conditions: JsonB) {
+    alter_filter_impl(name, Definition::Conditions(conditions.0)).or_raise()
+}
+
+fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
+    let filter = AsExtension::run(|| load_filter(name))?;
+    require_owner(&format!("filter \"{name}\""), filter.owner)?;
+    let table = Table::load(filter.source)?;
+    let predicate = definition.to_sql(name, &table)?;
+    let compiled = compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
+    AsExtension::run(|| {
+        Spi::run_with_args(
+            "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, updated_at = now()
+              WHERE id = $1",
+            &[filter.id.into(), compiled.sql.clone().into(), definition.conditions().map(JsonB).into(), compiled.time_dependent.into()],
+        )?;
+        create_filter_view(name, &table, &filter.email_column, &compiled.sql, filter.owner, true)?;
+        for binding in bindings_of_filter(filter.id)? {
+            let fields = binding_fields(binding)?;
+            create_binding_view(binding, &table, &filter.email_column, &compiled.sql, &fields, true)?;
+            // Members recorded under the old predicate and rows matching the new one are all dirty.
+            mark_binding_dirty(binding)?;
+        }
+        crate::capture::sync_triggers(filter.source)?;
+        Ok(())
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn drop_filter(name: &str) {
+    drop_filter_impl(name).or_raise()
+}
+
+fn drop_filter_impl(name: &str) -> Result<()> {
+    let filter = AsExtension::run(|| load_filter(name))?;
+    require_owner(&format!("filter \"{name}\""), filter.owner)?;
+    AsExtension::run(|| {
+        for binding in bindings_of_filter(filter.id)? {
+            deactivate_binding(binding, &format!("filter \"{name}\" was dropped"))?;
+        }
+        Spi::run(&format!("DROP VIEW IF EXISTS {}", filter_view(name)))?;
+        Spi::run_with_args("DELETE FROM listsync.filters WHERE id = $1", &[filter.id.into()])?;
+        crate::capture::sync_triggers(filter.source)?;
+        Ok(())
+    })
+}
+
+/// Takes a binding out of service for good (its filter or table is gone): the binding stays
+/// listed, visibly inactive with the reason; its pending work is dropped.
+fn deactivate_binding(binding: i64, reason: &str) -> Result<()> {
+    Spi::run(&format!("DROP VIEW IF EXISTS {}", binding_view(binding)))?;
+    Spi::run_with_args(
+        "UPDATE listsync.bindings SET state = 'inactive', state_reason = $2 WHERE id = $1",
+        &[binding.into(), reason.into()],
+    )?;
+    Spi::run_with_args("DELETE FROM listsync.outbox WHERE binding_id = $1", &[binding.into()])?;
+    Ok(())
+}
+
+#[pg_extern(schema = "listsync")]
+fn preview_filter(name: &str, sample: default!(i32, 20)) -> JsonB {
+    JsonB(preview_filter_impl(name, sample).or_raise())
+}
+
+fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
+    if !(0..=10_000).contains(&sample) {
+        return Err(Error::invalid(format!("sample must be between 0 and 10000, not {sample}")));
+    }
+    let filter = AsExtension::run(|| load_filter(name))?;
+    let view = filter_view(name);
+    let table_name = relation_name(filter.source);
+    // Read as the filter's owner: what they may see is what would be synced.
+    privilege::as_role(filter.owner, || {
+        let counts = Spi::connect(|c| -> Result<(i64, i64, i64)> {
+            let row = c
+                .select(
+                    &format!(
+                        "SELECT count(*), count(DISTINCT listsync.normalize_email(email::text)),
+                                count(*) FILTER (WHERE listsync.normalize_email(email::text) IS NULL)
+                           FROM {view}"
+                    ),
+                    None,
+                    &[],
+                )?
+                .first();
+            Ok((row.get(1)?.unwrap_or(0), row.get(2)?.unwrap_or(0), row.get(3)?.unwrap_or(0)))
+        })?;
+        let rows: Option<JsonB> = Spi::get_one_with_args(
+            &format!(
+                "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]') FROM (
+                   SELECT t.* FROM {table_name} t
+                    WHERE ({}) IN (SELECT {} FROM {view}) LIMIT $1) t",
+                key_tuple(&Table::load(filter.source)?.key, "t."),
+                key_columns(Table::load(filter.source)?.key.len()),
+            ),
+            &[sample.into()],
+        )?;
+        Ok(serde_json::json!({
+            "filter": name,
+            "matching_rows": counts.0,
+            "addresses": counts.1,
+            "invalid_addresses": counts.2,
+            "sample": rows.map(|j| j.0).unwrap_or(Value::Array(vec![])),
+        }))
+    })
+}
+
+fn key_tuple(key: &[String], prefix: &str) -> String {
+    key.iter().map(|k| format!("{prefix}{}", quote_identifier(k))).collect::<Vec<_>>().join(", ")
+}
+
+fn key_columns(n: usize) -> String {
+    (1..=n).map(|i| format!("key_{i}")).collect::<Vec<_>>().join(", ")
+}
+
+fn bindings_of_filter(filter_id: i64) -> Result<Vec<i64>> {
+    Ok(Spi::get_one_with_args::<Vec<i64>>(
+        "SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM listsync.bindings WHERE filter_id = $1 AND state <> 'inactive'",
+        &[filter_id.into()],
+    )?
+    .unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bindings
+
+const ON_LEAVE: [&str; 5] = ["remove", "archive", "unsubscribe", "delete", "keep"];
+const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(schema = "listsync")]
+fn bind_filter_to_list(
+    filter: &str,
+    connection: &str,
+    list: default!(Option<&str>, "NULL"),
+    fields: default!(JsonB, "'{}'"),
+    tags: default!(Vec<String>, "'{}'"),
+    on_leave: default!(&str, "'remove'"),
+    new_member_status: default!(&str, "'subscribed'"),
+    backfill: default!(bool, true),
+) -> i64 {
+    let request = BindRequest { filter, connection, list, fields: fields.0, tags, on_leave, new_member_status, backfill };
+    bind_impl(request).or_raise()
+}
+
+struct BindRequest<'a> {
+    filter: &'a str,
+    connection: &'a str,
+    list: Option<&'a str>,
+    fields: Value,
+    tags: Vec<String>,
+    on_leave: &'a str,
+    new_member_status: &'a str,
+    backfill: bool,
+}
+
+fn bind_impl(r: BindRequest) -> Result<i64> {
+    let name = r.filter;
+    let filter = AsExtension::run(|| load_filter(name))?;
+    let (connection_id, provider) = AsExtension::run(|| {
+        Spi::connect(|c| -> Result<(i64, String)> {
+            let rows = c.select("SELECT id, provider FROM listsync.connections WHERE name = $1", None, &[r.connection.into()])?;
+            if rows.is_empty() {
+                return Err(Error::not_found("connection", r.connection));
+            }
+            let row = rows.first();
+            Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default()))
+        })
+    })?;
+    let table = Table::load(filter.source)?;
+    for (privilege, word) in [(pg_sys::ACL_TRIGGER, "TRIGGER"), (pg_sys::ACL_SELECT, "SELECT")] {
+        if !privilege::caller_has_table_privilege(filter.source, privilege as pg_sys::AclMode) {
+            return Err(Error::new(
+                Kind::InsufficientPrivilege,
+                format!("permission denied to bind filter \"{name}\": no {word} privilege on table {}", table.name),
+            )
+            .with_hint(format!("Binding installs a trigger on the table, which needs the same rights as CREATE TRIGGER: GRANT {word} ON {} TO {}.", table.name, quote_identifier(&privilege::role_name(privilege::caller())))));
+        }
+    }
+    if !ON_LEAVE.contains(&r.on_leave) {
+        return Err(Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave))
+            .with_hint("on_leave is one of remove, archive, unsubscribe, delete, keep."));
+    }
+    if !NEW_MEMBER_STATUS.contains(&r.new_member_status) {
+        return Err(Error::invalid(format!("invalid new_member_status \"{}\"", r.new_member_status))
+            .with_hint("new_member_status is subscribed or pending (double opt-in)."));
+    }
+    let capabilities = providers::capabilities(&provider).ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
+    if !capabilities.on_leave.contains(&r.on_leave) {
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} cannot do on_leave => '{}'", r.on_leave),
+        )
+        .with_hint(format!("{provider} supports on_leave {}.", capabilities.on_leave.join(", "))));
+    }
+    if r.new_member_status == "pending" && !capabilities.double_opt_in {
+        return Err(Error::new(Kind::FeatureNotSupported, format!("provider {provider} has no double opt-in (new_member_status => 'pending')")));
+    }
+    if !r.tags.is_empty() && !capabilities.tags {
+        return Err(Error::new(Kind::FeatureNotSupported, format!("provider {provider} has no tags"))
+            .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
+    }
+    if let Some(tag) = r.tags.iter().find(|t| t.trim().is_empty() || t.len() > 100) {
+        return Err(Error::invalid(format!("invalid tag \"{tag}\"")).with_hint("Tags are 1 to 100 characters."));
+    }
+    if r.list.is_some_and(|l| l.trim().is_empty()) {
+        return Err(Error::invalid("list must be a provider's list id, or NULL to create one"));
+    }
+    let fields = compile_fields(name, &table, &provider, &r.fields)?;
+    let predicate = filter_predicate(name)?;
+    let owner = privilege::caller();
+    let list_name = match r.list {
+        Some(_) => None,
+        None => Some(format!("{name} ({})", privilege::role_name(owner))),
+    };
+    AsExtension::run(|| {
+        let id: i64 = Spi::get_one_with_args(
+            "INSERT INTO listsync.bindings (filter_id, filter_name, connection_id, source, list_id, list_name,
+                                            fields, tags, on_leave, new_member_status, owner)
+             VALUES ($1, $2, $3, $4::oid::regclass, $5, $6, $7, $8, $9, $10, $11::oid::regrole) RETURNING id",
+            &[
+                filter.id.into(),
+                name.into(),
+                connection_id.into(),
+                filter.source.into(),
+                r.list.into(),
+                list_name.into(),
+                JsonB(r.fields.clone()).into(),
+                r.tags.clone().into(),
+                r.on_leave.into(),
+                r.new_member_status.into(),
+                owner.into(),
+            ],
+        )?
+        .ok_or_else(|| Error::internal("INSERT returned no id"))?;
+        create_binding_view(id, &table, &filter.email_column, &predicate, &fields, false)?;
+        grant_view_to(&binding_view(id), owner)?;
+        crate::capture::sync_triggers(filter.source)?;
+        if r.backfill {
+            mark_binding_dirty(id)?;
+        } else {
+            mark_skipped_recount(id)?;
+        }
+        crate::wake::request_wake();
+        Ok(id)
+    })
+}
+
+/// The predicate as the filter's view holds it now (it follows column renames).
+fn filter_predicate(name: &str) -> Result<String> {
+    AsExtension::run(|| {
+        let view = view_oid(&filter_view(name))?
+            .ok_or_else(|| Error::internal(format!("the view of filter \"{name}\" is missing")))?;
+        crate::filter::view::predicate_sql(view)
+    })
+}
+
+/// Each mapped field's SQL: a column of the table, or an expression compiled like a predicate
+/// (same rules: no subqueries, no volatile or untrusted functions).
+fn compile_fields(filter: &str, table: &Table, provider: &str, fields: &Value) -> Result<BTreeMap<String, String>> {
+    let Some(object) = fields.as_object() else {
+        return Err(Error::invalid("fields must be a JSON object mapping provider field names to columns"));
+    };
+    let mut compiled = BTreeMap::new();
+    for (field, source) in object {
+        providers::validate_field_name(provider, field)
+            .map_err(|e| Error::invalid(format!("field \"{field}\": {e}")))?;
+        let Some(source) = source.as_str().filter(|s| !s.trim().is_empty()) else {
+            return Err(Error::invalid(format!("field \"{field}\": expected a column name or an SQL expression (a string)")));
+        };
+        let sql = if table.column(source).is_some() {
+            quote_identifier(source)
+        } else {
+            crate::filter::compile::compile_expression(filter, table.relid, source)
+                .map_err(|mut e| {
+                    e.message = format!("field \"{field}\": {}", e.message);
+                    e
+                })?
+        };
+        compiled.insert(field.clone(), sql);
+    }
+    Ok(compiled)
+}
+
+/// The mapped fields of an existing binding, as its view computes them.
+fn binding_fields(binding: i64) -> Result<BTreeMap<String, String>> {
+    let view = view_oid(&binding_view(binding))?
+        .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
+    crate::filter::view::fields_sql(view)
+}
+
+pub fn view_oid(qualified: &str) -> Result<Option<pg_sys::Oid>> {
+    Ok(Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[qualified.into()])?)
+}
+
+fn create_binding_view(
+    id: i64,
+    table: &Table,
+    email_column: &str,
+    predicate: &str,
+    fields: &BTreeMap<String, String>,
+    replace: bool,
+) -> Result<()> {
+    let email = quote_identifier(email_column);
+    let fields_sql = if fields.is_empty() {
+        "'{}'::jsonb".to_string()
+    } else {
+        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{}, ({v})", escape_literal(k))).collect();
+        format!("jsonb_build_object({})", pairs.join(", "))
+    };
+    let mut select = vec![
+        format!("listsync.normalize_email({email}::text) AS address"),
+        format!("{email}::text AS email"),
+        format!("{fields_sql} AS fields"),
+    ];
+    select.extend(table.key.iter().enumerate().map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)));
+    let view = binding_view(id);
+    Spi::run(&format!(
+        "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
+        if replace { "OR REPLACE" } else { "" },
+        select.join(", "),
+        table.name
+    ))?;
+    Ok(())
+}
+
+/// Marks every address of the binding dirty: the ones its filter matches now and the ones the
+/// worker recorded at the provider. Backfill, resync and alter_filter all come down to this.
+pub fn mark_binding_dirty(binding: i64) -> Result<i64> {
+    let view = binding_view(binding);
+    let marked = Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH dirty AS (
+                 INSERT INTO listsync.outbox AS o (binding_id, address, not_before)
+                 SELECT $1, address, {BULK_PRIORITY} FROM (
+                     SELECT address FROM {view} WHERE address IS NOT NULL
+                     UNION
+                     SELECT address FROM listsync.members WHERE binding_id = $1
+                     UNION
+                     SELECT '') a
+                 {ON_CONFLICT_DIRTY}
+                 RETURNING 1)
+             SELECT count(*) - 1 FROM dirty"
+        ),
+        &[binding.into()],
+    )?
+    .unwrap_or(0);
+    Ok(marked)
+}
+
+/// The empty address is the outbox's way of saying "recount this binding's skipped rows".
+fn mark_skipped_recount(binding: i64) -> Result<()> {
+    Spi::run_with_args(&format!("INSERT INTO listsync.outbox AS o (binding_id, address) VALUES ($1, '') {ON_CONFLICT_DIRTY}"), &[binding.into()])?;
+    Ok(())
+}
+
+struct BindingRow {
+    source: Option<pg_sys::Oid>,
+    owner: pg_sys::Oid,
+    state: String,
+}
+
+fn load_binding(id: i64) -> Result<BindingRow> {
+    Spi::connect(|c| {
+        let rows = c.select("SELECT source::oid, owner::oid, state FROM listsync.bindings WHERE id = $1", None, &[id.into()])?;
+        if rows.is_empty() {
+            return Err(Error::not_found("binding", &id.to_string()));
+        }
+        let row = rows.first();
+        Ok(BindingRow {
+            source: row.get::<pg_sys::Oid>(1)?,
+            owner: row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+            state: row.get::<String>(3)?.unwrap_or_default(),
+        })
+    })
+}
+
+fn owned_binding(id: i64) -> Result<BindingRow> {
+    let binding = AsExtension::run(|| load_binding(id))?;
+    require_owner(&format!("binding {id}"), binding.owner)?;
+    Ok(binding)
+}
+
+#[pg_extern(schema = "listsync")]
+fn pause_binding(id: i64) {
+    set_binding_state(id, "paused").or_raise()
+}
+
+#[pg_extern(schema = "listsync")]
+fn resume_binding(id: i64) {
+    set_binding_state(id, "active").or_raise()
+}
+
+fn set_binding_state(id: i64, state: &str) -> Result<()> {
+    let binding = owned_binding(id)?;
+    if binding.state == "inactive" {
+        return Err(Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive and cannot be resumed"))
+            .with_hint("Its filter or table is gone; unbind it and bind a new filter."));
+    }
+    AsExtension::run(|| {
+        Spi::run_with_args(
+            "UPDATE listsync.bindings SET state = $2, state_reason = NULL WHERE id = $1",
+            &[id.into(), state.into()],
+        )?;
+        if state == "active" {
+            // The operator says the cause is fixed: let the connection be called again, and
+            // retry what was waiting.
+            Spi::run_with_args(
+                "UPDATE listsync.connections c SET state = 'ok', state_reason = NULL, throttled_until = NULL
+                   FROM listsync.bindings b WHERE b.id = $1 AND c.id = b.connection_id AND c.state = 'error'",
+                &[id.into()],
+            )?;
+            Spi::run_with_args("UPDATE listsync.outbox SET not_before = '-infinity' WHERE binding_id = $1", &[id.into()])?;
+            crate::wake::request_wake();
+        }
+        Ok(())
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn unbind(id: i64) {
+    unbind_impl(id).or_raise()
+}
+
+fn unbind_impl(id: i64) -> Result<()> {
+    let binding = owned_binding(id)?;
+    AsExtension::run(|| {
+        Spi::run(&format!("DROP VIEW IF EXISTS {}", binding_view(id)))?;
+        Spi::run_with_args("DELETE FROM listsync.outbox WHERE binding_id = $1", &[id.into()])?;
+        Spi::run_with_args("DELETE FROM listsync.bindings WHERE id = $1", &[id.into()])?;
+        if let Some(source) = binding.source {
+            crate::capture::sync_triggers(source)?;
+        }
+        Ok(())
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn resync(id: i64) -> i64 {
+    resync_impl(id).or_raise()
+}
+
+fn resync_impl(id: i64) -> Result<i64> {
+    let binding = owned_binding(id)?;
+    if binding.state == "inactive" {
+        return Err(Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive")));
+    }
+    AsExtension::run(|| {
+        let marked = mark_binding_dirty(id)?;
+        crate::wake::request_wake();
+        Ok(marked)
+    })
+}
+
+#[pg_extern(schema = "listsync")]
+fn dry_run(
+    id: i64,
+) -> TableIterator<'static, (name!(address, String), name!(operation, String), name!(fields, Option<JsonB>), name!(reason, Option<String>))> {
+    let binding = owned_binding(id).or_raise();
+    if binding.state == "inactive" {
+        Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive")).raise();
+    }
+    let plan = crate::delivery::dry_run(id).or_raise();
+    TableIterator::new(plan.into_iter().map(|op| (op.address, op.operation, op.fields.map(JsonB), op.reason)))
+}
+
+/// Addresses never to be sent anywhere (semantics 6). Every binding holding the address is
+/// marked dirty, so the provider side follows (by the binding's `on_leave`).
+#[pg_extern(schema = "listsync")]
+fn suppress(address: &str, reason: default!(Option<&str>, "NULL")) {
+    suppression(address, reason, true).or_raise()
+}
+
+#[pg_extern(schema = "listsync")]
+fn unsuppress(address: &str) {
+    suppression(address, None, false).or_raise()
+}
+
+fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
+    privilege::require_admin(if add { "suppress an address" } else { "unsuppress an address" })?;
+    let normalized = crate::address::normalize(address).ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    AsExtension::run(|| {
+        if add {
+            Spi::run_with_args(
+                "INSERT INTO listsync.suppressions (address, reason) VALUES ($1, $2)
+                 ON CONFLICT (address) DO UPDATE SET reason = EXCLUDED.reason",
+                &[normalized.clone().into(), reason.into()],
+            )?;
+        } else {
+            Spi::run_with_args("DELETE FROM listsync.suppressions WHERE address = $1", &[normalized.clone().into()])?;
+        }
+        Spi::run_with_args(
+            &format!(
+                "INSERT INTO listsync.outbox AS o (binding_id, address)
+                 SELECT id, $1 FROM listsync.bindings WHERE state <> 'inactive' {ON_CONFLICT_DIRTY}"
+            ),
+            &[normalized.into()],
+        )?;
+        crate::wake::request_wake();
+        Ok(())
+    })
+}
+
+/// GDPR erasure: suppresses the address everywhere and erases it at the provider of every
+/// binding that ever delivered it. Returns the number of bindings asked to erase it.
+#[pg_extern(schema = "listsync")]
+fn forget(address: &str) -> i64 {
+    forget_impl(address).or_raise()
+}
+
+fn forget_impl(address: &str) -> Result<i64> {
+    privilege::require_admin("erase an address")?;
+    let normalized = crate::address::normalize(address).ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    AsExtension::run(|| {
+        Spi::run_with_args(
+            "INSERT INTO listsync.suppressions (address, reason) VALUES ($1, 'erased (listsync.forget)')
+             ON CONFLICT (address) DO UPDATE SET reason = EXCLUDED.reason",
+            &[normalized.clone().into()],
+        )?;
+        let n = Spi::get_one_with_args::<i64>(
+            &format!(
+                "WITH asked AS (
+                     INSERT INTO listsync.erasures (binding_id, address)
+                     SELECT binding_id, address FROM listsync.members WHERE address = $1
+                     ON CONFLICT DO NOTHING RETURNING binding_id, address),
+                 marked AS (
+                     INSERT INTO listsync.outbox AS o (binding_id, address) SELECT binding_id, address FROM asked
+                     {ON_CONFLICT_DIRTY} RETURNING 1)
+                 SELECT count(*) FROM marked"
+            ),
+            &[normalized.into()],
+        )?
+        .unwrap_or(0);
+        crate::wake::request_wake();
+        Ok(n)
+    })
+}
+
+/// Puts dead letters back in the outbox (all of them, or one binding's).
+#[pg_extern(schema = "listsync")]
+fn retry_dead_letters(binding: default!(Option<i64>, "NULL")) -> i64 {
+    retry_dead_letters_impl(binding).or_raise()
+}
+
+fn retry_dead_letters_impl(binding: Option<i64>) -> Result<i64> {
+    match binding {
+        Some(id) => {
+            owned_binding(id)?;
+        }
+        None => privilege::require_admin("retry every dead letter")?,
+    }
+    AsExtension::run(|| {
+        let n = Spi::get_one_with_args::<i64>(
+            "WITH retried AS (
+                 DELETE FROM listsync.dead_letter_items WHERE $1::bigint IS NULL OR binding_id = $1 RETURNING binding_id, address),
+             queued AS (
+                 INSERT INTO listsync.outbox AS o (binding_id, address) SELECT binding_id, address FROM retried
+                 ON CONFLICT (binding_id, address) DO UPDATE SET generation = o.generation + 1, lease_until = NULL,
+                                                             not_before = '-infinity', attempts = 0
+                 RETURNING 1)
+             SELECT count(*) FROM queued",
+            &[binding.into()],
+        )?
+        .unwrap_or(0);
+        crate::wake::request_wake();
+        Ok(n)
+    })
+}
+
+/// The rows a binding's filter matches whose email is NULL or not an address.
+#[pg_extern(schema = "listsync")]
+fn skipped_rows(binding: i64) -> TableIterator<'static, (name!(row_key, JsonB), name!(email, Option<String>))> {
+    let row = owned_binding(binding).or_raise();
+    let view = binding_view(binding);
+    let rows = privilege::as_role(row.owner, || {
+        Spi::connect(|c| -> Result<Vec<(JsonB, Option<String>)>> {
+            let key_count: i64 = c
+                .select(
+                    "SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = $1::regclass AND attname::text LIKE 'key\\_%'",
+                    None,
+                    &[view.clone().into()],
+                )?
+                .first()
+                .get::<i64>(1)?
+                .unwrap_or(0);
+            let keys = key_columns(key_count as usize);
+            let mut out = Vec::new();
+            for r in c.select(
+                &format!("SELECT to_jsonb(ARRAY[{}]::text[]), email FROM {view} WHERE address IS NULL ORDER BY {keys}", keys),
+                None,
+                &[],
+            )? {
+                out.push((r.get::<JsonB>(1)?.unwrap_or(JsonB(Value::Null)), r.get::<String>(2)?));
+            }
+            Ok(out)
+        })
+    })
+    .or_raise();
+    TableIterator::new(rows)
+}
+
+/// Wakes the worker now (after PREPARE TRANSACTION / COMMIT PREPARED, which do not).
+#[pg_extern(schema = "listsync")]
+fn wake() {
+    crate::wake::wake_now();
+}
+

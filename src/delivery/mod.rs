@@ -1,0 +1,857 @@
+//! The delivery engine: turns claimed dirty pairs into provider calls and records what happened.
+//!
+//! A cycle has three phases, so that no transaction is ever open across an HTTP call:
+//! 1. [`Engine::plan`] (in a transaction): claim due pairs, read each binding's desired state
+//!    for them through its view as the binding's owner (one query per binding), read the
+//!    recorded remote state, and plan each pair (`plan::plan`).
+//! 2. [`Engine::deliver`] (no transaction): prepare lists, send batches within the provider's
+//!    limits, collect one outcome per pair.
+//! 3. [`Engine::record`] (in a transaction): record outcomes (members, dead letters, retries
+//!    with backoff, binding and connection states, the call log) and complete the pairs whose
+//!    generation did not move.
+
+pub mod plan;
+
+use crate::catalog::binding_view;
+use crate::error::{Error, Kind, Result};
+use crate::guc;
+use crate::http::{self, Http, HttpConfig, ProviderError};
+use crate::outbox;
+use crate::privilege::{self, AsExtension};
+use crate::providers::{self, Member, MemberStatus, OnLeave, Outcome, Provider};
+use pgrx::prelude::*;
+use pgrx::{JsonB, pg_sys};
+use plan::{Action, Recorded};
+use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// A provider account as the worker needs it.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub id: i64,
+    pub name: String,
+    pub provider: String,
+    pub settings: Value,
+    pub secrets: Value,
+}
+
+impl Connection {
+    /// Changes when the configuration changes; a provider built from an older one is rebuilt.
+    fn fingerprint(&self) -> String {
+        format!("{}\u{0}{}\u{0}{}", self.provider, self.settings, self.secrets)
+    }
+}
+
+fn http_config() -> HttpConfig {
+    HttpConfig { timeout: guc::ms(&guc::HTTP_TIMEOUT_MS), allowed_insecure_hosts: guc::allowed_insecure_hosts() }
+}
+
+pub fn load_connection_by_name(name: &str) -> Result<Connection> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT c.id, c.name, c.provider, c.settings, s.secrets FROM listsync.connections c
+               JOIN listsync.connection_secrets s ON s.connection_id = c.id WHERE c.name = $1",
+            None,
+            &[name.into()],
+        )?;
+        if rows.is_empty() {
+            return Err(Error::not_found("connection", name));
+        }
+        let row = rows.first();
+        Ok(Connection {
+            id: row.get(1)?.unwrap_or_default(),
+            name: row.get(2)?.unwrap_or_default(),
+            provider: row.get(3)?.unwrap_or_default(),
+            settings: row.get::<JsonB>(4)?.map(|j| j.0).unwrap_or_default(),
+            secrets: row.get::<JsonB>(5)?.map(|j| j.0).unwrap_or_default(),
+        })
+    })
+}
+
+/// `listsync.test_connection`: one cheap authenticated call, in the caller's backend.
+pub fn check_connection(connection: &Connection) -> Result<Value> {
+    let mut provider = providers::connect(&connection.provider, &connection.settings, &connection.secrets)
+        .map_err(|e| Error::invalid(format!("connection \"{}\": {e}", connection.name)))?;
+    let mut http = Http::new(http_config(), None);
+    provider.check(&mut http).map_err(|e| provider_error(&connection.name, e))
+}
+
+fn provider_error(connection: &str, error: ProviderError) -> Error {
+    let kind = match error {
+        ProviderError::Transient { .. } => Kind::ProviderUnavailable,
+        _ => Kind::ProviderRejected,
+    };
+    Error::new(kind, format!("connection \"{connection}\": {error}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading state
+
+/// A binding as the engine serves it.
+struct Target {
+    owner: pg_sys::Oid,
+    connection: Connection,
+    binding: providers::Binding,
+    needs_prepare: bool,
+}
+
+fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
+    Spi::connect(|c| {
+        let mut targets = HashMap::new();
+        for row in c.select(
+            "SELECT b.id, b.filter_name, b.list_id, coalesce(b.list_name, b.list_id), b.tags,
+                    ARRAY(SELECT jsonb_object_keys(b.fields)), b.on_leave, b.new_member_status, b.remote,
+                    b.owner::oid, (b.list_id IS NULL OR NOT b.remote ? 'prepared_at'),
+                    c.id, c.name, c.provider, c.settings, s.secrets
+               FROM listsync.bindings b
+               JOIN listsync.connections c ON c.id = b.connection_id
+               JOIN listsync.connection_secrets s ON s.connection_id = c.id
+              WHERE b.id = ANY($1)",
+            None,
+            &[ids.to_vec().into()],
+        )? {
+            let id: i64 = row.get(1)?.unwrap_or_default();
+            let binding = providers::Binding {
+                id,
+                filter: row.get(2)?.unwrap_or_default(),
+                list_id: row.get(3)?,
+                list_name: row.get(4)?.unwrap_or_default(),
+                tags: row.get(5)?.unwrap_or_default(),
+                fields: row.get(6)?.unwrap_or_default(),
+                on_leave: OnLeave::parse(&row.get::<String>(7)?.unwrap_or_default()).unwrap_or(OnLeave::Remove),
+                new_member_status: if row.get::<String>(8)?.as_deref() == Some("pending") {
+                    MemberStatus::Pending
+                } else {
+                    MemberStatus::Subscribed
+                },
+                remote: row.get::<JsonB>(9)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default(),
+            };
+            targets.insert(
+                id,
+                Target {
+                    owner: row.get(10)?.unwrap_or(pg_sys::InvalidOid),
+                    needs_prepare: row.get(11)?.unwrap_or(true),
+                    connection: Connection {
+                        id: row.get(12)?.unwrap_or_default(),
+                        name: row.get(13)?.unwrap_or_default(),
+                        provider: row.get(14)?.unwrap_or_default(),
+                        settings: row.get::<JsonB>(15)?.map(|j| j.0).unwrap_or_default(),
+                        secrets: row.get::<JsonB>(16)?.map(|j| j.0).unwrap_or_default(),
+                    },
+                    binding,
+                },
+            );
+        }
+        Ok(targets)
+    })
+}
+
+/// For each address the filter matches now, the mapped fields of its row (the row with the
+/// greatest key when several rows share the address: semantics 4). Read as the binding's
+/// owner, so row-level security applies.
+fn desired(binding: i64, owner: pg_sys::Oid, addresses: &[String]) -> Result<HashMap<String, Map<String, Value>>> {
+    let view = binding_view(binding);
+    let keys: i64 = Spi::get_one_with_args(
+        "SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass($1) AND attname::text LIKE 'key\\_%'",
+        &[view.clone().into()],
+    )?
+    .unwrap_or(0);
+    let order: String = (1..=keys).map(|i| format!(", key_{i} DESC")).collect();
+    privilege::as_role(owner, || {
+        Spi::connect(|c| {
+            let mut found = HashMap::with_capacity(addresses.len());
+            for row in c.select(
+                &format!(
+                    "SELECT DISTINCT ON (address) address, fields FROM {view}
+                      WHERE address = ANY($1) ORDER BY address{order}"
+                ),
+                None,
+                &[addresses.to_vec().into()],
+            )? {
+                let address: String = row.get(1)?.unwrap_or_default();
+                let fields = row.get::<JsonB>(2)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default();
+                found.insert(address, fields);
+            }
+            Ok(found)
+        })
+    })
+}
+
+fn recorded(binding: i64, addresses: &[String]) -> Result<HashMap<String, Recorded>> {
+    Spi::connect(|c| {
+        let mut found = HashMap::new();
+        for row in c.select(
+            "SELECT address, status, remote_id, fields FROM listsync.members WHERE binding_id = $1 AND address = ANY($2)",
+            None,
+            &[binding.into(), addresses.to_vec().into()],
+        )? {
+            found.insert(
+                row.get::<String>(1)?.unwrap_or_default(),
+                Recorded {
+                    status: row.get(2)?.unwrap_or_default(),
+                    remote_id: row.get(3)?,
+                    fields: row.get::<JsonB>(4)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default(),
+                },
+            );
+        }
+        Ok(found)
+    })
+}
+
+fn address_set(query: &str, binding: Option<i64>, addresses: &[String]) -> Result<HashSet<String>> {
+    Spi::connect(|c| {
+        let mut found = HashSet::new();
+        let args = match binding {
+            Some(b) => vec![addresses.to_vec().into(), b.into()],
+            None => vec![addresses.to_vec().into()],
+        };
+        for row in c.select(query, None, &args)? {
+            found.insert(row.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(found)
+    })
+}
+
+fn suppressed(addresses: &[String]) -> Result<HashSet<String>> {
+    address_set("SELECT address FROM listsync.suppressions WHERE address = ANY($1)", None, addresses)
+}
+
+fn erasures(binding: i64, addresses: &[String]) -> Result<HashSet<String>> {
+    address_set("SELECT address FROM listsync.erasures WHERE address = ANY($1) AND binding_id = $2", Some(binding), addresses)
+}
+
+/// The planned action for each address of one binding.
+struct Planned {
+    address: String,
+    action: Action,
+    fields: Map<String, Value>,
+    recorded: Option<Recorded>,
+}
+
+fn plan_binding(binding: i64, owner: pg_sys::Oid, on_leave: OnLeave, addresses: &[String]) -> Result<Vec<Planned>> {
+    let desired = desired(binding, owner, addresses)?;
+    let mut recorded = recorded(binding, addresses)?;
+    let suppressed = suppressed(addresses)?;
+    let erasures = erasures(binding, addresses)?;
+    Ok(addresses
+        .iter()
+        .map(|address| {
+            let wanted = desired.get(address);
+            let known = recorded.remove(address);
+            let action = plan::plan(wanted, known.as_ref(), suppressed.contains(address), erasures.contains(address), on_leave);
+            Planned { address: address.clone(), action, fields: wanted.cloned().unwrap_or_default(), recorded: known }
+        })
+        .collect())
+}
+
+/// Recounts the rows the binding's filter matches whose email is not an address.
+fn recount_skipped(binding: i64, owner: pg_sys::Oid) -> Result<()> {
+    let view = binding_view(binding);
+    let count: i64 = privilege::as_role(owner, || Spi::get_one::<i64>(&format!("SELECT count(*) FROM {view} WHERE address IS NULL")))?
+        .unwrap_or(0);
+    Spi::run_with_args("UPDATE listsync.bindings SET skipped_invalid = $2 WHERE id = $1", &[binding.into(), count.into()])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dry run
+
+pub struct DryRunStep {
+    pub address: String,
+    pub operation: String,
+    pub fields: Option<Value>,
+    pub reason: Option<String>,
+}
+
+/// What a resync of the binding would send now, computed exactly as the worker would.
+pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
+    AsExtension::run(|| {
+        let targets = load_targets(&[binding])?;
+        let target = targets.get(&binding).ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
+        let view = binding_view(binding);
+        let addresses: Vec<String> = privilege::as_role(target.owner, || {
+            Spi::get_one_with_args::<Vec<String>>(
+                &format!(
+                    "SELECT coalesce(array_agg(address ORDER BY address), '{{}}') FROM (
+                         SELECT address FROM {view} WHERE address IS NOT NULL
+                         UNION SELECT address FROM listsync.members WHERE binding_id = $1) a"
+                ),
+                &[binding.into()],
+            )
+        })?
+        .unwrap_or_default();
+        let on_leave = target.binding.on_leave;
+        let mut steps = Vec::new();
+        for chunk in addresses.chunks(5_000) {
+            for planned in plan_binding(binding, target.owner, on_leave, chunk)? {
+                let reason = match &planned.action {
+                    Action::Nothing => continue,
+                    Action::Refrain(why) => Some(why.clone()),
+                    _ => None,
+                };
+                let fields = matches!(planned.action, Action::Add | Action::Update).then(|| Value::Object(planned.fields.clone()));
+                steps.push(DryRunStep { address: planned.address, operation: planned.action.describe(on_leave).into(), fields, reason });
+            }
+        }
+        Ok(steps)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cycle
+
+struct Item {
+    address: String,
+    generation: i64,
+    attempts: i32,
+    planned: Option<Planned>,
+    outcome: Option<Outcome>,
+}
+
+/// Why a whole binding (or its connection) could not be served this cycle.
+enum Stop {
+    Auth(String),
+    Binding(String),
+}
+
+struct Work {
+    id: i64,
+    target: Target,
+    items: Vec<Item>,
+    prepared: bool,
+    stop: Option<Stop>,
+    throttled: Option<Duration>,
+    calls: Vec<http::CallRecord>,
+}
+
+pub struct Cycle {
+    work: Vec<Work>,
+}
+
+impl Cycle {
+    pub fn is_empty(&self) -> bool {
+        self.work.is_empty()
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.work.iter().map(|w| w.items.len()).sum()
+    }
+}
+
+struct Runtime {
+    fingerprint: String,
+    provider: Box<dyn Provider>,
+    http: Http,
+}
+
+/// The worker's long-lived state: one provider client per connection, reused across cycles.
+#[derive(Default)]
+pub struct Engine {
+    runtimes: HashMap<i64, Runtime>,
+    random: u64,
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Engine { runtimes: HashMap::new(), random: seed | 1 }
+    }
+
+    fn next_random(&mut self) -> f64 {
+        // xorshift64*: jitter needs spread, not cryptographic quality.
+        self.random ^= self.random >> 12;
+        self.random ^= self.random << 25;
+        self.random ^= self.random >> 27;
+        (self.random.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Phase 1, in a transaction.
+    pub fn plan(&mut self) -> Result<Cycle> {
+        let claimed = outbox::claim(guc::BATCH_SIZE.get() as i64, guc::LEASE_S.get())?;
+        if claimed.is_empty() {
+            return Ok(Cycle { work: Vec::new() });
+        }
+        let mut by_binding: HashMap<i64, Vec<outbox::Claimed>> = HashMap::new();
+        for pair in claimed {
+            by_binding.entry(pair.binding).or_default().push(pair);
+        }
+        let ids: Vec<i64> = by_binding.keys().copied().collect();
+        let mut targets = load_targets(&ids)?;
+        let mut work = Vec::new();
+        for (id, pairs) in by_binding {
+            let Some(target) = targets.remove(&id) else { continue };
+            let mut items: Vec<Item> = Vec::with_capacity(pairs.len());
+            let mut addresses = Vec::with_capacity(pairs.len());
+            for pair in pairs {
+                if pair.address.is_empty() {
+                    recount_skipped(id, target.owner)?;
+                } else {
+                    addresses.push(pair.address.clone());
+                }
+                items.push(Item { address: pair.address, generation: pair.generation, attempts: pair.attempts, planned: None, outcome: None });
+            }
+            let mut planned: HashMap<String, Planned> =
+                plan_binding(id, target.owner, target.binding.on_leave, &addresses)?.into_iter().map(|p| (p.address.clone(), p)).collect();
+            for item in &mut items {
+                item.planned = planned.remove(&item.address);
+            }
+            work.push(Work { id, target, items, prepared: false, stop: None, throttled: None, calls: Vec::new() });
+        }
+        work.sort_by_key(|w| w.id);
+        Ok(Cycle { work })
+    }
+
+    /// Phase 2, outside any transaction.
+    pub fn deliver(&mut self, cycle: &mut Cycle) {
+        let mut failed_connections: HashMap<i64, String> = HashMap::new();
+        for work in &mut cycle.work {
+            if let Some(reason) = failed_connections.get(&work.target.connection.id) {
+                work.stop = Some(Stop::Auth(reason.clone()));
+                continue;
+            }
+            let runtime = match self.runtime(&work.target.connection) {
+                Ok(r) => r,
+                Err(reason) => {
+                    work.stop = Some(Stop::Binding(reason));
+                    continue;
+                }
+            };
+            deliver_work(runtime, work);
+            work.calls = runtime.http.drain_records();
+            if let Some(Stop::Auth(reason)) = &work.stop {
+                failed_connections.insert(work.target.connection.id, reason.clone());
+            }
+            if crate::worker::shutdown_requested() {
+                break;
+            }
+        }
+    }
+
+    fn runtime(&mut self, connection: &Connection) -> std::result::Result<&mut Runtime, String> {
+        let fingerprint = connection.fingerprint();
+        let stale = self.runtimes.get(&connection.id).is_none_or(|r| r.fingerprint != fingerprint);
+        if stale {
+            let provider = providers::connect(&connection.provider, &connection.settings, &connection.secrets)
+                .map_err(|e| format!("connection \"{}\": {e}", connection.name))?;
+            let http = Http::new(http_config(), provider.limits().rate);
+            self.runtimes.insert(connection.id, Runtime { fingerprint, provider, http });
+        }
+        let runtime = self.runtimes.get_mut(&connection.id).expect("inserted above");
+        runtime.http.set_config(http_config());
+        Ok(runtime)
+    }
+
+    /// Phase 3, in a transaction. Returns the number of pairs handled.
+    pub fn record(&mut self, cycle: Cycle) -> Result<usize> {
+        let handled = cycle.pairs();
+        let mut book = Book::default();
+        for mut work in cycle.work {
+            write_log(work.target.connection.id, work.id, std::mem::take(&mut work.calls))?;
+            self.record_work(work, &mut book)?;
+        }
+        book.write()?;
+        Ok(handled)
+    }
+
+    fn record_work(&mut self, work: Work, book: &mut Book) -> Result<()> {
+        let id = work.id;
+        if work.prepared {
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET list_id = $2, remote = $3 || jsonb_build_object('prepared_at', now()) WHERE id = $1",
+                &[id.into(), work.target.binding.list_id.clone().into(), JsonB(Value::Object(work.target.binding.remote.clone())).into()],
+            )?;
+        }
+        match &work.stop {
+            Some(Stop::Auth(reason)) => {
+                Spi::run_with_args(
+                    "UPDATE listsync.connections SET state = 'error', state_reason = $2 WHERE id = $1",
+                    &[work.target.connection.id.into(), reason.clone().into()],
+                )?;
+                Spi::run_with_args(
+                    "UPDATE listsync.bindings SET state = 'error', state_reason = $2, last_error = $2, last_error_at = now()
+                      WHERE connection_id = $1 AND state = 'active'",
+                    &[work.target.connection.id.into(), format!("connection \"{}\": {reason}", work.target.connection.name).into()],
+                )?;
+            }
+            Some(Stop::Binding(reason)) => {
+                Spi::run_with_args(
+                    "UPDATE listsync.bindings SET state = 'error', state_reason = $2, last_error = $2, last_error_at = now() WHERE id = $1",
+                    &[id.into(), reason.clone().into()],
+                )?;
+            }
+            None => {}
+        }
+        if let Some(after) = work.throttled {
+            Spi::run_with_args(
+                "UPDATE listsync.connections SET throttled_until = now() + $2 * interval '1 millisecond' WHERE id = $1",
+                &[work.target.connection.id.into(), (after.as_millis() as i64).into()],
+            )?;
+        }
+        let base = guc::ms(&guc::RETRY_BASE_MS);
+        let max = guc::ms(&guc::RETRY_MAX_MS);
+        let max_attempts = guc::MAX_ATTEMPTS.get();
+        let on_leave = work.target.binding.on_leave;
+        let (mut succeeded, mut last_error) = (false, None::<String>);
+        for item in work.items {
+            let Some(planned) = item.planned else {
+                // The recount marker, or a pair whose binding stopped: done, or released.
+                if item.address.is_empty() {
+                    book.complete(id, item.address, item.generation);
+                } else {
+                    book.release(id, item.address);
+                }
+                continue;
+            };
+            let operation = planned.action.describe(on_leave);
+            let outcome = match (item.outcome, &planned.action) {
+                (Some(outcome), _) => outcome,
+                (None, Action::Nothing | Action::Refrain(_)) => {
+                    book.complete(id, item.address, item.generation);
+                    continue;
+                }
+                (None, Action::Forget) => Outcome::Removed,
+                (None, _) => {
+                    book.release(id, item.address);
+                    continue;
+                }
+            };
+            match outcome {
+                Outcome::Member { status, remote_id } => {
+                    succeeded = true;
+                    book.member(id, &item.address, status.as_str(), remote_id, planned.fields);
+                }
+                Outcome::Removed => {
+                    succeeded = true;
+                    book.gone(id, &item.address);
+                }
+                Outcome::Refused { status, message } => {
+                    last_error = Some(format!("{}: {message}", item.address));
+                    let fields = planned.recorded.map(|r| r.fields).unwrap_or_default();
+                    book.member(id, &item.address, status.as_str(), None, fields);
+                }
+                Outcome::Failed { message } => {
+                    last_error = Some(format!("{}: {message}", item.address));
+                    book.dead(id, &item.address, operation, item.attempts + 1, message);
+                }
+                Outcome::Retry { message, retry_after } => {
+                    last_error = Some(format!("{}: {message}", item.address));
+                    let attempts = item.attempts + 1;
+                    if attempts >= max_attempts {
+                        book.dead(id, &item.address, operation, attempts, format!("gave up after {attempts} attempts: {message}"));
+                    } else {
+                        let delay = http::backoff(attempts as u32, base, max, retry_after, self.next_random());
+                        book.retry(id, item.address, delay, message);
+                        continue;
+                    }
+                }
+            }
+            book.complete(id, item.address, item.generation);
+        }
+        if succeeded {
+            Spi::run_with_args("UPDATE listsync.bindings SET last_success_at = now() WHERE id = $1", &[id.into()])?;
+        }
+        if let Some(error) = last_error {
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET last_error = $2, last_error_at = now() WHERE id = $1",
+                &[id.into(), error.into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Periodic work: reconcile time-dependent bindings that are due, trim the call log.
+    pub fn housekeeping(&mut self) -> Result<()> {
+        let due: Vec<i64> = Spi::get_one_with_args::<Vec<i64>>(
+            "SELECT coalesce(array_agg(b.id), '{}') FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
+              WHERE f.time_dependent AND b.state IN ('active', 'paused')
+                AND (b.last_reconciled_at IS NULL OR b.last_reconciled_at < now() - $1 * interval '1 second')",
+            &[guc::RECONCILE_INTERVAL_S.get().into()],
+        )?
+        .unwrap_or_default();
+        for binding in due {
+            mark_membership_drift(binding)?;
+            Spi::run_with_args("UPDATE listsync.bindings SET last_reconciled_at = now() WHERE id = $1", &[binding.into()])?;
+        }
+        Spi::run_with_args(
+            "DELETE FROM listsync.delivery_log WHERE at < now() - $1 * interval '1 second'",
+            &[guc::DELIVERIES_RETENTION_S.get().into()],
+        )?;
+        Ok(())
+    }
+}
+
+/// Marks the addresses whose membership differs between the filter (now) and the provider
+/// (as recorded): what a time-dependent filter changes without any write (semantics 8).
+pub fn mark_membership_drift(binding: i64) -> Result<i64> {
+    let owner: pg_sys::Oid =
+        Spi::get_one_with_args("SELECT owner::oid FROM listsync.bindings WHERE id = $1", &[binding.into()])?.unwrap_or(pg_sys::InvalidOid);
+    let view = binding_view(binding);
+    let wanted: Vec<String> = privilege::as_role(owner, || {
+        Spi::get_one::<Vec<String>>(&format!("SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"))
+    })?
+    .unwrap_or_default();
+    Ok(Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH wanted AS (SELECT unnest($2::text[]) AS address),
+                  held AS (SELECT address FROM listsync.members WHERE binding_id = $1 AND status IN ('subscribed', 'pending')),
+                  drift AS (SELECT address FROM wanted WHERE address NOT IN (SELECT address FROM held)
+                            UNION ALL
+                            SELECT address FROM held WHERE address NOT IN (SELECT address FROM wanted)),
+                  marked AS (INSERT INTO listsync.outbox AS o (binding_id, address, not_before)
+                             SELECT $1, address, {} FROM drift {} RETURNING 1)
+             SELECT count(*) FROM marked",
+            outbox::BULK_PRIORITY,
+            outbox::ON_CONFLICT_DIRTY
+        ),
+        &[binding.into(), wanted.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Sends one binding's planned pairs.
+fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
+    let Runtime { provider, http, .. } = runtime;
+    let binding = &mut work.target.binding;
+    if work.target.needs_prepare {
+        match provider.prepare(http, binding) {
+            Ok(()) => work.prepared = true,
+            Err(error) => {
+                stop_or_retry(work, error, None);
+                return;
+            }
+        }
+    }
+    let limits = provider.limits();
+    for call in [Call::Upsert, Call::Remove, Call::Erase] {
+        let indices: Vec<usize> =
+            (0..work.items.len()).filter(|i| work.items[*i].planned.as_ref().is_some_and(|p| call.carries(&p.action))).collect();
+        let size = if call == Call::Upsert { limits.upsert_batch } else { limits.remove_batch };
+        for batch in indices.chunks(size.max(1)) {
+            let members: Vec<Member> = batch
+                .iter()
+                .map(|i| {
+                    let planned = work.items[*i].planned.as_ref().expect("selected above");
+                    Member {
+                        address: planned.address.clone(),
+                        fields: planned.fields.clone(),
+                        remote_id: planned.recorded.as_ref().and_then(|r| r.remote_id.clone()),
+                    }
+                })
+                .collect();
+            let binding = &work.target.binding;
+            let result = match call {
+                Call::Upsert => provider.upsert(http, binding, &members),
+                Call::Remove => provider.remove(http, binding, &members),
+                Call::Erase => provider.erase(http, binding, &members),
+            };
+            match result {
+                Ok(outcomes) if outcomes.len() == members.len() => {
+                    for (i, outcome) in batch.iter().zip(outcomes) {
+                        work.items[*i].outcome = Some(outcome);
+                    }
+                }
+                Ok(outcomes) => {
+                    let message = format!("provider answered {} outcomes for {} members", outcomes.len(), members.len());
+                    for i in batch {
+                        work.items[*i].outcome = Some(Outcome::Retry { message: message.clone(), retry_after: None });
+                    }
+                }
+                Err(error) => {
+                    if stop_or_retry(work, error, Some(batch)) {
+                        return;
+                    }
+                }
+            }
+            if crate::worker::shutdown_requested() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Upsert,
+    Remove,
+    Erase,
+}
+
+impl Call {
+    fn carries(self, action: &Action) -> bool {
+        match self {
+            Call::Upsert => matches!(action, Action::Add | Action::Update),
+            Call::Remove => matches!(action, Action::Leave),
+            Call::Erase => matches!(action, Action::Erase),
+        }
+    }
+}
+
+/// Applies a batch-level failure: authentication and binding errors stop the binding (returns
+/// true), transient and permanent ones become every item's outcome.
+fn stop_or_retry(work: &mut Work, error: ProviderError, batch: Option<&[usize]>) -> bool {
+    let all: Vec<usize> = (0..work.items.len()).collect();
+    let batch = batch.unwrap_or(&all);
+    let outcome = match error {
+        ProviderError::Auth(message) => {
+            work.stop = Some(Stop::Auth(format!("authentication failed: {message}")));
+            return true;
+        }
+        ProviderError::Binding(message) => {
+            work.stop = Some(Stop::Binding(message));
+            return true;
+        }
+        ProviderError::Transient { message, retry_after } => {
+            if retry_after.is_some() {
+                work.throttled = retry_after;
+            }
+            Outcome::Retry { message, retry_after }
+        }
+        ProviderError::Rejected(message) => Outcome::Failed { message },
+    };
+    for i in batch {
+        if work.items[*i].planned.as_ref().is_some_and(|p| !matches!(p.action, Action::Nothing | Action::Refrain(_))) {
+            work.items[*i].outcome = Some(outcome.clone());
+        }
+    }
+    false
+}
+
+/// The writes of `record`, gathered per kind and applied with one statement each.
+#[derive(Default)]
+struct Book {
+    members: (Vec<i64>, Vec<String>, Vec<String>, Vec<Option<String>>, Vec<JsonB>),
+    gone: (Vec<i64>, Vec<String>),
+    dead: (Vec<i64>, Vec<String>, Vec<String>, Vec<i32>, Vec<String>),
+    complete: (Vec<i64>, Vec<String>, Vec<i64>),
+    retry: (Vec<i64>, Vec<String>, Vec<i64>, Vec<String>),
+    release: (Vec<i64>, Vec<String>),
+}
+
+impl Book {
+    fn member(&mut self, binding: i64, address: &str, status: &str, remote_id: Option<String>, fields: Map<String, Value>) {
+        self.members.0.push(binding);
+        self.members.1.push(address.to_string());
+        self.members.2.push(status.to_string());
+        self.members.3.push(remote_id);
+        self.members.4.push(JsonB(Value::Object(fields)));
+    }
+
+    fn gone(&mut self, binding: i64, address: &str) {
+        self.gone.0.push(binding);
+        self.gone.1.push(address.to_string());
+    }
+
+    fn dead(&mut self, binding: i64, address: &str, operation: &str, attempts: i32, error: String) {
+        self.dead.0.push(binding);
+        self.dead.1.push(address.to_string());
+        self.dead.2.push(operation.to_string());
+        self.dead.3.push(attempts);
+        self.dead.4.push(error);
+    }
+
+    fn complete(&mut self, binding: i64, address: String, generation: i64) {
+        self.complete.0.push(binding);
+        self.complete.1.push(address);
+        self.complete.2.push(generation);
+    }
+
+    fn retry(&mut self, binding: i64, address: String, delay: Duration, error: String) {
+        self.retry.0.push(binding);
+        self.retry.1.push(address);
+        self.retry.2.push(delay.as_millis() as i64);
+        self.retry.3.push(error);
+    }
+
+    fn release(&mut self, binding: i64, address: String) {
+        self.release.0.push(binding);
+        self.release.1.push(address);
+    }
+
+    fn write(self) -> Result<()> {
+        let (b, a, s, r, f) = self.members;
+        if !b.is_empty() {
+            Spi::run_with_args(
+                "INSERT INTO listsync.members AS m (binding_id, address, status, remote_id, fields, synced_at)
+                 SELECT b, a, s, r, f, now() FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) AS u(b, a, s, r, f)
+                 ON CONFLICT (binding_id, address) DO UPDATE
+                    SET status = EXCLUDED.status, remote_id = coalesce(EXCLUDED.remote_id, m.remote_id),
+                        fields = EXCLUDED.fields, synced_at = now()",
+                &[b.clone().into(), a.clone().into(), s.into(), r.into(), f.into()],
+            )?;
+            clear_dead_letters(b, a)?;
+        }
+        let (b, a) = self.gone;
+        if !b.is_empty() {
+            Spi::run_with_args(
+                "DELETE FROM listsync.members m USING unnest($1::int8[], $2::text[]) AS u(b, a)
+                  WHERE m.binding_id = u.b AND m.address = u.a",
+                &[b.clone().into(), a.clone().into()],
+            )?;
+            Spi::run_with_args(
+                "DELETE FROM listsync.erasures e USING unnest($1::int8[], $2::text[]) AS u(b, a)
+                  WHERE e.binding_id = u.b AND e.address = u.a",
+                &[b.clone().into(), a.clone().into()],
+            )?;
+            clear_dead_letters(b, a)?;
+        }
+        let (b, a, o, n, e) = self.dead;
+        if !b.is_empty() {
+            Spi::run_with_args(
+                "INSERT INTO listsync.dead_letter_items AS d (binding_id, address, operation, attempts, error)
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int4[], $5::text[])
+                 ON CONFLICT (binding_id, address) DO UPDATE
+                    SET operation = EXCLUDED.operation, attempts = d.attempts + EXCLUDED.attempts,
+                        error = EXCLUDED.error, last_failed_at = now()",
+                &[b.into(), a.into(), o.into(), n.into(), e.into()],
+            )?;
+        }
+        let (b, a, g) = self.complete;
+        outbox::complete(b, a, g)?;
+        let (b, a, d, e) = self.retry;
+        outbox::reschedule(b, a, d, e)?;
+        let (b, a) = self.release;
+        outbox::release(b, a)?;
+        Ok(())
+    }
+}
+
+fn clear_dead_letters(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
+    Spi::run_with_args(
+        "DELETE FROM listsync.dead_letter_items d USING unnest($1::int8[], $2::text[]) AS u(b, a)
+          WHERE d.binding_id = u.b AND d.address = u.a",
+        &[bindings.into(), addresses.into()],
+    )?;
+    Ok(())
+}
+
+fn write_log(connection: i64, binding: i64, log: Vec<http::CallRecord>) -> Result<()> {
+    if log.is_empty() || guc::DELIVERIES_RETENTION_S.get() == 0 {
+        return Ok(());
+    }
+    let mut operation = Vec::new();
+    let mut request = Vec::new();
+    let mut status: Vec<Option<i32>> = Vec::new();
+    let mut duration = Vec::new();
+    let mut error: Vec<Option<String>> = Vec::new();
+    for call in log {
+        operation.push(call.operation);
+        request.push(call.request);
+        status.push(call.status.map(i32::from));
+        duration.push(call.duration.as_secs_f64() * 1000.0);
+        error.push(call.error);
+    }
+    Spi::run_with_args(
+        "INSERT INTO listsync.delivery_log (connection_id, binding_id, operation, request, http_status, duration_ms, outcome, message)
+         SELECT $6, $7, o, r, s, d, CASE WHEN s BETWEEN 200 AND 299 THEN 'ok' WHEN s IS NULL THEN 'transport error' ELSE 'error' END, e
+           FROM unnest($1::text[], $2::text[], $3::int4[], $4::float8[], $5::text[]) AS u(o, r, s, d, e)",
+        &[operation.into(), request.into(), status.into(), duration.into(), error.into(), connection.into(), binding.into()],
+    )?;
+    Ok(())
+}
+
+pub fn extension_installed() -> bool {
+    // SAFETY: get_extension_oid with missing_ok = true returns InvalidOid when not installed.
+    unsafe { pg_sys::get_extension_oid(c"pg_listsync".as_ptr(), true) != pg_sys::InvalidOid }
+}
+

@@ -1,0 +1,125 @@
+//! What to send for one dirty (binding, address) pair: the difference between the desired
+//! state (the filter's rows, now) and the remote state recorded after earlier deliveries
+//! (semantics 3). Pure logic; the same for delivery, resync and dry-run.
+
+use crate::providers::OnLeave;
+use serde_json::{Map, Value};
+
+/// The statuses under which an address counts as a member of the list.
+pub const MEMBER_STATUSES: [&str; 2] = ["subscribed", "pending"];
+
+/// What the worker recorded at the provider for an address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub status: String,
+    pub remote_id: Option<String>,
+    pub fields: Map<String, Value>,
+}
+
+impl Recorded {
+    pub fn is_member(&self) -> bool {
+        MEMBER_STATUSES.contains(&self.status.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Not at the provider yet: add with the fields.
+    Add,
+    /// A member whose fields changed.
+    Update,
+    /// Left the filter: apply the binding's `on_leave`.
+    Leave,
+    /// Left the filter of an `on_leave => keep` binding: stop tracking it, call nothing.
+    Forget,
+    /// Erase it at the provider for good (a GDPR request).
+    Erase,
+    /// Wanted, but the provider holds a consent state we must not override.
+    Refrain(String),
+    /// Already right.
+    Nothing,
+}
+
+impl Action {
+    /// The operation's name in `listsync.dry_run` and the delivery log.
+    pub fn describe(&self, on_leave: OnLeave) -> &'static str {
+        match self {
+            Action::Add => "add",
+            Action::Update => "update",
+            Action::Leave => on_leave.as_str(),
+            Action::Forget => "keep",
+            Action::Erase => "erase",
+            Action::Refrain(_) => "skip",
+            Action::Nothing => "none",
+        }
+    }
+}
+
+/// Decides what one pair needs. `desired` is the mapped fields of the row the filter matches
+/// for the address (None: no row matches), `suppressed` says the address is on the local
+/// suppression list, `erase` that a GDPR erasure was requested.
+pub fn plan(desired: Option<&Map<String, Value>>, recorded: Option<&Recorded>, suppressed: bool, erase: bool, on_leave: OnLeave) -> Action {
+    if erase {
+        return if recorded.is_some() { Action::Erase } else { Action::Nothing };
+    }
+    let desired = if suppressed { None } else { desired };
+    match (desired, recorded) {
+        (Some(_), Some(r)) if !r.is_member() => {
+            Action::Refrain(format!("the address is {} at the provider; it is not re-subscribed", r.status))
+        }
+        (Some(fields), Some(r)) if *fields == r.fields => Action::Nothing,
+        (Some(_), Some(_)) => Action::Update,
+        (Some(_), None) => Action::Add,
+        (None, Some(r)) if !r.is_member() => Action::Nothing,
+        (None, Some(_)) if on_leave == OnLeave::Keep => Action::Forget,
+        (None, Some(_)) => Action::Leave,
+        (None, None) => Action::Nothing,
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn recorded(status: &str, f: Value) -> Recorded {
+        Recorded { status: status.into(), remote_id: None, fields: fields(f) }
+    }
+
+    #[test]
+    fn entering_changing_and_leaving() {
+        let ann = fields(json!({"FNAME": "Ann"}));
+        assert_eq!(plan(Some(&ann), None, false, false, OnLeave::Remove), Action::Add);
+        assert_eq!(plan(Some(&ann), Some(&recorded("subscribed", json!({"FNAME": "Ann"}))), false, false, OnLeave::Remove), Action::Nothing);
+        assert_eq!(plan(Some(&ann), Some(&recorded("pending", json!({"FNAME": "Anne"}))), false, false, OnLeave::Remove), Action::Update);
+        assert_eq!(plan(None, Some(&recorded("subscribed", json!({}))), false, false, OnLeave::Archive), Action::Leave);
+        assert_eq!(plan(None, Some(&recorded("subscribed", json!({}))), false, false, OnLeave::Keep), Action::Forget);
+        assert_eq!(plan(None, None, false, false, OnLeave::Remove), Action::Nothing);
+    }
+
+    #[test]
+    fn consent_only_moves_one_way() {
+        let ann = fields(json!({"FNAME": "Ann"}));
+        for status in ["unsubscribed", "cleaned", "bounced", "complained", "refused"] {
+            assert!(matches!(plan(Some(&ann), Some(&recorded(status, json!({}))), false, false, OnLeave::Remove), Action::Refrain(_)));
+            assert_eq!(plan(None, Some(&recorded(status, json!({}))), false, false, OnLeave::Remove), Action::Nothing);
+        }
+    }
+
+    #[test]
+    fn suppression_overrides_the_filter() {
+        let ann = fields(json!({}));
+        assert_eq!(plan(Some(&ann), Some(&recorded("subscribed", json!({}))), true, false, OnLeave::Remove), Action::Leave);
+        assert_eq!(plan(Some(&ann), None, true, false, OnLeave::Remove), Action::Nothing);
+    }
+
+    #[test]
+    fn erasure_reaches_whatever_was_recorded() {
+        assert_eq!(plan(None, Some(&recorded("unsubscribed", json!({}))), true, true, OnLeave::Keep), Action::Erase);
+        assert_eq!(plan(None, None, true, true, OnLeave::Remove), Action::Nothing);
+    }
+}

@@ -1,0 +1,129 @@
+//! The outbox of dirty (binding, address) pairs: marking, claiming, completing, rescheduling.
+//!
+//! Marking bumps a pair's `generation` (and clears any lease): a worker that delivered the state
+//! it read deletes the pair only if the generation is still the one it claimed, so a change
+//! committed while the pair was in flight is delivered afterwards, never lost. Claims and
+//! completions use SKIP LOCKED and never wait for a writer's open transaction.
+//!
+//! Priorities ride on `not_before`: captured changes are due at `-infinity`, bulk marking
+//! (backfill, resync) at the epoch, retries at their backoff time; the claim takes them in that
+//! order, so a large backfill does not delay real-time changes.
+
+use crate::error::Result;
+use pgrx::prelude::*;
+
+/// The conflict clause of every marking statement (the outbox aliased `o`). Schema-qualified:
+/// it also runs with the writer's search_path.
+pub const ON_CONFLICT_DIRTY: &str = "ON CONFLICT (binding_id, address) DO UPDATE \
+     SET generation = o.generation OPERATOR(pg_catalog.+) 1, lease_until = NULL";
+
+/// `not_before` of pairs marked in bulk (backfill, resync, reconcile).
+pub const BULK_PRIORITY: &str = "'epoch'::timestamptz";
+
+/// Marks pairs dirty in the order captured by the trigger.
+pub fn mark(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO listsync.outbox AS o (binding_id, address)
+             SELECT * FROM pg_catalog.unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) {ON_CONFLICT_DIRTY}"
+        ),
+        &[bindings.into(), addresses.into()],
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub binding: i64,
+    pub address: String,
+    pub generation: i64,
+    pub attempts: i32,
+}
+
+/// Claims up to `limit` due pairs of bindings that may be served now (active binding, working
+/// and unthrottled connection), leasing them for `lease_s` seconds.
+pub fn claim(limit: i64, lease_s: i32) -> Result<Vec<Claimed>> {
+    Spi::connect_mut(|client| {
+        let rows = client.update(
+            "WITH due AS (
+                 SELECT o.binding_id, o.address FROM listsync.outbox o
+                   JOIN listsync.bindings b ON b.id = o.binding_id AND b.state = 'active'
+                   JOIN listsync.connections c ON c.id = b.connection_id AND c.state = 'ok'
+                        AND (c.throttled_until IS NULL OR c.throttled_until <= now())
+                  WHERE o.not_before <= now() AND (o.lease_until IS NULL OR o.lease_until < now())
+                  ORDER BY o.not_before
+                  LIMIT $1
+                  FOR UPDATE OF o SKIP LOCKED)
+             UPDATE listsync.outbox o
+                SET lease_until = now() + $2 * interval '1 second', claimed_generation = o.generation
+               FROM due WHERE o.binding_id = due.binding_id AND o.address = due.address
+             RETURNING o.binding_id, o.address, o.generation, o.attempts",
+            None,
+            &[limit.into(), lease_s.into()],
+        )?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            claimed.push(Claimed {
+                binding: row.get(1)?.unwrap_or_default(),
+                address: row.get(2)?.unwrap_or_default(),
+                generation: row.get(3)?.unwrap_or_default(),
+                attempts: row.get(4)?.unwrap_or_default(),
+            });
+        }
+        Ok(claimed)
+    })
+}
+
+/// Removes delivered pairs whose generation did not move meanwhile; a pair re-marked since its
+/// claim (or locked by a writer right now) stays dirty and is claimed again.
+pub fn complete(bindings: Vec<i64>, addresses: Vec<String>, generations: Vec<i64>) -> Result<()> {
+    if bindings.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "DELETE FROM listsync.outbox o USING (
+             SELECT o2.binding_id, o2.address FROM listsync.outbox o2
+               JOIN unnest($1::int8[], $2::text[], $3::int8[]) AS d(binding_id, address, generation)
+                 ON o2.binding_id = d.binding_id AND o2.address = d.address AND o2.generation = d.generation
+              FOR UPDATE OF o2 SKIP LOCKED) done
+         WHERE o.binding_id = done.binding_id AND o.address = done.address",
+        &[bindings.into(), addresses.into(), generations.into()],
+    )?;
+    Ok(())
+}
+
+/// Puts failed pairs back with a later due time and their error.
+pub fn reschedule(bindings: Vec<i64>, addresses: Vec<String>, delays_ms: Vec<i64>, errors: Vec<String>) -> Result<()> {
+    if bindings.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "UPDATE listsync.outbox o
+            SET attempts = o.attempts + 1, not_before = now() + r.delay_ms * interval '1 millisecond',
+                last_error = r.error, lease_until = NULL
+           FROM (SELECT o2.binding_id, o2.address, d.delay_ms, d.error FROM listsync.outbox o2
+                   JOIN unnest($1::int8[], $2::text[], $3::int8[], $4::text[]) AS d(binding_id, address, delay_ms, error)
+                     ON o2.binding_id = d.binding_id AND o2.address = d.address
+                  FOR UPDATE OF o2 SKIP LOCKED) r
+          WHERE o.binding_id = r.binding_id AND o.address = r.address",
+        &[bindings.into(), addresses.into(), delays_ms.into(), errors.into()],
+    )?;
+    Ok(())
+}
+
+/// Gives claimed pairs back untouched (their binding or connection stopped).
+pub fn release(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
+    if bindings.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "UPDATE listsync.outbox o SET lease_until = NULL
+           FROM (SELECT o2.binding_id, o2.address FROM listsync.outbox o2
+                   JOIN unnest($1::int8[], $2::text[]) AS d(binding_id, address)
+                     ON o2.binding_id = d.binding_id AND o2.address = d.address
+                  FOR UPDATE OF o2 SKIP LOCKED) r
+          WHERE o.binding_id = r.binding_id AND o.address = r.address",
+        &[bindings.into(), addresses.into()],
+    )?;
+    Ok(())
+}

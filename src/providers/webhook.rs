@@ -1,0 +1,207 @@
+//! Any webhook: batches of JSON changes POSTed to `settings.url`, signed per the Standard
+//! Webhooks convention (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64
+//! HMAC-SHA256 of "id.timestamp.body">`). The escape hatch for Zapier, Make and in-house services.
+//!
+//! Any 2xx answer delivers the batch. The receiver may report per-item failures with
+//! `{"results": [{"email": ..., "status": "failed", "message": ...}]}`; a status of
+//! `unsubscribed` (or `bounced`, `complained`) is a consent refusal.
+
+use super::{Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec, chunks};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+pub static SPEC: Spec = Spec {
+    name: "webhook",
+    settings: &[("url", Need::Required)],
+    secrets: &[("signing_secret", Need::Required)],
+    capabilities: Capabilities { on_leave: &["remove", "archive", "unsubscribe", "delete", "keep"], double_opt_in: true, tags: true },
+    validate,
+    field_name: super::any_field_name,
+    connect,
+};
+
+const BATCH: usize = 500;
+
+fn validate(config: &Config) -> std::result::Result<(), String> {
+    let url = config.setting("url").unwrap_or_default();
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err("settings.url must be an http(s) URL".into());
+    }
+    signing_key(config.secret("signing_secret").unwrap_or_default()).map(|_| ())
+}
+
+/// A `whsec_<base64>` secret is the base64 of the key; any other string is the key itself.
+fn signing_key(secret: &str) -> std::result::Result<Vec<u8>, String> {
+    match secret.strip_prefix("whsec_") {
+        Some(encoded) => BASE64.decode(encoded).map_err(|_| "secrets.signing_secret: the part after whsec_ is not base64".to_string()),
+        None if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
+        None => Err("secrets.signing_secret must be whsec_<base64> or at least 16 characters".into()),
+    }
+}
+
+fn connect(config: &Config) -> Box<dyn Provider> {
+    Box::new(Webhook {
+        url: config.base_url(config.setting("url").unwrap_or_default()),
+        key: signing_key(config.secret("signing_secret").unwrap_or_default()).unwrap_or_default(),
+    })
+}
+
+struct Webhook {
+    url: String,
+    key: Vec<u8>,
+}
+
+/// The Standard Webhooks signature header value for a message.
+pub fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+}
+
+impl Webhook {
+    /// POSTs a signed message; the id is derived from the content, so a retried batch carries
+    /// the same id and the receiver can drop the duplicate.
+    fn post(&self, http: &mut Http, operation: &str, message: &Value) -> Result<Response> {
+        let body = serde_json::to_vec(message).unwrap_or_default();
+        let digest = Sha256::digest(&body);
+        let id = format!("msg_{}", digest.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>());
+        let timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let mut request = Request::new(Method::Post, self.url.clone())
+            .header("content-type", "application/json")
+            .header("webhook-id", id.clone())
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature(&self.key, &id, timestamp, &body));
+        request.body = Some(body);
+        let response = http.send(operation, request)?;
+        response.check_common(|r| r.text_excerpt())?;
+        if !response.is_success() {
+            return Err(ProviderError::Rejected(format!("HTTP {}: {}", response.status, response.text_excerpt())));
+        }
+        Ok(response)
+    }
+
+    fn deliver(&self, http: &mut Http, binding: &Binding, operation: &str, changes: Vec<Value>, members: &[Member], ok: Outcome) -> Result<Vec<Outcome>> {
+        let message = json!({
+            "type": "listsync.changes",
+            "binding": {"id": binding.id, "list": binding.list_id, "filter": binding.filter},
+            "changes": changes,
+        });
+        let response = self.post(http, operation, &message)?;
+        let reported = item_results(&response);
+        Ok(members.iter().map(|m| reported.get(&m.address).cloned().unwrap_or_else(|| ok.clone())).collect())
+    }
+}
+
+/// Per-item results the receiver chose to report.
+fn item_results(response: &Response) -> HashMap<String, Outcome> {
+    let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    let mut results = HashMap::new();
+    for item in body["results"].as_array().into_iter().flatten() {
+        let Some(email) = item["email"].as_str() else { continue };
+        let message = item["message"].as_str().unwrap_or("").to_string();
+        let outcome = match item["status"].as_str() {
+            Some("failed") => Outcome::Failed { message },
+            Some("unsubscribed") => Outcome::Refused { status: ConsentStatus::Unsubscribed, message },
+            Some("bounced") => Outcome::Refused { status: ConsentStatus::Bounced, message },
+            Some("complained") => Outcome::Refused { status: ConsentStatus::Complained, message },
+            Some("retry") => Outcome::Retry { message, retry_after: None },
+            _ => continue,
+        };
+        results.insert(email.to_lowercase(), outcome);
+    }
+    results
+}
+
+impl Provider for Webhook {
+    fn limits(&self) -> Limits {
+        Limits { upsert_batch: BATCH, remove_batch: BATCH, rate: None }
+    }
+
+    fn check(&mut self, http: &mut Http) -> Result<Value> {
+        let response = self.post(http, "ping", &json!({"type": "listsync.ping"}))?;
+        Ok(json!({"provider": "webhook", "status": response.status}))
+    }
+
+    fn prepare(&mut self, _http: &mut Http, binding: &mut Binding) -> Result<()> {
+        // The receiver's lists are whatever it makes of the binding's list name.
+        if binding.list_id.is_none() {
+            binding.list_id = Some(binding.list_name.clone());
+        }
+        Ok(())
+    }
+
+    fn upsert(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            let changes = batch
+                .iter()
+                .map(|m| {
+                    json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
+                           "status_if_new": binding.new_member_status.as_str()})
+                })
+                .collect();
+            let ok = Outcome::Member { status: binding.new_member_status, remote_id: None };
+            outcomes.extend(self.deliver(http, binding, "upsert members", changes, batch, ok)?);
+        }
+        Ok(outcomes)
+    }
+
+    fn remove(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            let changes = batch.iter().map(|m| json!({"action": "remove", "email": m.address, "on_leave": binding.on_leave.as_str()})).collect();
+            outcomes.extend(self.deliver(http, binding, "remove members", changes, batch, Outcome::Removed)?);
+        }
+        Ok(outcomes)
+    }
+
+    fn erase(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            let changes = batch.iter().map(|m| json!({"action": "erase", "email": m.address})).collect();
+            outcomes.extend(self.deliver(http, binding, "erase members", changes, batch, Outcome::Removed)?);
+        }
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // From the Standard Webhooks specification's test vectors.
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn weak_secrets_are_refused() {
+        assert!(signing_key("short").is_err());
+        assert!(signing_key("whsec_***").is_err());
+        assert!(signing_key("a-long-enough-shared-secret").is_ok());
+    }
+
+    #[test]
+    fn receivers_may_report_items() {
+        let response = Response {
+            status: 200,
+            headers: vec![],
+            body: br#"{"results":[{"email":"A@x.io","status":"failed","message":"no"},{"email":"b@x.io","status":"unsubscribed"}]}"#.to_vec(),
+        };
+        let results = item_results(&response);
+        assert_eq!(results["a@x.io"], Outcome::Failed { message: "no".into() });
+        assert!(matches!(results["b@x.io"], Outcome::Refused { status: ConsentStatus::Unsubscribed, .. }));
+    }
+}

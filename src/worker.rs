@@ -1,0 +1,253 @@
+//! Background workers: a launcher, and one worker per database named in `listsync.database`.
+//!
+//! The launcher is registered at preload, restarts itself after a crash, and keeps one dynamic
+//! worker running per configured database that exists (re-reading the list on SIGHUP, backing
+//! off when a worker keeps failing, and leaving alone a database that DROP DATABASE is waiting
+//! for). A database worker sleeps on its latch, which committing writers set (`wake`), with
+//! `listsync.poll_interval` as a safety net, and runs delivery cycles until nothing is due.
+
+use crate::delivery::{Engine, extension_installed};
+use crate::guc;
+use crate::wake;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+const LIBRARY: &str = "pg_listsync";
+
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new("pg_listsync launcher")
+        .set_type("pg_listsync launcher")
+        .set_library(LIBRARY)
+        .set_function("listsync_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Whether this process should stop what it is doing: SIGTERM, or DROP DATABASE asking.
+pub fn shutdown_requested() -> bool {
+    // SAFETY: reads a flag set by the SIGTERM handler.
+    let terminating = unsafe { pg_sys::ShutdownRequestPending != 0 };
+    terminating || wake::exit_requested()
+}
+
+struct Child {
+    handle: DynamicBackgroundWorker,
+    started: Instant,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    log!("pg_listsync launcher started");
+    let mut children: HashMap<String, Child> = HashMap::new();
+    let mut retry_at: HashMap<String, (Instant, u32)> = HashMap::new();
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads postgresql.conf, as any backend does on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let wanted = guc::databases();
+        children.retain(|database, child| {
+            let keep = wanted.contains(database);
+            if !keep {
+                log!("pg_listsync: no longer serving database \"{database}\"");
+                let _ = child.handle.pid().map(|pid| {
+                    // SAFETY: signalling our own child worker to stop.
+                    unsafe { libc::kill(pid, libc::SIGTERM) }
+                });
+            }
+            keep
+        });
+        for database in wanted {
+            if let Some(child) = children.get(&database) {
+                match child.handle.pid() {
+                    Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => continue,
+                    _ => {
+                        // A worker that ran for a while and stopped starts again at once; one
+                        // that keeps failing backs off up to a minute.
+                        let failures = if child.started.elapsed() > Duration::from_secs(60) { 0 } else { retry_at.get(&database).map_or(0, |r| r.1) + 1 };
+                        let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+                        retry_at.insert(database.clone(), (Instant::now() + if failures == 0 { Duration::ZERO } else { delay }, failures));
+                        children.remove(&database);
+                    }
+                }
+            }
+            if retry_at.get(&database).is_some_and(|(at, _)| *at > Instant::now()) {
+                continue;
+            }
+            match database_oid(&database) {
+                None => {
+                    if !retry_at.contains_key(&database) {
+                        warning!("pg_listsync: database \"{database}\" named in listsync.database does not exist");
+                    }
+                    retry_at.insert(database.clone(), (Instant::now() + Duration::from_secs(30), 0));
+                }
+                Some(oid) if wake::suspended(oid, wake::now_ms()) => {}
+                Some(_) => match start_database_worker(&database) {
+                    Ok(handle) => {
+                        children.insert(database.clone(), Child { handle, started: Instant::now() });
+                    }
+                    Err(()) => {
+                        warning!("pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)");
+                        retry_at.insert(database.clone(), (Instant::now() + Duration::from_secs(10), 0));
+                    }
+                },
+            }
+        }
+    }
+    // Exit code 1: the postmaster restarts a launcher that was terminated (it never restarts
+    // workers while shutting down, so this is also right on server stop).
+    // SAFETY: proc_exit runs the exit callbacks and ends the process.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn database_oid(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    let oid = BackgroundWorker::transaction(|| {
+        // SAFETY: a catalog lookup inside a transaction; missing_ok returns InvalidOid.
+        unsafe { pg_sys::get_database_oid(name.as_ptr(), true) }
+    });
+    (oid != pg_sys::InvalidOid).then(|| oid.to_u32())
+}
+
+fn start_database_worker(database: &str) -> Result<DynamicBackgroundWorker, ()> {
+    BackgroundWorkerBuilder::new(&format!("pg_listsync worker {database}"))
+        .set_type("pg_listsync worker")
+        .set_library(LIBRARY)
+        .set_function("listsync_database_worker_main")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_extra(database)
+        // SAFETY: reading our own pid to be notified of the child's start and stop.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .map_err(|_| ())
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    wake::register_worker();
+    log!("pg_listsync worker serving database \"{database}\"");
+
+    let mut engine = Engine::new();
+    let mut next_housekeeping = Instant::now();
+    // SAFETY: a memory context of our own for everything one iteration allocates outside a
+    // transaction, reset after each iteration (between transactions CurrentMemoryContext is
+    // TopMemoryContext, where anything left would leak for the life of the worker).
+    let iteration = unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"pg_listsync worker iteration".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    };
+    loop {
+        if shutdown_requested() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads postgresql.conf, as any backend does on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        // SAFETY: switching to and resetting our own context around the iteration.
+        let previous = unsafe { pg_sys::MemoryContextSwitchTo(iteration) };
+        let busy = guarded("delivery", AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping))).unwrap_or(false);
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(previous);
+            pg_sys::MemoryContextReset(iteration);
+        }
+        if busy {
+            continue;
+        }
+        if !BackgroundWorker::wait_latch(Some(guc::ms(&guc::POLL_INTERVAL_MS))) {
+            break;
+        }
+    }
+    log!("pg_listsync worker for database \"{database}\" stopping");
+}
+
+/// One pass: if the extension is installed, run delivery cycles while work is due (bounded, so
+/// that signals and housekeeping get their turn). Returns whether more work may be waiting.
+fn run_iteration(engine: &mut Engine, next_housekeeping: &mut Instant) -> bool {
+    if !BackgroundWorker::transaction(extension_installed) {
+        return false;
+    }
+    if Instant::now() >= *next_housekeeping {
+        BackgroundWorker::transaction(AssertUnwindSafe(|| engine_housekeeping(engine)));
+        *next_housekeeping = Instant::now() + Duration::from_secs(10);
+    }
+    for _ in 0..20 {
+        if shutdown_requested() {
+            return false;
+        }
+        let planned = BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_plan(engine))));
+        let Some(mut cycle) = planned else { return false };
+        if cycle.is_empty() {
+            return false;
+        }
+        engine.deliver(&mut cycle);
+        BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_record(engine, cycle))));
+    }
+    true
+}
+
+// The transaction closures must be unwind-safe; the engine is only touched inside them.
+fn engine_plan(engine: &mut Engine) -> crate::error::Result<crate::delivery::Cycle> {
+    engine.plan()
+}
+
+fn engine_record(engine: &mut Engine, cycle: crate::delivery::Cycle) -> crate::error::Result<usize> {
+    engine.record(cycle)
+}
+
+fn engine_housekeeping(engine: &mut Engine) {
+    if let Err(e) = engine.housekeeping() {
+        warning!("pg_listsync housekeeping: {e}");
+    }
+}
+
+/// An error from our own code aborts the transaction like a PostgreSQL error would.
+fn guard_result<T>(result: crate::error::Result<T>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => e.raise(),
+    }
+}
+
+/// Runs `body`; an ERROR inside is logged as a WARNING, its transaction aborted, and the worker
+/// goes on (a restart would only repeat it).
+fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+    PgTryBuilder::new(|| Some(body()))
+        .catch_others(|caught| {
+            let message = match &caught {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            };
+            warning!("pg_listsync {what} failed: {message}");
+            // SAFETY: we are at the top of the worker's loop; aborting the failed transaction
+            // (if one is open) is what PostgreSQL's own workers do after an error.
+            unsafe {
+                if pg_sys::IsTransactionState() || pg_sys::IsAbortedTransactionBlockState() {
+                    pg_sys::AbortCurrentTransaction();
+                }
+            }
+            // Do not spin on a persistent error.
+            std::thread::sleep(Duration::from_secs(1));
+            None
+        })
+        .execute()
+}
