@@ -48,7 +48,7 @@ fn valid_domain(domain: &str) -> bool {
 /// `listsync.normalize_email(text)`: the address a binding would keep for this email, or NULL
 /// when it is not a deliverable address. Usable in an expression index, which makes the worker's
 /// look-ups by address index scans on large tables.
-#[pg_extern(immutable, strict, parallel_safe, schema = "listsync")]
+#[pg_extern(immutable, strict, parallel_safe)]
 fn normalize_email(email: &str) -> Option<String> {
     normalize(email)
 }

@@ -145,7 +145,7 @@ impl Table {
 // ---------------------------------------------------------------------------------------------
 // Connections
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn create_connection(
     name: &str,
     provider: &str,
@@ -181,7 +181,7 @@ fn create_connection_impl(name: &str, provider: &str, settings: Value, secrets: 
 
 /// Changes a connection's settings or secrets (a rotated API key, say) and clears its error
 /// state, so that the bindings stopped by an authentication failure can resume.
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn alter_connection(name: &str, settings: default!(Option<JsonB>, "NULL"), secrets: default!(Option<JsonB>, "NULL")) {
     alter_connection_impl(name, settings.map(|j| j.0), secrets.map(|j| j.0)).or_raise()
 }
@@ -228,7 +228,7 @@ fn alter_connection_impl(name: &str, settings: Option<Value>, secrets: Option<Va
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn drop_connection(name: &str) {
     drop_connection_impl(name).or_raise()
 }
@@ -255,7 +255,7 @@ fn drop_connection_impl(name: &str) -> Result<()> {
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn test_connection(name: &str) -> JsonB {
     JsonB(test_connection_impl(name).or_raise())
 }
@@ -344,12 +344,12 @@ impl Definition {
     }
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn create_filter(name: &str, source: pg_sys::Oid, predicate: &str, email_column: default!(&str, "'email'")) -> i64 {
     create_filter_impl(name, source, Definition::Sql(predicate.to_string()), email_column).or_raise()
 }
 
-#[pg_extern(schema = "listsync", name = "create_filter")]
+#[pg_extern(name = "create_filter")]
 fn create_filter_from_conditions(
     name: &str,
     source: pg_sys::Oid,
@@ -426,12 +426,12 @@ fn grant_view_to(view: &str, role: pg_sys::Oid) -> Result<()> {
     Ok(())
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn alter_filter(name: &str, predicate: &str) {
     alter_filter_impl(name, Definition::Sql(predicate.to_string())).or_raise()
 }
 
-#[pg_extern(schema = "listsync", name = "alter_filter")]
+#[pg_extern(name = "alter_filter")]
 fn alter_filter_from_conditions(name: &str, conditions: JsonB) {
     alter_filter_impl(name, Definition::Conditions(conditions.0)).or_raise()
 }
@@ -460,7 +460,7 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn drop_filter(name: &str) {
     drop_filter_impl(name).or_raise()
 }
@@ -491,7 +491,7 @@ fn deactivate_binding(binding: i64, reason: &str) -> Result<()> {
     Ok(())
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn preview_filter(name: &str, sample: default!(i32, 20)) -> JsonB {
     JsonB(preview_filter_impl(name, sample).or_raise())
 }
@@ -562,7 +562,7 @@ const ON_LEAVE: [&str; 5] = ["remove", "archive", "unsubscribe", "delete", "keep
 const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
 
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn bind_filter_to_list(
     filter: &str,
     connection: &str,
@@ -815,12 +815,12 @@ fn owned_binding(id: i64) -> Result<BindingRow> {
     Ok(binding)
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn pause_binding(id: i64) {
     set_binding_state(id, "paused").or_raise()
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn resume_binding(id: i64) {
     set_binding_state(id, "active").or_raise()
 }
@@ -851,7 +851,7 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn unbind(id: i64) {
     unbind_impl(id).or_raise()
 }
@@ -869,7 +869,7 @@ fn unbind_impl(id: i64) -> Result<()> {
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn resync(id: i64) -> i64 {
     resync_impl(id).or_raise()
 }
@@ -886,7 +886,7 @@ fn resync_impl(id: i64) -> Result<i64> {
     })
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn dry_run(
     id: i64,
 ) -> TableIterator<'static, (name!(address, String), name!(operation, String), name!(fields, Option<JsonB>), name!(reason, Option<String>))> {
@@ -900,12 +900,12 @@ fn dry_run(
 
 /// Addresses never to be sent anywhere (semantics 6). Every binding holding the address is
 /// marked dirty, so the provider side follows (by the binding's `on_leave`).
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn suppress(address: &str, reason: default!(Option<&str>, "NULL")) {
     suppression(address, reason, true).or_raise()
 }
 
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn unsuppress(address: &str) {
     suppression(address, None, false).or_raise()
 }
@@ -937,7 +937,7 @@ fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
 
 /// GDPR erasure: suppresses the address everywhere and erases it at the provider of every
 /// binding that ever delivered it. Returns the number of bindings asked to erase it.
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn forget(address: &str) -> i64 {
     forget_impl(address).or_raise()
 }
@@ -971,7 +971,7 @@ fn forget_impl(address: &str) -> Result<i64> {
 }
 
 /// Puts dead letters back in the outbox (all of them, or one binding's).
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn retry_dead_letters(binding: default!(Option<i64>, "NULL")) -> i64 {
     retry_dead_letters_impl(binding).or_raise()
 }
@@ -1002,7 +1002,7 @@ fn retry_dead_letters_impl(binding: Option<i64>) -> Result<i64> {
 }
 
 /// The rows a binding's filter matches whose email is NULL or not an address.
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn skipped_rows(binding: i64) -> TableIterator<'static, (name!(row_key, JsonB), name!(email, Option<String>))> {
     let row = owned_binding(binding).or_raise();
     let view = binding_view(binding);
@@ -1034,7 +1034,7 @@ fn skipped_rows(binding: i64) -> TableIterator<'static, (name!(row_key, JsonB), 
 }
 
 /// Wakes the worker now (after PREPARE TRANSACTION / COMMIT PREPARED, which do not).
-#[pg_extern(schema = "listsync")]
+#[pg_extern]
 fn wake() {
     crate::wake::wake_now();
 }
