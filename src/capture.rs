@@ -315,9 +315,9 @@ fn with_table(relid: pg_sys::Oid, relation: pg_sys::Relation, body: impl FnOnce(
 fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result<TableCapture> {
     AsExtension::run(|| {
         // A partition's row trigger is a clone of its ancestor's: find the bound ancestor.
-        let bound: Option<pg_sys::Oid> = Spi::get_one_with_args(
+        let bound: Option<pg_sys::Oid> = crate::query::optional(
             "SELECT b.source::oid FROM listsync.bindings b
-              WHERE b.source::oid IN (SELECT relid FROM pg_catalog.pg_partition_ancestors($1))
+              WHERE (b.source::oid = $1 OR b.source::oid IN (SELECT relid FROM pg_catalog.pg_partition_ancestors($1)))
                 AND b.state <> 'inactive'
               ORDER BY b.source::oid = $1 DESC LIMIT 1",
             &[relid.into()],

@@ -16,7 +16,7 @@ use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
 use crate::privilege::{self, AsExtension};
 use crate::providers;
 use pgrx::prelude::*;
-use pgrx::{JsonB, pg_sys};
+use pgrx::{JsonB, PgRelation, pg_sys};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -30,12 +30,17 @@ pub fn binding_view(id: i64) -> String {
     format!("listsync.{}", quote_identifier(&format!("binding:{id}")))
 }
 
-/// `schema.table`, quoted as needed.
+/// `schema.table`, always qualified and quoted as needed (our SQL runs with a fixed
+/// search_path).
 pub fn relation_name(relid: pg_sys::Oid) -> String {
-    Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[relid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| format!("{}", relid.to_u32()))
+    crate::query::optional::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| format!("{}", relid.to_u32()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -57,7 +62,7 @@ pub struct Table {
 impl Table {
     pub fn load(relid: pg_sys::Oid) -> Result<Table> {
         let name = relation_name(relid);
-        let kind: Option<String> = Spi::get_one_with_args(
+        let kind: Option<String> = crate::query::optional(
             "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1",
             &[relid.into()],
         )?;
@@ -267,7 +272,7 @@ fn test_connection_impl(name: &str) -> Result<Value> {
 }
 
 pub fn connection_id(name: &str) -> Result<Option<i64>> {
-    Ok(Spi::get_one_with_args("SELECT id FROM listsync.connections WHERE name = $1", &[name.into()])?)
+    crate::query::optional("SELECT id FROM listsync.connections WHERE name = $1", &[name.into()])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,18 +350,18 @@ impl Definition {
 }
 
 #[pg_extern]
-fn create_filter(name: &str, source: pg_sys::Oid, predicate: &str, email_column: default!(&str, "'email'")) -> i64 {
-    create_filter_impl(name, source, Definition::Sql(predicate.to_string()), email_column).or_raise()
+fn create_filter(name: &str, source: PgRelation, predicate: &str, email_column: default!(&str, "'email'")) -> i64 {
+    create_filter_impl(name, source.oid(), Definition::Sql(predicate.to_string()), email_column).or_raise()
 }
 
 #[pg_extern(name = "create_filter")]
 fn create_filter_from_conditions(
     name: &str,
-    source: pg_sys::Oid,
+    source: PgRelation,
     conditions: JsonB,
     email_column: default!(&str, "'email'"),
 ) -> i64 {
-    create_filter_impl(name, source, Definition::Conditions(conditions.0), email_column).or_raise()
+    create_filter_impl(name, source.oid(), Definition::Conditions(conditions.0), email_column).or_raise()
 }
 
 fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, email_column: &str) -> Result<i64> {
@@ -374,7 +379,7 @@ fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, e
     let compiled = compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
     let owner = privilege::caller();
     AsExtension::run(|| {
-        if Spi::get_one_with_args::<i64>("SELECT id FROM listsync.filters WHERE name = $1", &[name.into()])?.is_some() {
+        if crate::query::optional::<i64>("SELECT id FROM listsync.filters WHERE name = $1", &[name.into()])?.is_some() {
             return Err(Error::new(Kind::DuplicateObject, format!("filter \"{name}\" already exists")));
         }
         let id: i64 = Spi::get_one_with_args(

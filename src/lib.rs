@@ -19,6 +19,7 @@ pub mod http;
 pub mod outbox;
 pub mod privilege;
 pub mod providers;
+pub mod query;
 pub mod wake;
 pub mod worker;
 

@@ -25,7 +25,8 @@ pub fn mark(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
     Spi::run_with_args(
         &format!(
             "INSERT INTO listsync.outbox AS o (binding_id, address)
-             SELECT * FROM pg_catalog.unnest($1::pg_catalog.int8[], $2::pg_catalog.text[]) {ON_CONFLICT_DIRTY}"
+             SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[]))
+             {ON_CONFLICT_DIRTY}"
         ),
         &[bindings.into(), addresses.into()],
     )?;

@@ -212,7 +212,7 @@ unsafe fn database_needing_exclusive_access(node: *mut pg_sys::Node) -> Option<S
 }
 
 /// Asks the worker serving `database` to exit and waits (up to 10 s) until it has; keeps the
-/// launcher from restarting it for a minute, by which time the statement is done.
+/// launcher from restarting it for ten seconds, by which time the statement is done.
 fn evict_worker(database: &str) {
     if !preloaded() {
         return;
@@ -227,7 +227,7 @@ fn evict_worker(database: &str) {
         let mut registry = REGISTRY.exclusive();
         let mut procno = None;
         for slot in registry.slots.iter_mut().filter(|s| s.database == oid) {
-            slot.suspended_until_ms = now_ms() + 60_000;
+            slot.suspended_until_ms = now_ms() + 10_000;
             if slot.pid != 0 {
                 slot.exit_requested = true;
                 procno = Some(slot.procno);

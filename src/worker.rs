@@ -14,7 +14,6 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 const LIBRARY: &str = "pg_listsync";
@@ -109,13 +108,33 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Looks the database up by a heap scan of pg_database: a worker connected to no database
+/// cannot use catalog indexes (as PostgreSQL's autovacuum launcher, it scans the heap).
 fn database_oid(name: &str) -> Option<u32> {
-    let name = CString::new(name).ok()?;
     let oid = BackgroundWorker::transaction(|| {
-        // SAFETY: a catalog lookup inside a transaction; missing_ok returns InvalidOid.
-        unsafe { pg_sys::get_database_oid(name.as_ptr(), true) }
+        // SAFETY: a catalog heap scan inside a transaction; each tuple's data is a
+        // FormData_pg_database, valid until the next heap_getnext.
+        unsafe {
+            let relation = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
+            let mut found = None;
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
+                if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == name.as_bytes() {
+                    found = Some((*form).oid.to_u32());
+                    break;
+                }
+            }
+            pg_sys::table_endscan(scan);
+            pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            found
+        }
     });
-    (oid != pg_sys::InvalidOid).then(|| oid.to_u32())
+    oid
 }
 
 fn start_database_worker(database: &str) -> Result<DynamicBackgroundWorker, ()> {

@@ -6,7 +6,7 @@
 //! parses requests and writes responses itself. Supported: keep-alive,
 //! `Content-Length` and chunked request bodies, `Expect: 100-continue`.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use serde_json::Value;
 
@@ -104,10 +104,6 @@ impl Response {
         self.headers.push((name.into(), value.into()));
         self
     }
-
-    pub fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
 }
 
 /// Why a request could not be read.
@@ -117,12 +113,13 @@ pub(crate) enum ReadError {
     Closed,
     /// The bytes on the wire are not an acceptable HTTP request: answer 400 and close.
     Malformed(String),
-    Io(io::Error),
+    /// The connection failed; nothing more can be sent on it.
+    Io,
 }
 
 impl From<io::Error> for ReadError {
-    fn from(e: io::Error) -> Self {
-        ReadError::Io(e)
+    fn from(_: io::Error) -> Self {
+        ReadError::Io
     }
 }
 
@@ -229,7 +226,7 @@ fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, ReadError> {
 fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<String>, ReadError> {
     let mut line = Vec::new();
     let limit = (*budget as u64).saturating_add(1);
-    let n = reader.take(limit).read_until(b'\n', &mut line)?;
+    let n = reader.by_ref().take(limit).read_until(b'\n', &mut line)?;
     if n == 0 {
         return Ok(None);
     }

@@ -447,7 +447,6 @@ enum MemberError {
     FakeEmail,
     Forgotten,
     Exists,
-    NotFound,
     Compliance,
     StatusRequired,
     MergeFields(Vec<(String, String)>),
@@ -462,7 +461,6 @@ impl MemberError {
                 "{email} was permanently deleted and cannot be re-imported. The contact must re-subscribe to get back on the list."
             ),
             MemberError::Exists => format!("{email} is already a list member. Use PUT to insert or update list members."),
-            MemberError::NotFound => "The requested resource could not be found.".into(),
             MemberError::Compliance => format!(
                 "{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed."
             ),
@@ -496,7 +494,6 @@ impl MemberError {
     fn problem(&self, email: &str) -> Problem {
         let detail = self.detail(email);
         match self {
-            MemberError::NotFound => Problem::not_found(),
             MemberError::Forgotten => Problem::new(400, "Forgotten Email Not Subscribed", &detail),
             MemberError::Exists => Problem::new(400, "Member Exists", &detail),
             MemberError::Compliance => Problem::new(400, "Member In Compliance State", &detail),
@@ -742,7 +739,7 @@ impl Audience {
         } else if let Some(email) = new_email {
             member.email = email.trim().to_string(); // same address, maybe different case
         }
-        let merge = self.check_merge_fields(policy, merge_input, false).map_err(|e| e.problem(&member.email))?;
+        let merge = self.check_merge_fields(policy, merge_input.as_ref(), false).map_err(|e| e.problem(&member.email))?;
         let resubscribe = match status {
             Some(status) => check_transition(&current.status, status).map_err(|e| e.problem(&member.email))?,
             None => false,

@@ -56,14 +56,6 @@ pub(crate) fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// The request body as a JSON object, or a message saying why it is not one.
-pub(crate) fn json_object(req: &Request) -> Result<Map<String, Value>, String> {
-    match req.json()? {
-        Value::Object(map) => Ok(map),
-        other => Err(format!("request body must be a JSON object, not {}", type_name(&other))),
-    }
-}
-
 /// An optional string field: absent and `null` are `None`, other types are an error.
 pub(crate) fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
     match obj.get(key) {

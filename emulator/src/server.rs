@@ -118,7 +118,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                 let _ = http::write_response(&mut stream, &response, false);
                 return;
             }
-            Err(ReadError::Closed | ReadError::Io(_)) => return,
+            Err(ReadError::Closed | ReadError::Io) => return,
         };
         let keep_alive = request.wants_keep_alive();
         match dispatch(shared, request) {

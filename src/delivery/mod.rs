@@ -584,8 +584,8 @@ impl Engine {
 /// Marks the addresses whose membership differs between the filter (now) and the provider
 /// (as recorded): what a time-dependent filter changes without any write (semantics 8).
 pub fn mark_membership_drift(binding: i64) -> Result<i64> {
-    let owner: pg_sys::Oid =
-        Spi::get_one_with_args("SELECT owner::oid FROM listsync.bindings WHERE id = $1", &[binding.into()])?.unwrap_or(pg_sys::InvalidOid);
+    let owner: pg_sys::Oid = crate::query::optional("SELECT owner::oid FROM listsync.bindings WHERE id = $1", &[binding.into()])?
+        .unwrap_or(pg_sys::InvalidOid);
     let view = binding_view(binding);
     let wanted: Vec<String> = privilege::as_role(owner, || {
         Spi::get_one::<Vec<String>>(&format!("SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"))

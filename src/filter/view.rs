@@ -22,7 +22,7 @@ pub struct ViewRule {
 impl ViewRule {
     /// Loads and parses the view's rule into the current memory context.
     pub fn load(view: pg_sys::Oid) -> Result<ViewRule> {
-        let action: Option<String> = Spi::get_one_with_args(
+        let action: Option<String> = crate::query::optional(
             "SELECT ev_action::text FROM pg_catalog.pg_rewrite WHERE ev_class = $1 AND rulename = '_RETURN'",
             &[view.into()],
         )?;
