@@ -120,7 +120,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     match event {
         // Still inside the transaction: an ERROR here aborts it cleanly.
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_PRE_COMMIT => flush().or_raise(),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_PRE_COMMIT => flush_pending().or_raise(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| p.borrow_mut().pairs.clear()),
         _ => {}
     }
@@ -152,7 +152,7 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapT
 
 #[pg_trigger]
 fn capture_flush<'a>(_trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    flush()?;
+    flush_pending()?;
     Ok(None)
 }
 
@@ -408,7 +408,7 @@ unsafe fn conversion_for(evaluator: &Evaluator, partition: pg_sys::Relation, bou
 }
 
 /// Writes the buffered dirty pairs to the outbox, with one statement.
-fn flush() -> crate::error::Result<()> {
+pub fn flush_pending() -> crate::error::Result<()> {
     let pairs = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().pairs));
     if pairs.is_empty() {
         return Ok(());

@@ -13,10 +13,19 @@ use crate::server::{Shared, Slot};
 pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
     let segments = req.segments();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let slot = |name: &str| shared.slot(name).ok_or_else(|| admin_error(404, &format!("unknown provider {name:?}")));
+    let slot = |name: &str| {
+        shared
+            .slot(name)
+            .ok_or_else(|| admin_error(404, &format!("unknown provider {name:?}")))
+    };
     let result = match (req.method.as_str(), segments.as_slice()) {
-        ("GET", [] | ["providers"]) => Ok(Response::json(200, &json!({ "providers": shared.provider_names() }))),
-        ("GET", ["state", name]) => slot(name).map(|s| Response::json(200, &s.provider.state_json())),
+        ("GET", [] | ["providers"]) => Ok(Response::json(
+            200,
+            &json!({ "providers": shared.provider_names() }),
+        )),
+        ("GET", ["state", name]) => {
+            slot(name).map(|s| Response::json(200, &s.provider.state_json()))
+        }
         ("GET", ["faults", name]) => slot(name).map(|s| Response::json(200, &s.faults.describe())),
         ("POST", ["faults", name]) => slot(name).and_then(|s| configure_faults(s, req)),
         ("GET", ["requests", name]) => slot(name).map(|s| {
@@ -37,7 +46,10 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
             let body = parse_body(req)?;
             Ok(s.provider.admin(action, &Value::Object(body)))
         }),
-        _ => Err(admin_error(404, &format!("no admin route {} /_admin{}", req.method, req.path))),
+        _ => Err(admin_error(
+            404,
+            &format!("no admin route {} /_admin{}", req.method, req.path),
+        )),
     };
     result.unwrap_or_else(|error| error)
 }
@@ -67,19 +79,25 @@ fn configure_faults(slot: &Slot, req: &Request) -> Result<Response, Response> {
         faults.set_down(down);
     }
     if let Some(ms) = body.get("timeout_default_ms") {
-        let ms = ms.as_u64().ok_or_else(|| bad("timeout_default_ms must be a non-negative integer".into()))?;
+        let ms = ms
+            .as_u64()
+            .ok_or_else(|| bad("timeout_default_ms must be a non-negative integer".into()))?;
         faults.set_timeout(Duration::from_millis(ms));
     }
     if let Some(random) = body.get("random") {
         let rate = random.get("rate").and_then(Value::as_f64);
         let seed = random.get("seed").map_or(Some(0), Value::as_u64);
         let (Some(rate), Some(seed)) = (rate, seed) else {
-            return Err(bad(r#"random must look like {"rate": 0.2, "seed": 7}"#.into()));
+            return Err(bad(
+                r#"random must look like {"rate": 0.2, "seed": 7}"#.into()
+            ));
         };
         faults.set_random(rate, seed);
     }
     if let Some(push) = body.get("push") {
-        let items = push.as_array().ok_or_else(|| bad("push must be an array".into()))?;
+        let items = push
+            .as_array()
+            .ok_or_else(|| bad("push must be an array".into()))?;
         // Parse all first, so that a bad entry queues nothing.
         let parsed = items
             .iter()
@@ -95,18 +113,34 @@ fn configure_faults(slot: &Slot, req: &Request) -> Result<Response, Response> {
 /// `{"timeout": true}`, `{"reset": true}`, `{"malformed": true}`, `{"lost_response": true}`;
 /// each may add `"path": "<substring>"` and `"method": "POST"`.
 fn parse_fault(item: &Value, default_timeout: Duration) -> Result<ScriptedFault, String> {
-    let obj = item.as_object().ok_or("each pushed fault must be an object")?;
+    let obj = item
+        .as_object()
+        .ok_or("each pushed fault must be an object")?;
     let flag = |key: &str| opt_bool(obj, key).map(|b| b == Some(true));
     let fault = if let Some(code) = obj.get("status") {
-        let code = code.as_u64().filter(|c| (100..=599).contains(c)).ok_or("status must be an HTTP status code")?;
+        let code = code
+            .as_u64()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or("status must be an HTTP status code")?;
         let retry_after = match obj.get("retry_after") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().and_then(|s| u32::try_from(s).ok()).ok_or("retry_after must be seconds")?),
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|s| u32::try_from(s).ok())
+                    .ok_or("retry_after must be seconds")?,
+            ),
         };
         let body = opt_str(obj, "body")?.map(str::to_string);
-        Fault::Status { code: code as u16, retry_after, body }
+        Fault::Status {
+            code: code as u16,
+            retry_after,
+            body,
+        }
     } else if let Some(ms) = obj.get("timeout_ms") {
-        Fault::Timeout(Duration::from_millis(ms.as_u64().ok_or("timeout_ms must be a non-negative integer")?))
+        Fault::Timeout(Duration::from_millis(
+            ms.as_u64()
+                .ok_or("timeout_ms must be a non-negative integer")?,
+        ))
     } else if flag("timeout")? {
         Fault::Timeout(default_timeout)
     } else if flag("reset")? {

@@ -23,7 +23,11 @@ pub enum Fault {
     /// Answer `code` without applying the request. The body is the provider's usual
     /// error document (Mailchimp: problem+json) unless `body` is given; `retry_after`
     /// adds a `Retry-After: <seconds>` header.
-    Status { code: u16, retry_after: Option<u32>, body: Option<String> },
+    Status {
+        code: u16,
+        retry_after: Option<u32>,
+        body: Option<String>,
+    },
     /// Hold the request for this long, then answer 504 without applying it. Use a
     /// duration longer than the client's timeout to make the client time out.
     Timeout(Duration),
@@ -39,12 +43,20 @@ pub enum Fault {
 impl Fault {
     /// A bare status fault, e.g. `Fault::status(500)`.
     pub fn status(code: u16) -> Fault {
-        Fault::Status { code, retry_after: None, body: None }
+        Fault::Status {
+            code,
+            retry_after: None,
+            body: None,
+        }
     }
 
     /// `429 Too Many Requests`, optionally with `Retry-After` seconds.
     pub fn too_many_requests(retry_after: Option<u32>) -> Fault {
-        Fault::Status { code: 429, retry_after, body: None }
+        Fault::Status {
+            code: 429,
+            retry_after,
+            body: None,
+        }
     }
 
     /// Restrict this fault to requests whose path (relative to the provider prefix,
@@ -61,7 +73,11 @@ impl Fault {
     /// A short label for request logs.
     pub fn label(&self) -> String {
         match self {
-            Fault::Status { code, retry_after: Some(s), .. } => format!("status {code} retry-after {s}"),
+            Fault::Status {
+                code,
+                retry_after: Some(s),
+                ..
+            } => format!("status {code} retry-after {s}"),
             Fault::Status { code, .. } => format!("status {code}"),
             Fault::Timeout(d) => format!("timeout {} ms", d.as_millis()),
             Fault::Reset => "reset".into(),
@@ -94,13 +110,20 @@ impl ScriptedFault {
 
     fn matches(&self, method: &str, path: &str) -> bool {
         self.method.as_deref().is_none_or(|m| m == method)
-            && self.path_contains.as_deref().is_none_or(|needle| path.contains(needle))
+            && self
+                .path_contains
+                .as_deref()
+                .is_none_or(|needle| path.contains(needle))
     }
 }
 
 impl From<Fault> for ScriptedFault {
     fn from(fault: Fault) -> Self {
-        ScriptedFault { fault, path_contains: None, method: None }
+        ScriptedFault {
+            fault,
+            path_contains: None,
+            method: None,
+        }
     }
 }
 
@@ -168,8 +191,15 @@ impl Faults {
     /// 503, timeout (see [`Faults::set_timeout`]), connection reset, malformed JSON.
     /// The same seed gives the same sequence of decisions. A rate of 0 disables it.
     pub fn set_random(&self, rate: f64, seed: u64) {
-        let rate = if rate.is_finite() { rate.clamp(0.0, 1.0) } else { 0.0 };
-        lock(&self.state).random = (rate > 0.0).then(|| RandomFaults { rate, rng: SplitMix64(seed) });
+        let rate = if rate.is_finite() {
+            rate.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        lock(&self.state).random = (rate > 0.0).then_some(RandomFaults {
+            rate,
+            rng: SplitMix64(seed),
+        });
     }
 
     /// How long random timeouts hold a request (default [`DEFAULT_TIMEOUT`]).
@@ -259,7 +289,10 @@ mod tests {
         f.push(Fault::Reset);
         assert_eq!(f.next("GET", "/3.0/ping"), Some(Fault::Reset));
         assert_eq!(f.next("GET", "/3.0/ping"), None);
-        assert_eq!(f.next("POST", "/3.0/lists/a/segments/1"), Some(Fault::status(500)));
+        assert_eq!(
+            f.next("POST", "/3.0/lists/a/segments/1"),
+            Some(Fault::status(500))
+        );
         assert_eq!(f.pending(), 0);
     }
 
@@ -283,6 +316,9 @@ mod tests {
         let a = draw(7);
         assert_eq!(a, draw(7));
         let failures = a.iter().filter(|x| x.is_some()).count();
-        assert!((60..140).contains(&failures), "{failures} failures of 200 at rate 0.5");
+        assert!(
+            (60..140).contains(&failures),
+            "{failures} failures of 200 at rate 0.5"
+        );
     }
 }

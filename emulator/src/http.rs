@@ -35,7 +35,10 @@ impl Request {
     /// The first header with this (case-insensitive) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The decoded value of the first query parameter with this name.
@@ -49,7 +52,11 @@ impl Request {
 
     /// Percent-decoded, non-empty path segments.
     pub fn segments(&self) -> Vec<String> {
-        self.path.split('/').filter(|s| !s.is_empty()).map(|s| percent_decode(s, false)).collect()
+        self.path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| percent_decode(s, false))
+            .collect()
     }
 
     /// The body as (lossy) UTF-8 text.
@@ -59,12 +66,17 @@ impl Request {
 
     /// The body parsed as JSON; an empty body is an error.
     pub fn json(&self) -> Result<Value, String> {
-        serde_json::from_slice(&self.body).map_err(|e| format!("request body is not valid JSON: {e}"))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| format!("request body is not valid JSON: {e}"))
     }
 
     fn keep_alive(&self) -> bool {
         let connection = self.header("connection").unwrap_or("").to_ascii_lowercase();
-        if self.http10 { connection.contains("keep-alive") } else { !connection.contains("close") }
+        if self.http10 {
+            connection.contains("keep-alive")
+        } else {
+            !connection.contains("close")
+        }
     }
 
     /// Whether the connection may serve another request after this one.
@@ -97,7 +109,11 @@ impl Response {
 
     /// `204 No Content`.
     pub fn no_content() -> Response {
-        Response { status: 204, headers: Vec::new(), body: Vec::new() }
+        Response {
+            status: 204,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
     }
 
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Response {
@@ -138,12 +154,17 @@ pub(crate) fn read_request(
         }
     };
     let mut parts = request_line.split_whitespace();
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(ReadError::Malformed(format!("bad request line: {request_line:?}")));
+        return Err(ReadError::Malformed(format!(
+            "bad request line: {request_line:?}"
+        )));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(ReadError::Malformed(format!("unsupported HTTP version {version}")));
+        return Err(ReadError::Malformed(format!(
+            "unsupported HTTP version {version}"
+        )));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
 
@@ -168,7 +189,10 @@ pub(crate) fn read_request(
         body: Vec::new(),
         http10: version == "HTTP/1.0",
     };
-    if request.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+    if request
+        .header("expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    {
         continue_writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         continue_writer.flush()?;
     }
@@ -190,7 +214,9 @@ fn read_body(reader: &mut impl BufRead, request: &Request) -> Result<Vec<u8>, Re
             .map_err(|_| ReadError::Malformed(format!("bad Content-Length {v:?}")))?,
     };
     if length > MAX_BODY_BYTES {
-        return Err(ReadError::Malformed(format!("body of {length} bytes is too large")));
+        return Err(ReadError::Malformed(format!(
+            "body of {length} bytes is too large"
+        )));
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
@@ -201,8 +227,9 @@ fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, ReadError> {
     let mut body = Vec::new();
     let mut budget = MAX_HEAD_BYTES;
     loop {
-        let line = read_line(reader, &mut budget)?
-            .ok_or_else(|| ReadError::Malformed("connection closed inside a chunked body".into()))?;
+        let line = read_line(reader, &mut budget)?.ok_or_else(|| {
+            ReadError::Malformed("connection closed inside a chunked body".into())
+        })?;
         let size_text = line.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_text, 16)
             .map_err(|_| ReadError::Malformed(format!("bad chunk size {size_text:?}")))?;
@@ -231,7 +258,9 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
         return Ok(None);
     }
     if n > *budget || !line.ends_with(b"\n") {
-        return Err(ReadError::Malformed("request head too large or truncated".into()));
+        return Err(ReadError::Malformed(
+            "request head too large or truncated".into(),
+        ));
     }
     *budget -= n;
     while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -243,8 +272,16 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
 }
 
 /// Serialises `response`; adds `Content-Length` and, when closing, `Connection: close`.
-pub(crate) fn write_response(out: &mut impl Write, response: &Response, keep_alive: bool) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {} {}\r\n", response.status, reason_phrase(response.status));
+pub(crate) fn write_response(
+    out: &mut impl Write,
+    response: &Response,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        response.status,
+        reason_phrase(response.status)
+    );
     for (name, value) in &response.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -325,7 +362,8 @@ mod tests {
 
     #[test]
     fn parses_content_length_body_and_query() {
-        let r = parse("POST /a/b%40c?x=1&y=a+b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        let r = parse("POST /a/b%40c?x=1&y=a+b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}")
+            .unwrap();
         assert_eq!(r.method, "POST");
         assert_eq!(r.segments(), vec!["a", "b@c"]);
         assert_eq!(r.query_param("y").as_deref(), Some("a b"));
@@ -335,13 +373,19 @@ mod tests {
 
     #[test]
     fn parses_chunked_body() {
-        let r = parse("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let r = parse(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r.body, b"abcde");
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse("hello\r\n\r\n"), Err(ReadError::Malformed(_))));
+        assert!(matches!(
+            parse("hello\r\n\r\n"),
+            Err(ReadError::Malformed(_))
+        ));
         assert!(matches!(parse(""), Err(ReadError::Closed)));
     }
 

@@ -72,7 +72,11 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let slots = builtin_providers()
             .into_iter()
-            .map(|provider| Slot { provider, faults: Faults::default(), log: Default::default() })
+            .map(|provider| Slot {
+                provider,
+                faults: Faults::default(),
+                log: Default::default(),
+            })
             .collect();
         let shared = Arc::new(Shared {
             slots,
@@ -80,7 +84,11 @@ impl Emulator {
             log_limit: AtomicUsize::new(DEFAULT_LOG_LIMIT),
         });
         let acceptor = server::spawn_acceptor(listener, Arc::clone(&shared))?;
-        Ok(Emulator { shared, addr, acceptor: Some(acceptor) })
+        Ok(Emulator {
+            shared,
+            addr,
+            acceptor: Some(acceptor),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -148,7 +156,10 @@ impl Emulator {
 
     fn slot(&self, name: &str) -> &Slot {
         self.shared.slot(name).unwrap_or_else(|| {
-            panic!("listsync-emulator has no provider {name:?}; known: {:?}", self.shared.provider_names())
+            panic!(
+                "listsync-emulator has no provider {name:?}; known: {:?}",
+                self.shared.provider_names()
+            )
         })
     }
 
@@ -173,6 +184,20 @@ impl Drop for Emulator {
 
 impl std::fmt::Debug for Emulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emulator").field("addr", &self.addr).field("providers", &self.providers()).finish()
+        f.debug_struct("Emulator")
+            .field("addr", &self.addr)
+            .field("providers", &self.providers())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Tests share one emulator across threads (`&Emulator` in scoped threads, `Arc<Emulator>`).
+    #[test]
+    fn emulator_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Emulator>();
+        assert_send_sync::<super::Faults>();
     }
 }

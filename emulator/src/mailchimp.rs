@@ -25,11 +25,26 @@ const PROBLEM_TYPE: &str = "https://mailchimp.com/developer/marketing/docs/error
 /// Batch subscribe and static segment calls take at most this many addresses.
 const MAX_MEMBERS_PER_CALL: usize = 500;
 /// Statuses a client may set.
-const SETTABLE_STATUSES: [&str; 5] = ["subscribed", "unsubscribed", "cleaned", "pending", "transactional"];
+const SETTABLE_STATUSES: [&str; 5] = [
+    "subscribed",
+    "unsubscribed",
+    "cleaned",
+    "pending",
+    "transactional",
+];
 /// Statuses a member may have (`archived` results from DELETE).
-const ALL_STATUSES: [&str; 6] = ["subscribed", "unsubscribed", "cleaned", "pending", "transactional", "archived"];
-const MERGE_FIELD_TYPES: [&str; 11] =
-    ["text", "number", "address", "phone", "date", "url", "imageurl", "radio", "dropdown", "birthday", "zip"];
+const ALL_STATUSES: [&str; 6] = [
+    "subscribed",
+    "unsubscribed",
+    "cleaned",
+    "pending",
+    "transactional",
+    "archived",
+];
+const MERGE_FIELD_TYPES: [&str; 11] = [
+    "text", "number", "address", "phone", "date", "url", "imageurl", "radio", "dropdown",
+    "birthday", "zip",
+];
 /// Every new Mailchimp audience has these merge fields.
 const DEFAULT_MERGE_FIELDS: [(&str, &str, &str); 5] = [
     ("FNAME", "First Name", "text"),
@@ -133,7 +148,9 @@ pub fn subscriber_hash(email: &str) -> String {
 
 impl Mailchimp {
     pub(crate) fn new() -> Mailchimp {
-        Mailchimp { state: Mutex::new(State::default()) }
+        Mailchimp {
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Require this API key: `Authorization: Bearer <key>` or Basic with password `<key>`
@@ -162,7 +179,9 @@ impl Mailchimp {
     /// Every write of this address (batch subscribe, PUT/POST member, segment add) fails
     /// with `message`: an error item in batch responses, a 400 otherwise.
     pub fn reject_address(&self, email: &str, message: &str) {
-        lock(&self.state).rejected.insert(email.trim().to_lowercase(), message.to_string());
+        lock(&self.state)
+            .rejected
+            .insert(email.trim().to_lowercase(), message.to_string());
     }
 
     pub fn clear_rejections(&self) {
@@ -171,14 +190,20 @@ impl Mailchimp {
 
     /// Creates an audience with the default merge fields (no-op if it exists).
     pub fn create_audience(&self, id: &str) {
-        lock(&self.state).audiences.entry(id.to_string()).or_insert_with(|| Audience::new(id, id));
+        lock(&self.state)
+            .audiences
+            .entry(id.to_string())
+            .or_insert_with(|| Audience::new(id, id));
     }
 
     /// Adds a merge field (creating the audience if needed). `field_type` as in the API:
     /// `text`, `number`, `date`, `birthday`, `phone`, `address`, ...
     pub fn add_merge_field(&self, audience: &str, tag: &str, field_type: &str) {
         let mut st = lock(&self.state);
-        let aud = st.audiences.entry(audience.to_string()).or_insert_with(|| Audience::new(audience, audience));
+        let aud = st
+            .audiences
+            .entry(audience.to_string())
+            .or_insert_with(|| Audience::new(audience, audience));
         if aud.merge_field(tag).is_none() {
             aud.merge_fields.push(MergeField {
                 merge_id: next_id(),
@@ -204,7 +229,11 @@ impl Mailchimp {
     /// One member, by address (any case).
     pub fn member(&self, audience: &str, email: &str) -> Option<Member> {
         let st = lock(&self.state);
-        st.audiences.get(audience)?.members.get(&subscriber_hash(email)).cloned()
+        st.audiences
+            .get(audience)?
+            .members
+            .get(&subscriber_hash(email))
+            .cloned()
     }
 
     /// Non-archived members carrying tag `tag` (the static segment of that name).
@@ -225,42 +254,72 @@ impl Mailchimp {
             return false;
         }
         let mut st = lock(&self.state);
-        let member = st.audiences.get_mut(audience).and_then(|a| a.members.get_mut(&subscriber_hash(email)));
+        let member = st
+            .audiences
+            .get_mut(audience)
+            .and_then(|a| a.members.get_mut(&subscriber_hash(email)));
         member.map(|m| m.status = status.to_string()).is_some()
     }
 
     /// The audience's static segments (tags), by id.
     pub fn segments(&self, audience: &str) -> Vec<Segment> {
         let st = lock(&self.state);
-        let Some(aud) = st.audiences.get(audience) else { return Vec::new() };
+        let Some(aud) = st.audiences.get(audience) else {
+            return Vec::new();
+        };
         let mut segments: Vec<Segment> = aud
             .tags
             .iter()
-            .map(|(name, id)| Segment { id: *id, name: name.clone(), member_count: aud.tag_count(name) })
+            .map(|(name, id)| Segment {
+                id: *id,
+                name: name.clone(),
+                member_count: aud.tag_count(name),
+            })
             .collect();
         segments.sort_by_key(|s| s.id);
         segments
     }
 
     pub fn merge_fields(&self, audience: &str) -> Vec<MergeField> {
-        lock(&self.state).audiences.get(audience).map(|a| a.merge_fields.clone()).unwrap_or_default()
+        lock(&self.state)
+            .audiences
+            .get(audience)
+            .map(|a| a.merge_fields.clone())
+            .unwrap_or_default()
     }
 
     /// Addresses that the API moved from `unsubscribed` back to `subscribed` or `pending`.
     pub fn resubscribed(&self, audience: &str) -> Vec<String> {
-        lock(&self.state).audiences.get(audience).map(|a| a.resubscribed.clone()).unwrap_or_default()
+        lock(&self.state)
+            .audiences
+            .get(audience)
+            .map(|a| a.resubscribed.clone())
+            .unwrap_or_default()
     }
 
     /// Addresses deleted with `actions/delete-permanent`.
     pub fn permanently_deleted(&self, audience: &str) -> BTreeSet<String> {
         let st = lock(&self.state);
-        st.audiences.get(audience).map(|a| a.forgotten.values().cloned().collect()).unwrap_or_default()
+        st.audiences
+            .get(audience)
+            .map(|a| a.forgotten.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    fn members_where(&self, audience: &str, keep: impl Fn(&Member) -> bool) -> BTreeMap<String, Member> {
+    fn members_where(
+        &self,
+        audience: &str,
+        keep: impl Fn(&Member) -> bool,
+    ) -> BTreeMap<String, Member> {
         let st = lock(&self.state);
-        let Some(aud) = st.audiences.get(audience) else { return BTreeMap::new() };
-        aud.members.values().filter(|m| keep(m)).map(|m| (m.email.to_lowercase(), m.clone())).collect()
+        let Some(aud) = st.audiences.get(audience) else {
+            return BTreeMap::new();
+        };
+        aud.members
+            .values()
+            .filter(|m| keep(m))
+            .map(|m| (m.email.to_lowercase(), m.clone()))
+            .collect()
     }
 }
 
@@ -274,13 +333,21 @@ impl Provider for Mailchimp {
 
     fn handle(&self, req: &Request) -> Response {
         let mut st = lock(&self.state);
-        let result = if authorized(st.api_key.as_deref(), req) { route(&mut st, req) } else { Err(Problem::api_key_invalid()) };
+        let result = if authorized(st.api_key.as_deref(), req) {
+            route(&mut st, req)
+        } else {
+            Err(Problem::api_key_invalid())
+        };
         result.unwrap_or_else(|problem| problem.response())
     }
 
     fn state_json(&self) -> Value {
         let st = lock(&self.state);
-        let audiences: Map<String, Value> = st.audiences.iter().map(|(id, aud)| (id.clone(), aud.state_json())).collect();
+        let audiences: Map<String, Value> = st
+            .audiences
+            .iter()
+            .map(|(id, aud)| (id.clone(), aud.state_json()))
+            .collect();
         json!({
             "api_key_required": st.api_key.is_some(),
             "auto_create": st.auto_create,
@@ -305,13 +372,22 @@ impl Provider for Mailchimp {
 
     fn error_response(&self, status: u16, detail: &str) -> Response {
         let (title, detail) = match status {
-            429 => ("Too Many Requests", "You have exceeded the limit of 10 simultaneous connections."),
+            429 => (
+                "Too Many Requests",
+                "You have exceeded the limit of 10 simultaneous connections.",
+            ),
             500 => (
                 "Internal Server Error",
                 "An unexpected internal error has occurred. Please contact Support for more information.",
             ),
-            503 => ("Service Unavailable", "This service is temporarily unavailable. Please try again later."),
-            504 => ("Gateway Timeout", "The request timed out before it could be completed."),
+            503 => (
+                "Service Unavailable",
+                "This service is temporarily unavailable. Please try again later.",
+            ),
+            504 => (
+                "Gateway Timeout",
+                "The request timed out before it could be completed.",
+            ),
             _ => (reason_phrase(status), detail),
         };
         Problem::new(status, title, detail).response()
@@ -323,13 +399,21 @@ impl Mailchimp {
     fn admin_action(&self, action: &str, body: &Map<String, Value>) -> Result<(), String> {
         match action {
             "status" => {
-                let (audience, email, status) =
-                    (req_str(body, "audience")?, req_str(body, "email")?, req_str(body, "status")?);
+                let (audience, email, status) = (
+                    req_str(body, "audience")?,
+                    req_str(body, "email")?,
+                    req_str(body, "status")?,
+                );
                 if !self.set_status(audience, email, status) {
-                    return Err(format!("no member {email} in audience {audience}, or bad status {status:?}"));
+                    return Err(format!(
+                        "no member {email} in audience {audience}, or bad status {status:?}"
+                    ));
                 }
             }
-            "reject" => self.reject_address(req_str(body, "email")?, opt_str(body, "message")?.unwrap_or("rejected")),
+            "reject" => self.reject_address(
+                req_str(body, "email")?,
+                opt_str(body, "message")?.unwrap_or("rejected"),
+            ),
             "api_key" => match opt_str(body, "key")? {
                 Some(key) => self.set_api_key(key),
                 None => self.accept_any_api_key(),
@@ -337,10 +421,16 @@ impl Mailchimp {
             "audience" => self.create_audience(req_str(body, "id")?),
             "merge_field" => {
                 let field_type = opt_str(body, "type")?.unwrap_or("text");
-                self.add_merge_field(req_str(body, "audience")?, req_str(body, "tag")?, field_type);
+                self.add_merge_field(
+                    req_str(body, "audience")?,
+                    req_str(body, "tag")?,
+                    field_type,
+                );
             }
             "auto_create" => self.set_auto_create(opt_bool(body, "enabled")?.unwrap_or(true)),
-            "strict_merge_fields" => self.set_strict_merge_fields(opt_bool(body, "enabled")?.unwrap_or(true)),
+            "strict_merge_fields" => {
+                self.set_strict_merge_fields(opt_bool(body, "enabled")?.unwrap_or(true))
+            }
             _ => return Err(format!("unknown mailchimp admin action {action:?}")),
         }
         Ok(())
@@ -349,8 +439,12 @@ impl Mailchimp {
 
 /// Bearer token, or HTTP Basic whose password is the key (Mailchimp ignores the user name).
 fn authorized(expected: Option<&str>, req: &Request) -> bool {
-    let Some(expected) = expected else { return true };
-    let Some(header) = req.header("authorization") else { return false };
+    let Some(expected) = expected else {
+        return true;
+    };
+    let Some(header) = req.header("authorization") else {
+        return false;
+    };
     let (scheme, credentials) = header.split_once(' ').unwrap_or((header, ""));
     let credentials = credentials.trim();
     match scheme.to_ascii_lowercase().as_str() {
@@ -359,7 +453,10 @@ fn authorized(expected: Option<&str>, req: &Request) -> bool {
             .decode(credentials)
             .ok()
             .and_then(|raw| String::from_utf8(raw).ok())
-            .is_some_and(|pair| pair.split_once(':').is_some_and(|(_, password)| password == expected)),
+            .is_some_and(|pair| {
+                pair.split_once(':')
+                    .is_some_and(|(_, password)| password == expected)
+            }),
         _ => false,
     }
 }
@@ -379,11 +476,20 @@ struct Problem {
 
 impl Problem {
     fn new(status: u16, title: &str, detail: &str) -> Problem {
-        Problem { status, title: title.into(), detail: detail.into(), errors: Vec::new() }
+        Problem {
+            status,
+            title: title.into(),
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
     }
 
     fn not_found() -> Problem {
-        Problem::new(404, "Resource Not Found", "The requested resource could not be found.")
+        Problem::new(
+            404,
+            "Resource Not Found",
+            "The requested resource could not be found.",
+        )
     }
 
     fn method_not_allowed() -> Problem {
@@ -416,7 +522,11 @@ impl Problem {
     }
 
     fn json_parse() -> Problem {
-        Problem::new(400, "JSON Parse Exception", "We encountered an unspecified JSON parsing error.")
+        Problem::new(
+            400,
+            "JSON Parse Exception",
+            "We encountered an unspecified JSON parsing error.",
+        )
     }
 
     fn response(&self) -> Response {
@@ -437,7 +547,14 @@ impl Problem {
 /// A fresh UUID-shaped id for `instance`.
 fn instance_id() -> String {
     let a = subscriber_hash(&format!("instance-{}", next_id()));
-    format!("{}-{}-{}-{}-{}", &a[0..8], &a[8..12], &a[12..16], &a[16..20], &a[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &a[0..8],
+        &a[8..12],
+        &a[12..16],
+        &a[16..20],
+        &a[20..32]
+    )
 }
 
 /// Why a member write failed. Rendered as a batch `errors[]` item or as a problem.
@@ -456,15 +573,21 @@ impl MemberError {
     fn detail(&self, email: &str) -> String {
         match self {
             MemberError::Rejected(message) => message.clone(),
-            MemberError::FakeEmail => format!("{email} looks fake or invalid, please enter a real email address."),
+            MemberError::FakeEmail => {
+                format!("{email} looks fake or invalid, please enter a real email address.")
+            }
             MemberError::Forgotten => format!(
                 "{email} was permanently deleted and cannot be re-imported. The contact must re-subscribe to get back on the list."
             ),
-            MemberError::Exists => format!("{email} is already a list member. Use PUT to insert or update list members."),
+            MemberError::Exists => format!(
+                "{email} is already a list member. Use PUT to insert or update list members."
+            ),
             MemberError::Compliance => format!(
                 "{email} is in a compliance state due to unsubscribe, bounce, or compliance review and cannot be subscribed."
             ),
-            MemberError::StatusRequired => format!("{email}: a status is required to add a new member."),
+            MemberError::StatusRequired => {
+                format!("{email}: a status is required to add a new member.")
+            }
             MemberError::MergeFields(_) => "Your merge fields were invalid.".into(),
         }
     }
@@ -472,15 +595,25 @@ impl MemberError {
     /// `(field, field_message)` of a batch error item.
     fn field(&self) -> (String, String) {
         match self {
-            MemberError::FakeEmail => ("email_address".into(), "This value is not a valid email address.".into()),
-            MemberError::StatusRequired => ("status_if_new".into(), "This value should not be blank.".into()),
+            MemberError::FakeEmail => (
+                "email_address".into(),
+                "This value is not a valid email address.".into(),
+            ),
+            MemberError::StatusRequired => (
+                "status_if_new".into(),
+                "This value should not be blank.".into(),
+            ),
             MemberError::MergeFields(errors) => errors.first().cloned().unwrap_or_default(),
             _ => (String::new(), String::new()),
         }
     }
 
     fn batch_item(&self, email: &str) -> Value {
-        let code = if matches!(self, MemberError::Exists) { "ERROR_CONTACT_EXISTS" } else { "ERROR_GENERIC" };
+        let code = if matches!(self, MemberError::Exists) {
+            "ERROR_CONTACT_EXISTS"
+        } else {
+            "ERROR_GENERIC"
+        };
         let (field, field_message) = self.field();
         json!({
             "email_address": email,
@@ -497,10 +630,15 @@ impl MemberError {
             MemberError::Forgotten => Problem::new(400, "Forgotten Email Not Subscribed", &detail),
             MemberError::Exists => Problem::new(400, "Member Exists", &detail),
             MemberError::Compliance => Problem::new(400, "Member In Compliance State", &detail),
-            MemberError::StatusRequired => Problem::schema("status_if_new", "This value should not be blank."),
+            MemberError::StatusRequired => {
+                Problem::schema("status_if_new", "This value should not be blank.")
+            }
             MemberError::MergeFields(errors) => {
                 let mut p = Problem::invalid(&detail);
-                p.errors = errors.iter().map(|(f, m)| json!({ "field": f, "message": m })).collect();
+                p.errors = errors
+                    .iter()
+                    .map(|(f, m)| json!({ "field": f, "message": m }))
+                    .collect();
                 p
             }
             MemberError::Rejected(_) | MemberError::FakeEmail => Problem::invalid(&detail),
@@ -523,22 +661,32 @@ fn route(st: &mut State, req: &Request) -> Result<Response, Problem> {
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method.as_str();
     match (method, segments.as_slice()) {
-        ("GET", ["3.0", "ping"]) => Ok(Response::json(200, &json!({ "health_status": "Everything's Chimpy!" }))),
+        ("GET", ["3.0", "ping"]) => Ok(Response::json(
+            200,
+            &json!({ "health_status": "Everything's Chimpy!" }),
+        )),
         ("POST", ["3.0", "lists"]) => create_list(st, req),
         (_, ["3.0", "ping" | "lists"]) => Err(Problem::method_not_allowed()),
         (_, ["3.0", "lists", list_id, rest @ ..]) => {
-            let State { audiences, rejected, strict_merge_fields, auto_create, .. } = st;
+            let State {
+                audiences,
+                rejected,
+                strict_merge_fields,
+                auto_create,
+                ..
+            } = st;
             let audience = match audiences.get_mut(*list_id) {
                 Some(audience) => audience,
-                None if *auto_create => {
-                    audiences.entry(list_id.to_string()).or_insert_with(|| Audience::new(list_id, list_id))
-                }
+                None if *auto_create => audiences
+                    .entry(list_id.to_string())
+                    .or_insert_with(|| Audience::new(list_id, list_id)),
                 None => return Err(Problem::not_found()),
             };
             let policy = Policy {
                 rejected,
                 strict_merge_fields: *strict_merge_fields,
-                skip_merge_validation: req.query_param("skip_merge_validation").as_deref() == Some("true"),
+                skip_merge_validation: req.query_param("skip_merge_validation").as_deref()
+                    == Some("true"),
             };
             audience.route(&policy, method, rest, req)
         }
@@ -560,14 +708,24 @@ fn create_list(st: &mut State, req: &Request) -> Result<Response, Problem> {
 fn body_object(req: &Request) -> Result<Map<String, Value>, Problem> {
     match req.json() {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(Problem::schema("", &format!("Schema describes object, {} found instead", type_name(&other)))),
+        Ok(other) => Err(Problem::schema(
+            "",
+            &format!(
+                "Schema describes object, {} found instead",
+                type_name(&other)
+            ),
+        )),
         Err(_) => Err(Problem::json_parse()),
     }
 }
 
 /// Accepts `{subscriber_hash}` as the hash, the address itself, or the contact id (= hash here).
 fn member_key(segment: &str) -> String {
-    if segment.contains('@') { subscriber_hash(segment) } else { segment.to_ascii_lowercase() }
+    if segment.contains('@') {
+        subscriber_hash(segment)
+    } else {
+        segment.to_ascii_lowercase()
+    }
 }
 
 impl Audience {
@@ -593,7 +751,13 @@ impl Audience {
         }
     }
 
-    fn route(&mut self, policy: &Policy, method: &str, rest: &[&str], req: &Request) -> Result<Response, Problem> {
+    fn route(
+        &mut self,
+        policy: &Policy,
+        method: &str,
+        rest: &[&str],
+        req: &Request,
+    ) -> Result<Response, Problem> {
         match (method, rest) {
             ("GET", []) => Ok(Response::json(200, &self.info_json())),
             ("POST", []) => self.batch_subscribe(policy, req),
@@ -615,7 +779,8 @@ impl Audience {
             ("DELETE", ["segments", id]) => self.delete_segment(id),
             (
                 _,
-                [] | ["members" | "merge-fields" | "segments"]
+                []
+                | ["members" | "merge-fields" | "segments"]
                 | ["members", _]
                 | ["members", _, "tags"]
                 | ["members", _, "actions", "delete-permanent"]
@@ -634,7 +799,10 @@ impl Audience {
             Some(Value::Array(items)) => items,
             other => {
                 let found = other.map_or("nothing", type_name);
-                return Err(Problem::schema("members", &format!("Schema describes array, {found} found instead")));
+                return Err(Problem::schema(
+                    "members",
+                    &format!("Schema describes array, {found} found instead"),
+                ));
             }
         };
         if items.len() > MAX_MEMBERS_PER_CALL {
@@ -643,16 +811,25 @@ impl Audience {
                 items.len()
             )));
         }
-        let update_existing = opt_bool(&body, "update_existing").map_err(|m| Problem::schema("update_existing", &m))?;
-        let sync_tags = opt_bool(&body, "sync_tags").map_err(|m| Problem::schema("sync_tags", &m))?;
+        let update_existing = opt_bool(&body, "update_existing")
+            .map_err(|m| Problem::schema("update_existing", &m))?;
+        let sync_tags =
+            opt_bool(&body, "sync_tags").map_err(|m| Problem::schema("sync_tags", &m))?;
         // Validate the whole request before changing anything, as a schema check would.
         let changes = items
             .iter()
             .enumerate()
-            .map(|(i, item)| MemberChange::parse(item, true).map_err(|m| Problem::schema(&format!("members[{i}]"), &m)))
+            .map(|(i, item)| {
+                MemberChange::parse(item, true)
+                    .map_err(|m| Problem::schema(&format!("members[{i}]"), &m))
+            })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mode = if update_existing.unwrap_or(false) { Mode::Upsert } else { Mode::Create };
+        let mode = if update_existing.unwrap_or(false) {
+            Mode::Upsert
+        } else {
+            Mode::Create
+        };
         let (mut created, mut updated, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         for mut change in changes {
             change.replace_tags = sync_tags.unwrap_or(false);
@@ -678,21 +855,32 @@ impl Audience {
 
     /// `POST /3.0/lists/{id}/members`: add a new member (`status` required).
     fn add_member(&mut self, policy: &Policy, req: &Request) -> Result<Response, Problem> {
-        let mut change = MemberChange::parse(&Value::Object(body_object(req)?), false).map_err(|m| Problem::schema("", &m))?;
+        let mut change = MemberChange::parse(&Value::Object(body_object(req)?), false)
+            .map_err(|m| Problem::schema("", &m))?;
         if change.status.is_none() {
             return Err(Problem::schema("status", "This value should not be blank."));
         }
         change.status_if_new = None;
-        let (key, _) = self.upsert(policy, &change, Mode::Create).map_err(|e| e.problem(&change.email))?;
+        let (key, _) = self
+            .upsert(policy, &change, Mode::Create)
+            .map_err(|e| e.problem(&change.email))?;
         Ok(Response::json(200, &self.member_json(&key)))
     }
 
     /// `PUT /3.0/lists/{id}/members/{hash}`: add or update.
-    fn put_member(&mut self, policy: &Policy, id: &str, req: &Request) -> Result<Response, Problem> {
+    fn put_member(
+        &mut self,
+        policy: &Policy,
+        id: &str,
+        req: &Request,
+    ) -> Result<Response, Problem> {
         let key = member_key(id);
         let mut body = body_object(req)?;
         let known = self.members.get(&key);
-        match (opt_str(&body, "email_address").map_err(|m| Problem::schema("email_address", &m))?, known) {
+        match (
+            opt_str(&body, "email_address").map_err(|m| Problem::schema("email_address", &m))?,
+            known,
+        ) {
             (Some(email), _) if subscriber_hash(email) != key => {
                 return Err(Problem::invalid(
                     "The subscriber hash in the URL does not match the email_address in the request body.",
@@ -703,30 +891,52 @@ impl Audience {
             (None, Some(member)) => {
                 body.insert("email_address".into(), Value::String(member.email.clone()));
             }
-            (None, None) => return Err(Problem::schema("email_address", "This value should not be blank.")),
+            (None, None) => {
+                return Err(Problem::schema(
+                    "email_address",
+                    "This value should not be blank.",
+                ));
+            }
         }
-        let change = MemberChange::parse(&Value::Object(body), false).map_err(|m| Problem::schema("", &m))?;
-        let is_new = self.members.get(&key).is_none_or(|m| m.status == "archived");
+        let change = MemberChange::parse(&Value::Object(body), false)
+            .map_err(|m| Problem::schema("", &m))?;
+        let is_new = self
+            .members
+            .get(&key)
+            .is_none_or(|m| m.status == "archived");
         if is_new && change.status_if_new.is_none() {
             return Err(MemberError::StatusRequired.problem(&change.email));
         }
-        let (key, _) = self.upsert(policy, &change, Mode::Upsert).map_err(|e| e.problem(&change.email))?;
+        let (key, _) = self
+            .upsert(policy, &change, Mode::Upsert)
+            .map_err(|e| e.problem(&change.email))?;
         Ok(Response::json(200, &self.member_json(&key)))
     }
 
     /// `PATCH /3.0/lists/{id}/members/{hash}`: update an existing member; a new
     /// `email_address` moves the member to the new subscriber hash.
-    fn patch_member(&mut self, policy: &Policy, id: &str, req: &Request) -> Result<Response, Problem> {
+    fn patch_member(
+        &mut self,
+        policy: &Policy,
+        id: &str,
+        req: &Request,
+    ) -> Result<Response, Problem> {
         let key = member_key(id);
-        let Some(current) = self.members.get(&key).cloned() else { return Err(Problem::not_found()) };
+        let Some(current) = self.members.get(&key).cloned() else {
+            return Err(Problem::not_found());
+        };
         let body = body_object(req)?;
-        let new_email = opt_str(&body, "email_address").map_err(|m| Problem::schema("email_address", &m))?;
+        let new_email =
+            opt_str(&body, "email_address").map_err(|m| Problem::schema("email_address", &m))?;
         let status = status_field(&body, "status")?;
         let merge_input = merge_fields_field(&body)?;
 
         let mut member = current.clone();
         let mut new_key = key.clone();
-        if let Some(email) = new_email.map(str::trim).filter(|e| !e.eq_ignore_ascii_case(&current.email)) {
+        if let Some(email) = new_email
+            .map(str::trim)
+            .filter(|e| !e.eq_ignore_ascii_case(&current.email))
+        {
             check_address(policy, email).map_err(|e| e.problem(email))?;
             new_key = subscriber_hash(email);
             if self.forgotten.contains_key(&new_key) {
@@ -739,9 +949,13 @@ impl Audience {
         } else if let Some(email) = new_email {
             member.email = email.trim().to_string(); // same address, maybe different case
         }
-        let merge = self.check_merge_fields(policy, merge_input.as_ref(), false).map_err(|e| e.problem(&member.email))?;
+        let merge = self
+            .check_merge_fields(policy, merge_input.as_ref(), false)
+            .map_err(|e| e.problem(&member.email))?;
         let resubscribe = match status {
-            Some(status) => check_transition(&current.status, status).map_err(|e| e.problem(&member.email))?,
+            Some(status) => {
+                check_transition(&current.status, status).map_err(|e| e.problem(&member.email))?
+            }
             None => false,
         };
         if let Some(status) = status {
@@ -766,7 +980,10 @@ impl Audience {
 
     /// `DELETE .../members/{hash}`: archives (the contact and its data stay).
     fn archive_member(&mut self, id: &str) -> Result<Response, Problem> {
-        let member = self.members.get_mut(&member_key(id)).ok_or_else(Problem::not_found)?;
+        let member = self
+            .members
+            .get_mut(&member_key(id))
+            .ok_or_else(Problem::not_found)?;
         member.status = "archived".into();
         Ok(Response::no_content())
     }
@@ -798,18 +1015,32 @@ impl Audience {
             .map(|(key, m)| (key, m.email.to_lowercase()))
             .collect();
         keys.sort_by(|a, b| a.1.cmp(&b.1));
-        let members: Vec<Value> = keys.iter().skip(offset).take(count).map(|(key, _)| self.member_json(key)).collect();
-        Ok(Response::json(200, &json!({ "members": members, "list_id": self.id, "total_items": keys.len() })))
+        let members: Vec<Value> = keys
+            .iter()
+            .skip(offset)
+            .take(count)
+            .map(|(key, _)| self.member_json(key))
+            .collect();
+        Ok(Response::json(
+            200,
+            &json!({ "members": members, "list_id": self.id, "total_items": keys.len() }),
+        ))
     }
 
     fn member_tags(&self, id: &str) -> Result<Response, Problem> {
-        let member = self.members.get(&member_key(id)).ok_or_else(Problem::not_found)?;
+        let member = self
+            .members
+            .get(&member_key(id))
+            .ok_or_else(Problem::not_found)?;
         let tags: Vec<Value> = member
             .tags
             .iter()
             .map(|name| json!({ "id": self.tags.get(name).copied().unwrap_or(0), "name": name, "date_added": "" }))
             .collect();
-        Ok(Response::json(200, &json!({ "tags": tags, "total_items": member.tags.len() })))
+        Ok(Response::json(
+            200,
+            &json!({ "tags": tags, "total_items": member.tags.len() }),
+        ))
     }
 
     /// `POST .../members/{hash}/tags` `{tags: [{name, status: active|inactive}]}` → 204.
@@ -820,19 +1051,36 @@ impl Audience {
         }
         let body = body_object(req)?;
         let Some(Value::Array(items)) = body.get("tags") else {
-            return Err(Problem::schema("tags", "Schema describes array, which is required"));
+            return Err(Problem::schema(
+                "tags",
+                "Schema describes array, which is required",
+            ));
         };
         let mut updates = Vec::new();
         for item in items {
-            let obj = item.as_object().ok_or_else(|| Problem::schema("tags", "each tag must be an object"))?;
-            let name = req_str(obj, "name").map_err(|m| Problem::schema("tags.name", &m))?.trim().to_string();
-            let active = match req_str(obj, "status").map_err(|m| Problem::schema("tags.status", &m))? {
-                "active" => true,
-                "inactive" => false,
-                other => return Err(Problem::schema("tags.status", &format!("Invalid tag status {other:?}."))),
-            };
+            let obj = item
+                .as_object()
+                .ok_or_else(|| Problem::schema("tags", "each tag must be an object"))?;
+            let name = req_str(obj, "name")
+                .map_err(|m| Problem::schema("tags.name", &m))?
+                .trim()
+                .to_string();
+            let active =
+                match req_str(obj, "status").map_err(|m| Problem::schema("tags.status", &m))? {
+                    "active" => true,
+                    "inactive" => false,
+                    other => {
+                        return Err(Problem::schema(
+                            "tags.status",
+                            &format!("Invalid tag status {other:?}."),
+                        ));
+                    }
+                };
             if name.is_empty() {
-                return Err(Problem::schema("tags.name", "This value should not be blank."));
+                return Err(Problem::schema(
+                    "tags.name",
+                    "This value should not be blank.",
+                ));
             }
             updates.push((name, active));
         }
@@ -840,15 +1088,25 @@ impl Audience {
             if active {
                 self.ensure_tag(&name);
             }
-            if let Some(member) = self.members.get_mut(&key) {
-                if active { member.tags.insert(name) } else { member.tags.remove(&name) };
+            let Some(member) = self.members.get_mut(&key) else {
+                continue;
+            };
+            if active {
+                member.tags.insert(name);
+            } else {
+                member.tags.remove(&name);
             }
         }
         Ok(Response::no_content())
     }
 
     /// Shared by batch subscribe, POST and PUT member.
-    fn upsert(&mut self, policy: &Policy, change: &MemberChange, mode: Mode) -> Result<(String, Applied), MemberError> {
+    fn upsert(
+        &mut self,
+        policy: &Policy,
+        change: &MemberChange,
+        mode: Mode,
+    ) -> Result<(String, Applied), MemberError> {
         let key = check_address(policy, &change.email)?;
         if self.forgotten.contains_key(&key) {
             return Err(MemberError::Forgotten);
@@ -862,7 +1120,15 @@ impl Audience {
         // Only `status_if_new` (or `status`) applies to a new or archived member;
         // only `status` applies to an existing one, subject to compliance states.
         let (new_status, resubscribe) = if creating {
-            (Some(change.status_if_new.or(change.status).ok_or(MemberError::StatusRequired)?), false)
+            (
+                Some(
+                    change
+                        .status_if_new
+                        .or(change.status)
+                        .ok_or(MemberError::StatusRequired)?,
+                ),
+                false,
+            )
         } else {
             match (change.status, current_status.as_deref()) {
                 (Some(to), Some(from)) => (Some(to), check_transition(from, to)?),
@@ -892,7 +1158,14 @@ impl Audience {
         if resubscribe {
             self.resubscribed.push(change.email.to_lowercase());
         }
-        Ok((key, if creating { Applied::Created } else { Applied::Updated }))
+        Ok((
+            key,
+            if creating {
+                Applied::Created
+            } else {
+                Applied::Updated
+            },
+        ))
     }
 
     /// Validates and normalises merge field values; on create, checks required fields.
@@ -913,27 +1186,47 @@ impl Audience {
                     Err(message) => errors.push((field.tag.clone(), message)),
                 },
                 None if policy.strict_merge_fields => {
-                    errors.push((tag.clone(), format!("Merge field {tag} does not exist in this audience.")));
+                    errors.push((
+                        tag.clone(),
+                        format!("Merge field {tag} does not exist in this audience."),
+                    ));
                 }
                 None => {}
             }
         }
         if creating && !policy.skip_merge_validation {
             for field in self.merge_fields.iter().filter(|f| f.required) {
-                if values.get(&field.tag).is_none_or(|v| v.as_str() == Some("")) {
+                if values
+                    .get(&field.tag)
+                    .is_none_or(|v| v.as_str() == Some(""))
+                {
                     errors.push((field.tag.clone(), "Please enter a value".into()));
                 }
             }
         }
-        if errors.is_empty() { Ok(values) } else { Err(MemberError::MergeFields(errors)) }
+        if errors.is_empty() {
+            Ok(values)
+        } else {
+            Err(MemberError::MergeFields(errors))
+        }
     }
 
     fn member_json(&self, key: &str) -> Value {
-        let Some(m) = self.members.get(key) else { return Value::Null };
+        let Some(m) = self.members.get(key) else {
+            return Value::Null;
+        };
         let merge_fields: Map<String, Value> = self
             .merge_fields
             .iter()
-            .map(|f| (f.tag.clone(), m.merge_fields.get(&f.tag).cloned().unwrap_or_else(|| json!(""))))
+            .map(|f| {
+                (
+                    f.tag.clone(),
+                    m.merge_fields
+                        .get(&f.tag)
+                        .cloned()
+                        .unwrap_or_else(|| json!("")),
+                )
+            })
             .collect();
         let full_name = [m.merge_fields.get("FNAME"), m.merge_fields.get("LNAME")]
             .into_iter()
@@ -941,8 +1234,11 @@ impl Audience {
             .filter_map(Value::as_str)
             .collect::<Vec<_>>()
             .join(" ");
-        let tags: Vec<Value> =
-            m.tags.iter().map(|name| json!({ "id": self.tags.get(name).copied().unwrap_or(0), "name": name })).collect();
+        let tags: Vec<Value> = m
+            .tags
+            .iter()
+            .map(|name| json!({ "id": self.tags.get(name).copied().unwrap_or(0), "name": name }))
+            .collect();
         json!({
             "id": key,
             "email_address": m.email,
@@ -965,13 +1261,20 @@ impl Audience {
     // -- merge fields ---------------------------------------------------------------------
 
     fn merge_field(&self, tag: &str) -> Option<&MergeField> {
-        self.merge_fields.iter().find(|f| f.tag.eq_ignore_ascii_case(tag))
+        self.merge_fields
+            .iter()
+            .find(|f| f.tag.eq_ignore_ascii_case(tag))
     }
 
     fn list_merge_fields(&self, req: &Request) -> Result<Response, Problem> {
         let (count, offset) = provider::page(req, 10, 1000).map_err(|m| Problem::invalid(&m))?;
-        let fields: Vec<Value> =
-            self.merge_fields.iter().skip(offset).take(count).map(|f| self.merge_field_json(f)).collect();
+        let fields: Vec<Value> = self
+            .merge_fields
+            .iter()
+            .skip(offset)
+            .take(count)
+            .map(|f| self.merge_field_json(f))
+            .collect();
         Ok(Response::json(
             200,
             &json!({ "merge_fields": fields, "list_id": self.id, "total_items": self.merge_fields.len() }),
@@ -984,21 +1287,40 @@ impl Audience {
         let name = req_str(&body, "name").map_err(|m| Problem::schema("name", &m))?;
         let field_type = req_str(&body, "type").map_err(|m| Problem::schema("type", &m))?;
         if !MERGE_FIELD_TYPES.contains(&field_type) {
-            return Err(Problem::schema("type", &format!("Invalid merge field type {field_type:?}.")));
+            return Err(Problem::schema(
+                "type",
+                &format!("Invalid merge field type {field_type:?}."),
+            ));
         }
-        let required = opt_bool(&body, "required").map_err(|m| Problem::schema("required", &m))?.unwrap_or(false);
+        let required = opt_bool(&body, "required")
+            .map_err(|m| Problem::schema("required", &m))?
+            .unwrap_or(false);
         let merge_id = next_id();
         let tag = match opt_str(&body, "tag").map_err(|m| Problem::schema("tag", &m))? {
             Some(tag) => tag.trim().to_ascii_uppercase(),
             None => format!("MMERGE{}", self.merge_fields.len() + 1),
         };
-        if tag.is_empty() || tag.len() > 10 || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(Problem::schema("tag", "A merge tag is 1 to 10 letters, digits or underscores."));
+        if tag.is_empty()
+            || tag.len() > 10
+            || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(Problem::schema(
+                "tag",
+                "A merge tag is 1 to 10 letters, digits or underscores.",
+            ));
         }
         if self.merge_field(&tag).is_some() {
-            return Err(Problem::invalid(&format!("A Merge Field with the tag \"{tag}\" already exists for this list.")));
+            return Err(Problem::invalid(&format!(
+                "A Merge Field with the tag \"{tag}\" already exists for this list."
+            )));
         }
-        let field = MergeField { merge_id, tag, name: name.to_string(), field_type: field_type.to_string(), required };
+        let field = MergeField {
+            merge_id,
+            tag,
+            name: name.to_string(),
+            field_type: field_type.to_string(),
+            required,
+        };
         let body = self.merge_field_json(&field);
         self.merge_fields.push(field);
         Ok(Response::json(200, &body))
@@ -1027,12 +1349,19 @@ impl Audience {
     }
 
     fn tag_count(&self, name: &str) -> usize {
-        self.members.values().filter(|m| m.status != "archived" && m.tags.contains(name)).count()
+        self.members
+            .values()
+            .filter(|m| m.status != "archived" && m.tags.contains(name))
+            .count()
     }
 
     fn segment_by_id(&self, id: &str) -> Result<(String, u64), Problem> {
         let id: u64 = id.parse().map_err(|_| Problem::not_found())?;
-        let name = self.tags.iter().find(|(_, v)| **v == id).map(|(name, _)| name.clone());
+        let name = self
+            .tags
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(name, _)| name.clone());
         name.map(|name| (name, id)).ok_or_else(Problem::not_found)
     }
 
@@ -1051,31 +1380,57 @@ impl Audience {
     /// `GET .../segments?type=&count=&offset=`; every segment here is static.
     fn list_segments(&self, req: &Request) -> Result<Response, Problem> {
         let (count, offset) = provider::page(req, 10, 1000).map_err(|m| Problem::invalid(&m))?;
-        let wanted = req.query_param("type").is_none_or(|t| t.is_empty() || t == "static");
-        let mut all: Vec<(&String, u64)> = if wanted { self.tags.iter().map(|(n, id)| (n, *id)).collect() } else { Vec::new() };
+        let wanted = req
+            .query_param("type")
+            .is_none_or(|t| t.is_empty() || t == "static");
+        let mut all: Vec<(&String, u64)> = if wanted {
+            self.tags.iter().map(|(n, id)| (n, *id)).collect()
+        } else {
+            Vec::new()
+        };
         all.sort_by_key(|(_, id)| *id);
-        let segments: Vec<Value> =
-            all.iter().skip(offset).take(count).map(|(name, id)| self.segment_json(name, *id)).collect();
-        Ok(Response::json(200, &json!({ "segments": segments, "list_id": self.id, "total_items": all.len() })))
+        let segments: Vec<Value> = all
+            .iter()
+            .skip(offset)
+            .take(count)
+            .map(|(name, id)| self.segment_json(name, *id))
+            .collect();
+        Ok(Response::json(
+            200,
+            &json!({ "segments": segments, "list_id": self.id, "total_items": all.len() }),
+        ))
     }
 
     /// `POST .../segments` `{name, static_segment: [emails]}`; addresses not on the list are ignored.
     fn create_segment(&mut self, req: &Request) -> Result<Response, Problem> {
         let body = body_object(req)?;
-        let name = req_str(&body, "name").map_err(|m| Problem::schema("name", &m))?.trim().to_string();
+        let name = req_str(&body, "name")
+            .map_err(|m| Problem::schema("name", &m))?
+            .trim()
+            .to_string();
         if name.is_empty() {
             return Err(Problem::schema("name", "This value should not be blank."));
         }
-        if body.get("options").is_some_and(|o| !o.is_null()) && body.get("static_segment").is_none() {
-            return Err(Problem::invalid("The emulator only supports static segments (tags), not saved segments."));
+        if body.get("options").is_some_and(|o| !o.is_null()) && body.get("static_segment").is_none()
+        {
+            return Err(Problem::invalid(
+                "The emulator only supports static segments (tags), not saved segments.",
+            ));
         }
-        let emails = string_list(&body, "static_segment").map_err(|m| Problem::schema("static_segment", &m))?;
+        let emails = string_list(&body, "static_segment")
+            .map_err(|m| Problem::schema("static_segment", &m))?;
         if self.tags.contains_key(&name) {
-            return Err(Problem::invalid(&format!("A tag or static segment named \"{name}\" already exists.")));
+            return Err(Problem::invalid(&format!(
+                "A tag or static segment named \"{name}\" already exists."
+            )));
         }
         let id = self.ensure_tag(&name);
         for email in emails {
-            if let Some(member) = self.members.get_mut(&subscriber_hash(&email)).filter(|m| m.status != "archived") {
+            if let Some(member) = self
+                .members
+                .get_mut(&subscriber_hash(&email))
+                .filter(|m| m.status != "archived")
+            {
                 member.tags.insert(name.clone());
             }
         }
@@ -1098,11 +1453,18 @@ impl Audience {
 
     /// `POST .../segments/{id}` `{members_to_add, members_to_remove}`. Only actual
     /// changes are listed; addresses that are not (non-archived) members are errors.
-    fn update_segment_members(&mut self, policy: &Policy, id: &str, req: &Request) -> Result<Response, Problem> {
+    fn update_segment_members(
+        &mut self,
+        policy: &Policy,
+        id: &str,
+        req: &Request,
+    ) -> Result<Response, Problem> {
         let (name, _) = self.segment_by_id(id)?;
         let body = body_object(req)?;
-        let to_add = string_list(&body, "members_to_add").map_err(|m| Problem::schema("members_to_add", &m))?;
-        let to_remove = string_list(&body, "members_to_remove").map_err(|m| Problem::schema("members_to_remove", &m))?;
+        let to_add = string_list(&body, "members_to_add")
+            .map_err(|m| Problem::schema("members_to_add", &m))?;
+        let to_remove = string_list(&body, "members_to_remove")
+            .map_err(|m| Problem::schema("members_to_remove", &m))?;
         if to_add.len() > MAX_MEMBERS_PER_CALL || to_remove.len() > MAX_MEMBERS_PER_CALL {
             return Err(Problem::invalid(&format!(
                 "You can only add or remove up to {MAX_MEMBERS_PER_CALL} members to a static segment per call."
@@ -1118,7 +1480,11 @@ impl Audience {
                 continue;
             }
             let key = subscriber_hash(&email);
-            match self.members.get_mut(&key).filter(|m| m.status != "archived") {
+            match self
+                .members
+                .get_mut(&key)
+                .filter(|m| m.status != "archived")
+            {
                 None => errors.entry(NOT_ON_LIST.into()).or_default().push(email),
                 Some(member) => {
                     if member.tags.insert(name.clone()) {
@@ -1138,8 +1504,10 @@ impl Audience {
                 }
             }
         }
-        let errors: Vec<Value> =
-            errors.into_iter().map(|(error, emails)| json!({ "email_addresses": emails, "error": error })).collect();
+        let errors: Vec<Value> = errors
+            .into_iter()
+            .map(|(error, emails)| json!({ "email_addresses": emails, "error": error }))
+            .collect();
         let added: Vec<Value> = added.iter().map(|k| self.member_json(k)).collect();
         let removed: Vec<Value> = removed.iter().map(|k| self.member_json(k)).collect();
         Ok(Response::json(
@@ -1187,8 +1555,16 @@ impl Audience {
                 (m.email.to_lowercase(), value)
             })
             .collect();
-        let segments: Map<String, Value> =
-            self.tags.iter().map(|(name, id)| (name.clone(), json!({ "id": id, "member_count": self.tag_count(name) }))).collect();
+        let segments: Map<String, Value> = self
+            .tags
+            .iter()
+            .map(|(name, id)| {
+                (
+                    name.clone(),
+                    json!({ "id": id, "member_count": self.tag_count(name) }),
+                )
+            })
+            .collect();
         json!({
             "name": self.name,
             "members": members,
@@ -1232,7 +1608,12 @@ impl MemberChange {
     /// Schema checks only; `email_may_be_null` is true for batch items (an absent address
     /// is then reported as an invalid-address error item, not a request error).
     fn parse(value: &Value, email_may_be_null: bool) -> Result<MemberChange, String> {
-        let obj = value.as_object().ok_or_else(|| format!("Schema describes object, {} found instead", type_name(value)))?;
+        let obj = value.as_object().ok_or_else(|| {
+            format!(
+                "Schema describes object, {} found instead",
+                type_name(value)
+            )
+        })?;
         let email = match opt_str(obj, "email_address")? {
             Some(email) => email.trim().to_string(),
             None if email_may_be_null => String::new(),
@@ -1243,10 +1624,19 @@ impl MemberChange {
             Some(Value::Array(items)) => Some(
                 items
                     .iter()
-                    .map(|t| t.as_str().map(|s| s.trim().to_string()).ok_or("tags: each tag must be a string"))
+                    .map(|t| {
+                        t.as_str()
+                            .map(|s| s.trim().to_string())
+                            .ok_or("tags: each tag must be a string")
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
-            Some(other) => return Err(format!("tags: Schema describes array, {} found instead", type_name(other))),
+            Some(other) => {
+                return Err(format!(
+                    "tags: Schema describes array, {} found instead",
+                    type_name(other)
+                ));
+            }
         };
         Ok(MemberChange {
             email,
@@ -1267,7 +1657,9 @@ fn parse_status(obj: &Map<String, Value>, key: &str) -> Result<Option<&'static s
             .find(|known| **known == s)
             .copied()
             .map(Some)
-            .ok_or_else(|| format!("{key}: Invalid value {s:?}; expected one of {SETTABLE_STATUSES:?}")),
+            .ok_or_else(|| {
+                format!("{key}: Invalid value {s:?}; expected one of {SETTABLE_STATUSES:?}")
+            }),
     }
 }
 
@@ -1275,7 +1667,10 @@ fn parse_merge_fields(obj: &Map<String, Value>) -> Result<Option<Map<String, Val
     match obj.get("merge_fields") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(map)) => Ok(Some(map.clone())),
-        Some(other) => Err(format!("merge_fields: Schema describes object, {} found instead", type_name(other))),
+        Some(other) => Err(format!(
+            "merge_fields: Schema describes object, {} found instead",
+            type_name(other)
+        )),
     }
 }
 
@@ -1292,9 +1687,16 @@ fn string_list(body: &Map<String, Value>, key: &str) -> Result<Vec<String>, Stri
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_str().map(|s| s.trim().to_string()).ok_or_else(|| format!("{key} must hold strings")))
+            .map(|v| {
+                v.as_str()
+                    .map(|s| s.trim().to_string())
+                    .ok_or_else(|| format!("{key} must hold strings"))
+            })
             .collect(),
-        Some(other) => Err(format!("Schema describes array, {} found instead", type_name(other))),
+        Some(other) => Err(format!(
+            "Schema describes array, {} found instead",
+            type_name(other)
+        )),
     }
 }
 
@@ -1331,7 +1733,12 @@ fn merge_value(field: &MergeField, value: &Value) -> Result<Value, String> {
             let s = s.trim();
             s.parse::<i64>()
                 .map(Value::from)
-                .or_else(|_| s.parse::<f64>().ok().and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)).ok_or(()))
+                .or_else(|_| {
+                    s.parse::<f64>()
+                        .ok()
+                        .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+                        .ok_or(())
+                })
                 .map_err(|_| "Please enter a number".to_string())
         }
         ("number", _) => Err("Please enter a number".into()),
@@ -1339,7 +1746,10 @@ fn merge_value(field: &MergeField, value: &Value) -> Result<Value, String> {
         (_, Value::String(_)) => Ok(value.clone()),
         (_, Value::Number(n)) => Ok(Value::String(n.to_string())),
         (_, Value::Bool(b)) => Ok(Value::String(b.to_string())),
-        (_, other) => Err(format!("Please enter a text value, not {}", type_name(other))),
+        (_, other) => Err(format!(
+            "Please enter a text value, not {}",
+            type_name(other)
+        )),
     }
 }
 
@@ -1347,14 +1757,18 @@ fn merge_value(field: &MergeField, value: &Value) -> Result<Value, String> {
 /// labels with an alphabetic TLD. (Mailchimp also rejects "fake-looking" addresses;
 /// the emulator does not guess.)
 pub fn is_valid_email(email: &str) -> bool {
-    let Some((local, domain)) = email.split_once('@') else { return false };
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
     const LOCAL_SPECIALS: &str = "!#$%&'*+/=?^_`{|}~.-";
     let local_ok = !local.is_empty()
         && local.len() <= 64
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
-        && local.chars().all(|c| c.is_ascii_alphanumeric() || LOCAL_SPECIALS.contains(c));
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || LOCAL_SPECIALS.contains(c));
     let labels: Vec<&str> = domain.split('.').collect();
     let domain_ok = labels.len() >= 2
         && labels.iter().all(|l| {
@@ -1364,7 +1778,9 @@ pub fn is_valid_email(email: &str) -> bool {
                 && !l.ends_with('-')
                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         })
-        && labels.last().is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
     email.len() <= 254 && local_ok && domain_ok
 }
 
@@ -1375,22 +1791,45 @@ mod tests {
     #[test]
     fn subscriber_hash_is_md5_of_lowercase() {
         // md5("urist.mcvankab@freddiesjokes.com"), the example in Mailchimp's docs.
-        assert_eq!(subscriber_hash("Urist.McVankab@freddiesjokes.com"), "62eeb292278cc15f5817cb78f7790b08");
+        assert_eq!(
+            subscriber_hash("Urist.McVankab@freddiesjokes.com"),
+            "62eeb292278cc15f5817cb78f7790b08"
+        );
     }
 
     #[test]
     fn email_syntax() {
         assert!(is_valid_email("ann@example.com"));
         assert!(is_valid_email("a.b+tag@sub.example.co"));
-        for bad in ["", "ann", "ann@", "@x.com", "ann@x", "a b@x.com", "ann@@x.com", "ann@x..com", "ann@-x.com", "ann@x.c0m"] {
+        for bad in [
+            "",
+            "ann",
+            "ann@",
+            "@x.com",
+            "ann@x",
+            "a b@x.com",
+            "ann@@x.com",
+            "ann@x..com",
+            "ann@-x.com",
+            "ann@x.c0m",
+        ] {
             assert!(!is_valid_email(bad), "{bad:?} should be invalid");
         }
     }
 
     #[test]
     fn transitions_respect_compliance_states() {
-        assert!(matches!(check_transition("cleaned", "subscribed"), Err(MemberError::Compliance)));
-        assert!(matches!(check_transition("unsubscribed", "subscribed"), Ok(true)));
-        assert!(matches!(check_transition("subscribed", "unsubscribed"), Ok(false)));
+        assert!(matches!(
+            check_transition("cleaned", "subscribed"),
+            Err(MemberError::Compliance)
+        ));
+        assert!(matches!(
+            check_transition("unsubscribed", "subscribed"),
+            Ok(true)
+        ));
+        assert!(matches!(
+            check_transition("subscribed", "unsubscribed"),
+            Ok(false)
+        ));
     }
 }

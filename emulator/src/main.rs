@@ -32,7 +32,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         match arg.as_str() {
             "--port" => {
                 let v = value("--port")?;
-                options.port = v.parse().map_err(|_| format!("--port: {v:?} is not a port number"))?;
+                options.port = v
+                    .parse()
+                    .map_err(|_| format!("--port: {v:?} is not a port number"))?;
             }
             "--mailchimp-audience" => options.audiences.push(value("--mailchimp-audience")?),
             "--mailchimp-api-key" => options.api_key = Some(value("--mailchimp-api-key")?),
@@ -53,13 +55,20 @@ fn main() -> ExitCode {
                 eprintln!("listsync-emulator: {message}");
             }
             eprintln!("{USAGE}");
-            return if message.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
+            return if message.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
         }
     };
     let emulator = match Emulator::start_on(options.port) {
         Ok(emulator) => emulator,
         Err(e) => {
-            eprintln!("listsync-emulator: cannot listen on 127.0.0.1:{}: {e}", options.port);
+            eprintln!(
+                "listsync-emulator: cannot listen on 127.0.0.1:{}: {e}",
+                options.port
+            );
             return ExitCode::FAILURE;
         }
     };

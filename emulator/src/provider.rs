@@ -26,7 +26,10 @@ pub(crate) trait Provider: Any + Send + Sync {
 
     /// A provider-specific admin action: `POST /_admin/<name>/<action>` with a JSON body.
     fn admin(&self, action: &str, _body: &Value) -> Response {
-        admin_error(404, &format!("{} has no admin action {action:?}", self.name()))
+        admin_error(
+            404,
+            &format!("{} has no admin action {action:?}", self.name()),
+        )
     }
 
     /// Forget all state (accounts, lists, members, settings) as if freshly started.
@@ -35,7 +38,10 @@ pub(crate) trait Provider: Any + Send + Sync {
     /// The error document this provider sends with `status`, used for injected
     /// status faults and outages. The default is a plain JSON object.
     fn error_response(&self, status: u16, detail: &str) -> Response {
-        Response::json(status, &json!({ "error": reason_phrase(status), "message": detail, "status": status }))
+        Response::json(
+            status,
+            &json!({ "error": reason_phrase(status), "message": detail, "status": status }),
+        )
     }
 }
 
@@ -43,7 +49,9 @@ pub(crate) trait Provider: Any + Send + Sync {
 /// whole emulator down with it, and every state mutation here is small enough
 /// to leave the data consistent.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A JSON error for the admin API.
@@ -53,11 +61,17 @@ pub(crate) fn admin_error(status: u16, message: &str) -> Response {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// An optional string field: absent and `null` are `None`, other types are an error.
-pub(crate) fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
+pub(crate) fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, String> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -92,11 +106,17 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 }
 
 /// `count`/`offset` query parameters with the provider's default and maximum page size.
-pub(crate) fn page(req: &Request, default_count: usize, max_count: usize) -> Result<(usize, usize), String> {
+pub(crate) fn page(
+    req: &Request,
+    default_count: usize,
+    max_count: usize,
+) -> Result<(usize, usize), String> {
     let parse = |name: &str, default: usize| match req.query_param(name) {
         None => Ok(default),
         Some(v) if v.is_empty() => Ok(default),
-        Some(v) => v.parse::<usize>().map_err(|_| format!("{name} must be a non-negative integer")),
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| format!("{name} must be a non-negative integer")),
     };
     let count = parse("count", default_count)?;
     if count > max_count {

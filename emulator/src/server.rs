@@ -56,24 +56,29 @@ enum Outcome {
 }
 
 /// Accepts connections until `shared.stop` is set (and a connection wakes the loop).
-pub(crate) fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) -> io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new().name("emulator-accept".into()).spawn(move || {
-        for stream in listener.incoming() {
-            if shared.stopping() {
-                break;
+pub(crate) fn spawn_acceptor(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("emulator-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                if shared.stopping() {
+                    break;
+                }
+                let Ok(stream) = stream else {
+                    // Typically EMFILE under load: back off instead of spinning.
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let shared = Arc::clone(&shared);
+                // If the thread cannot be spawned the stream is dropped: the client sees a closed connection.
+                let _ = thread::Builder::new()
+                    .name("emulator-conn".into())
+                    .spawn(move || serve_connection(stream, &shared));
             }
-            let Ok(stream) = stream else {
-                // Typically EMFILE under load: back off instead of spinning.
-                thread::sleep(Duration::from_millis(10));
-                continue;
-            };
-            let shared = Arc::clone(&shared);
-            // If the thread cannot be spawned the stream is dropped: the client sees a closed connection.
-            let _ = thread::Builder::new()
-                .name("emulator-conn".into())
-                .spawn(move || serve_connection(stream, &shared));
-        }
-    })
+        })
 }
 
 /// Wakes the accept loop so that it notices `stop`.
@@ -92,9 +97,17 @@ impl Read for StopAwareStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.stream.read(buf) {
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if self.shared.stopping() {
-                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server stopping"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "server stopping",
+                        ));
                     }
                 }
                 other => return other,
@@ -108,13 +121,19 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
     if stream.set_read_timeout(Some(POLL_INTERVAL)).is_err() {
         return;
     }
-    let Ok(read_half) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(StopAwareStream { stream: read_half, shared });
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(StopAwareStream {
+        stream: read_half,
+        shared,
+    });
     loop {
         let request = match http::read_request(&mut reader, &mut stream) {
             Ok(request) => request,
             Err(ReadError::Malformed(message)) => {
-                let response = Response::json(400, &json!({ "error": "Bad Request", "message": message }));
+                let response =
+                    Response::json(400, &json!({ "error": "Bad Request", "message": message }));
                 let _ = http::write_response(&mut stream, &response, false);
                 return;
             }
@@ -123,7 +142,8 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         let keep_alive = request.wants_keep_alive();
         match dispatch(shared, request) {
             Outcome::Respond(response) => {
-                if http::write_response(&mut stream, &response, keep_alive).is_err() || !keep_alive {
+                if http::write_response(&mut stream, &response, keep_alive).is_err() || !keep_alive
+                {
                     return;
                 }
             }
@@ -157,8 +177,14 @@ fn dispatch(shared: &Shared, mut request: Request) -> Outcome {
         return Outcome::Respond(admin::handle(shared, &request));
     }
     let Some(slot) = shared.slot(&prefix) else {
-        let message = format!("no emulated provider at /{prefix}/; known: {:?}", shared.provider_names());
-        return Outcome::Respond(Response::json(404, &json!({ "error": "Not Found", "message": message })));
+        let message = format!(
+            "no emulated provider at /{prefix}/; known: {:?}",
+            shared.provider_names()
+        );
+        return Outcome::Respond(Response::json(
+            404,
+            &json!({ "error": "Not Found", "message": message }),
+        ));
     };
     request.path = rest;
 
@@ -188,7 +214,10 @@ fn dispatch(shared: &Shared, mut request: Request) -> Outcome {
 /// Runs the provider, turning a panic (a bug in the emulator) into a 500.
 fn call_provider(slot: &Slot, request: &Request) -> Response {
     catch_unwind(AssertUnwindSafe(|| slot.provider.handle(request))).unwrap_or_else(|_| {
-        slot.provider.error_response(500, "the emulator panicked while handling this request (an emulator bug)")
+        slot.provider.error_response(
+            500,
+            "the emulator panicked while handling this request (an emulator bug)",
+        )
     })
 }
 
@@ -196,7 +225,11 @@ fn call_provider(slot: &Slot, request: &Request) -> Response {
 fn inject(shared: &Shared, slot: &Slot, request: &Request, fault: &Fault) -> (Outcome, u16) {
     let provider = &slot.provider;
     match fault {
-        Fault::Status { code, retry_after, body } => {
+        Fault::Status {
+            code,
+            retry_after,
+            body,
+        } => {
             let mut response = match body {
                 Some(body) => Response::new(*code, "application/json", body.as_bytes()),
                 None => provider.error_response(*code, "injected fault"),
@@ -208,12 +241,18 @@ fn inject(shared: &Shared, slot: &Slot, request: &Request, fault: &Fault) -> (Ou
         }
         Fault::Timeout(duration) => {
             sleep_unless_stopped(shared, *duration);
-            (Outcome::Respond(provider.error_response(504, "injected timeout")), 504)
+            (
+                Outcome::Respond(provider.error_response(504, "injected timeout")),
+                504,
+            )
         }
         Fault::Reset => (Outcome::Reset, 0),
         Fault::MalformedJson => {
             let body = r#"{"id": "b1c2", "members": [{"email_address": "trunc"#;
-            (Outcome::Respond(Response::new(200, "application/json", body)), 200)
+            (
+                Outcome::Respond(Response::new(200, "application/json", body)),
+                200,
+            )
         }
         Fault::LostResponse => {
             call_provider(slot, request);
@@ -239,7 +278,10 @@ mod tests {
 
     #[test]
     fn splits_provider_prefix() {
-        assert_eq!(split_prefix("/mailchimp/3.0/ping"), ("mailchimp", "/3.0/ping"));
+        assert_eq!(
+            split_prefix("/mailchimp/3.0/ping"),
+            ("mailchimp", "/3.0/ping")
+        );
         assert_eq!(split_prefix("/webhook"), ("webhook", "/"));
         assert_eq!(split_prefix("/"), ("", "/"));
     }

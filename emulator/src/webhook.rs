@@ -84,7 +84,9 @@ struct State {
 
 impl Webhook {
     pub(crate) fn new() -> Webhook {
-        Webhook { state: Mutex::new(State::default()) }
+        Webhook {
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Requires Standard Webhooks signatures made with this secret (`whsec_<base64 key>`;
@@ -111,7 +113,9 @@ impl Webhook {
 
     /// Every change for this address is answered `failed` with `message`, and not applied.
     pub fn reject_address(&self, email: &str, message: &str) {
-        lock(&self.state).rejected.insert(email.trim().to_lowercase(), message.to_string());
+        lock(&self.state)
+            .rejected
+            .insert(email.trim().to_lowercase(), message.to_string());
     }
 
     pub fn clear_rejections(&self) {
@@ -130,7 +134,11 @@ impl Webhook {
 
     /// One list's members (empty if unknown).
     pub fn list(&self, list: &str) -> BTreeMap<String, Value> {
-        lock(&self.state).lists.get(list).cloned().unwrap_or_default()
+        lock(&self.state)
+            .lists
+            .get(list)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every change applied, in order.
@@ -152,7 +160,14 @@ impl Provider for Webhook {
         let id = req.header("webhook-id").unwrap_or("").to_string();
         let timestamp_header = req.header("webhook-timestamp").unwrap_or("");
         let verdict = st.secret.as_deref().map(|key| {
-            verify_signature(key, &id, timestamp_header, req.header("webhook-signature").unwrap_or(""), &req.body, unix_now())
+            verify_signature(
+                key,
+                &id,
+                timestamp_header,
+                req.header("webhook-signature").unwrap_or(""),
+                &req.body,
+                unix_now(),
+            )
         });
         let mut delivery = WebhookDelivery {
             id: id.clone(),
@@ -226,17 +241,26 @@ impl Provider for Webhook {
 impl State {
     /// Applies a verified payload; 400 for a payload that is not one of ours.
     fn process(&mut self, delivery_id: &str, body: &Value) -> Response {
-        let Some(obj) = body.as_object() else { return error(400, "body must be a JSON object") };
+        let Some(obj) = body.as_object() else {
+            return error(400, "body must be a JSON object");
+        };
         match obj.get("type").and_then(Value::as_str) {
             Some("listsync.ping") => Response::json(200, &json!({ "ok": true })),
             Some("listsync.changes") => {
-                let list = obj.get("binding").and_then(|b| b.get("list")).and_then(Value::as_str);
-                let Some(list) = list else { return error(400, "binding.list (a string) is required") };
+                let list = obj
+                    .get("binding")
+                    .and_then(|b| b.get("list"))
+                    .and_then(Value::as_str);
+                let Some(list) = list else {
+                    return error(400, "binding.list (a string) is required");
+                };
                 let Some(changes) = obj.get("changes").and_then(Value::as_array) else {
                     return error(400, "changes (an array) is required");
                 };
-                let results: Vec<Value> =
-                    changes.iter().map(|change| self.apply_change(delivery_id, list, change)).collect();
+                let results: Vec<Value> = changes
+                    .iter()
+                    .map(|change| self.apply_change(delivery_id, list, change))
+                    .collect();
                 Response::json(200, &json!({ "results": results }))
             }
             Some(other) => error(400, &format!("unknown payload type {other:?}")),
@@ -246,11 +270,15 @@ impl State {
 
     /// Applies one change and returns its result item.
     fn apply_change(&mut self, delivery_id: &str, list: &str, change: &Value) -> Value {
-        let email = change.get("email").and_then(Value::as_str).map(|e| e.trim().to_lowercase());
+        let email = change
+            .get("email")
+            .and_then(Value::as_str)
+            .map(|e| e.trim().to_lowercase());
         let Some(email) = email.filter(|e| !e.is_empty()) else {
             return json!({ "email": change.get("email"), "status": "failed", "message": "email (a string) is required" });
         };
-        let failed = |message: &str| json!({ "email": email, "status": "failed", "message": message });
+        let failed =
+            |message: &str| json!({ "email": email, "status": "failed", "message": message });
         if let Some(message) = self.rejected.get(&email) {
             return failed(message);
         }
@@ -269,12 +297,19 @@ impl State {
                     Some(fields @ Value::Object(_)) => fields.clone(),
                     Some(_) => return failed("fields must be an object"),
                 };
-                self.lists.entry(list.to_string()).or_default().insert(email.clone(), fields.clone());
+                self.lists
+                    .entry(list.to_string())
+                    .or_default()
+                    .insert(email.clone(), fields.clone());
                 applied.action = "upsert".into();
                 applied.fields = fields;
             }
             Some("remove") => {
-                let on_leave = change.get("on_leave").and_then(Value::as_str).unwrap_or("remove").to_string();
+                let on_leave = change
+                    .get("on_leave")
+                    .and_then(Value::as_str)
+                    .unwrap_or("remove")
+                    .to_string();
                 if on_leave != "keep"
                     && let Some(members) = self.lists.get_mut(list)
                 {
@@ -297,8 +332,13 @@ fn error(status: u16, message: &str) -> Response {
 
 /// `whsec_<base64>` (or bare base64) -> key bytes.
 fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
-    let encoded = secret.trim().strip_prefix("whsec_").unwrap_or(secret.trim());
-    let key = BASE64.decode(encoded).map_err(|e| format!("webhook secret is not whsec_<base64>: {e}"))?;
+    let encoded = secret
+        .trim()
+        .strip_prefix("whsec_")
+        .unwrap_or(secret.trim());
+    let key = BASE64
+        .decode(encoded)
+        .map_err(|e| format!("webhook secret is not whsec_<base64>: {e}"))?;
     if key.is_empty() {
         return Err("webhook secret is empty".into());
     }
@@ -307,23 +347,45 @@ fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
 
 /// Standard Webhooks verification: the signed content is `{id}.{timestamp}.{body}`;
 /// the header holds space-separated `v1,<base64 HMAC-SHA256>` entries, any of which may match.
-fn verify_signature(key: &[u8], id: &str, timestamp: &str, header: &str, body: &[u8], now: i64) -> Result<(), String> {
+fn verify_signature(
+    key: &[u8],
+    id: &str,
+    timestamp: &str,
+    header: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<(), String> {
     if id.is_empty() || timestamp.is_empty() || header.is_empty() {
         return Err("missing webhook-id, webhook-timestamp or webhook-signature header".into());
     }
-    let ts: i64 = timestamp.parse().map_err(|_| format!("webhook-timestamp {timestamp:?} is not a number"))?;
+    let ts: i64 = timestamp
+        .parse()
+        .map_err(|_| format!("webhook-timestamp {timestamp:?} is not a number"))?;
     if (now - ts).abs() > TIMESTAMP_TOLERANCE_SECS {
-        return Err(format!("webhook-timestamp {ts} is more than 5 minutes away from now ({now})"));
+        return Err(format!(
+            "webhook-timestamp {ts} is more than 5 minutes away from now ({now})"
+        ));
     }
     let mut signed = format!("{id}.{timestamp}.").into_bytes();
     signed.extend_from_slice(body);
-    let matches = header.split_whitespace().filter_map(|entry| entry.strip_prefix("v1,")).any(|candidate| {
-        let Ok(candidate) = BASE64.decode(candidate) else { return false };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else { return false };
-        mac.update(&signed);
-        mac.verify_slice(&candidate).is_ok() // constant-time comparison
-    });
-    if matches { Ok(()) } else { Err("no webhook-signature matches".into()) }
+    let matches = header
+        .split_whitespace()
+        .filter_map(|entry| entry.strip_prefix("v1,"))
+        .any(|candidate| {
+            let Ok(candidate) = BASE64.decode(candidate) else {
+                return false;
+            };
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+                return false;
+            };
+            mac.update(&signed);
+            mac.verify_slice(&candidate).is_ok() // constant-time comparison
+        });
+    if matches {
+        Ok(())
+    } else {
+        Err("no webhook-signature matches".into())
+    }
 }
 
 #[cfg(test)]
@@ -336,10 +398,34 @@ mod tests {
         let key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let body = br#"{"test": 2432232314}"#;
         let header = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
-        assert_eq!(verify_signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", header, body, 1614265330), Ok(()));
-        let err = verify_signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", header, body, 1614265330 + 301);
+        assert_eq!(
+            verify_signature(
+                &key,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                "1614265330",
+                header,
+                body,
+                1614265330
+            ),
+            Ok(())
+        );
+        let err = verify_signature(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            "1614265330",
+            header,
+            body,
+            1614265330 + 301,
+        );
         assert!(err.unwrap_err().contains("5 minutes"));
-        let tampered = verify_signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", header, b"{}", 1614265330);
+        let tampered = verify_signature(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            "1614265330",
+            header,
+            b"{}",
+            1614265330,
+        );
         assert!(tampered.is_err());
     }
 }

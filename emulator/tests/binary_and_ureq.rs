@@ -19,14 +19,23 @@ fn binary_prints_its_url_and_serves_until_stdin_closes() {
         .spawn()
         .expect("spawn listsync-emulator");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
 
     let admin = Client::new(format!("{url}/_admin"));
     admin.post("/mailchimp/auto_create", &json!({ "enabled": false }));
     let mailchimp = Client::new(format!("{url}/mailchimp"));
-    assert_eq!(mailchimp.get("/3.0/lists/pre").status, 200, "pre-created audience");
+    assert_eq!(
+        mailchimp.get("/3.0/lists/pre").status,
+        200,
+        "pre-created audience"
+    );
     assert_eq!(mailchimp.get("/3.0/lists/other").status, 404);
     assert!(admin.get("/state/mailchimp").json()["audiences"]["pre"].is_object());
 
@@ -59,7 +68,11 @@ fn ureq_agent_works_with_keep_alive_auth_and_faults() {
 
     for i in 0..5 {
         let body = json!({ "members": [{ "email_address": format!("u{i}@example.com"), "status_if_new": "subscribed" }], "update_existing": true });
-        let mut reply = agent.post(format!("{base}/3.0/lists/a1")).header("Authorization", auth).send_json(&body).unwrap();
+        let mut reply = agent
+            .post(format!("{base}/3.0/lists/a1"))
+            .header("Authorization", auth)
+            .send_json(&body)
+            .unwrap();
         assert_eq!(reply.status(), 200);
         let body: Value = reply.body_mut().read_json().unwrap();
         assert_eq!(body["total_created"], 1);
@@ -70,9 +83,31 @@ fn ureq_agent_works_with_keep_alive_auth_and_faults() {
     assert_eq!(reply.status(), 401);
 
     emulator.faults("mailchimp").push(Fault::Reset);
-    assert!(agent.get(format!("{base}/3.0/ping")).header("Authorization", auth).call().is_err());
-    emulator.faults("mailchimp").push(Fault::Timeout(Duration::from_secs(2)));
-    assert!(agent.get(format!("{base}/3.0/ping")).header("Authorization", auth).call().is_err());
-    let reply = agent.get(format!("{base}/3.0/ping")).header("Authorization", auth).call().unwrap();
-    assert_eq!(reply.status(), 200, "the agent recovers after a reset and a timeout");
+    assert!(
+        agent
+            .get(format!("{base}/3.0/ping"))
+            .header("Authorization", auth)
+            .call()
+            .is_err()
+    );
+    emulator
+        .faults("mailchimp")
+        .push(Fault::Timeout(Duration::from_secs(2)));
+    assert!(
+        agent
+            .get(format!("{base}/3.0/ping"))
+            .header("Authorization", auth)
+            .call()
+            .is_err()
+    );
+    let reply = agent
+        .get(format!("{base}/3.0/ping"))
+        .header("Authorization", auth)
+        .call()
+        .unwrap();
+    assert_eq!(
+        reply.status(),
+        200,
+        "the agent recovers after a reset and a timeout"
+    );
 }

@@ -19,7 +19,10 @@ fn secret() -> String {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn sign(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
@@ -39,7 +42,13 @@ fn deliver(emulator: &Emulator, id: &str, timestamp: i64, signature: &str, body:
 
 fn deliver_signed(emulator: &Emulator, id: &str, body: &Value) -> Reply {
     let ts = now();
-    deliver(emulator, id, ts, &sign(KEY, id, ts, &body.to_string()), body)
+    deliver(
+        emulator,
+        id,
+        ts,
+        &sign(KEY, id, ts, &body.to_string()),
+        body,
+    )
 }
 
 fn changes(list: &str, changes: Value) -> Value {
@@ -71,16 +80,27 @@ fn applies_upserts_and_removals() {
             { "action": "remove", "email": "kept@example.com", "on_leave": "keep" },
         ]),
     );
-    assert_eq!(Client::new(emulator.base_url("webhook")).post("/crm", &removals).status, 200);
+    assert_eq!(
+        Client::new(emulator.base_url("webhook"))
+            .post("/crm", &removals)
+            .status,
+        200
+    );
 
     let list = emulator.webhook().list("vip (crm)");
-    assert_eq!(list.keys().collect::<Vec<_>>(), vec!["ann@example.com", "kept@example.com"]);
+    assert_eq!(
+        list.keys().collect::<Vec<_>>(),
+        vec!["ann@example.com", "kept@example.com"]
+    );
     assert_eq!(list["ann@example.com"], json!({ "FNAME": "Ann" }));
     let applied = emulator.webhook().applied_changes();
     assert_eq!(applied.len(), 5);
     assert_eq!(applied[3].on_leave.as_deref(), Some("archive"));
     let delivery = &emulator.webhook().received()[0];
-    assert!(!delivery.signature_valid, "nothing is verified without a secret");
+    assert!(
+        !delivery.signature_valid,
+        "nothing is verified without a secret"
+    );
     assert_eq!(delivery.body["binding"]["id"], 3);
 }
 
@@ -88,7 +108,10 @@ fn applies_upserts_and_removals() {
 fn valid_signature_is_accepted() {
     let emulator = Emulator::start();
     emulator.webhook().set_secret(&secret());
-    let body = changes("l", json!([{ "action": "upsert", "email": "a@example.com", "fields": { "X": 1 } }]));
+    let body = changes(
+        "l",
+        json!([{ "action": "upsert", "email": "a@example.com", "fields": { "X": 1 } }]),
+    );
     let reply = deliver_signed(&emulator, "msg_1", &body);
     assert_eq!(reply.status, 200, "{}", reply.body);
     let received = emulator.webhook().received();
@@ -115,24 +138,52 @@ fn any_of_several_signatures_may_match() {
 fn bad_signatures_are_rejected_and_not_applied() {
     let emulator = Emulator::start();
     emulator.webhook().set_secret(&secret());
-    let body = changes("l", json!([{ "action": "upsert", "email": "a@example.com" }]));
+    let body = changes(
+        "l",
+        json!([{ "action": "upsert", "email": "a@example.com" }]),
+    );
     let ts = now();
 
-    let wrong_key = deliver(&emulator, "m1", ts, &sign(b"another key", "m1", ts, &body.to_string()), &body);
+    let wrong_key = deliver(
+        &emulator,
+        "m1",
+        ts,
+        &sign(b"another key", "m1", ts, &body.to_string()),
+        &body,
+    );
     assert_eq!(wrong_key.status, 401);
     // Signed for a different body.
     let tampered = deliver(&emulator, "m2", ts, &sign(KEY, "m2", ts, "{}"), &body);
     assert_eq!(tampered.status, 401);
     // Correctly signed, but six minutes old.
     let old = ts - 360;
-    assert_eq!(deliver(&emulator, "m3", old, &sign(KEY, "m3", old, &body.to_string()), &body).status, 401);
+    assert_eq!(
+        deliver(
+            &emulator,
+            "m3",
+            old,
+            &sign(KEY, "m3", old, &body.to_string()),
+            &body
+        )
+        .status,
+        401
+    );
     // No signature at all.
-    assert_eq!(Client::new(emulator.base_url("webhook")).post("/crm", &body).status, 401);
+    assert_eq!(
+        Client::new(emulator.base_url("webhook"))
+            .post("/crm", &body)
+            .status,
+        401
+    );
 
     assert!(emulator.webhook().lists().is_empty());
     let received = emulator.webhook().received();
     assert_eq!(received.len(), 4);
-    assert!(received.iter().all(|d| !d.signature_valid && d.status == 401));
+    assert!(
+        received
+            .iter()
+            .all(|d| !d.signature_valid && d.status == 401)
+    );
 
     // A retry of a rejected message with a good signature is processed.
     assert_eq!(deliver_signed(&emulator, "m1", &body).status, 200);
@@ -143,11 +194,17 @@ fn bad_signatures_are_rejected_and_not_applied() {
 fn duplicate_ids_are_applied_once() {
     let emulator = Emulator::start();
     emulator.webhook().set_secret(&secret());
-    let add = changes("l", json!([{ "action": "upsert", "email": "a@example.com", "fields": { "N": 1 } }]));
+    let add = changes(
+        "l",
+        json!([{ "action": "upsert", "email": "a@example.com", "fields": { "N": 1 } }]),
+    );
     let first = deliver_signed(&emulator, "msg_dup", &add);
     assert_eq!(first.status, 200);
     emulator.webhook().list("l"); // state after the first delivery
-    let remove = changes("l", json!([{ "action": "remove", "email": "a@example.com" }]));
+    let remove = changes(
+        "l",
+        json!([{ "action": "remove", "email": "a@example.com" }]),
+    );
     assert_eq!(deliver_signed(&emulator, "msg_other", &remove).status, 200);
     assert!(emulator.webhook().list("l").is_empty());
 
@@ -164,7 +221,9 @@ fn duplicate_ids_are_applied_once() {
 #[test]
 fn rejected_addresses_fail_per_item() {
     let emulator = Emulator::start();
-    emulator.webhook().reject_address("bad@example.com", "mailbox does not exist");
+    emulator
+        .webhook()
+        .reject_address("bad@example.com", "mailbox does not exist");
     let body = changes(
         "l",
         json!([
@@ -176,10 +235,16 @@ fn rejected_addresses_fail_per_item() {
     let reply = Client::new(emulator.base_url("webhook")).post("/crm", &body);
     assert_eq!(reply.status, 200);
     let results = reply.json()["results"].clone();
-    assert_eq!(results[0], json!({ "email": "bad@example.com", "status": "failed", "message": "mailbox does not exist" }));
+    assert_eq!(
+        results[0],
+        json!({ "email": "bad@example.com", "status": "failed", "message": "mailbox does not exist" })
+    );
     assert_eq!(results[1]["status"], "ok");
     assert_eq!(results[2]["status"], "failed");
-    assert_eq!(emulator.webhook().list("l").keys().collect::<Vec<_>>(), vec!["good@example.com"]);
+    assert_eq!(
+        emulator.webhook().list("l").keys().collect::<Vec<_>>(),
+        vec!["good@example.com"]
+    );
 }
 
 #[test]
@@ -187,7 +252,20 @@ fn malformed_payloads_are_400() {
     let emulator = Emulator::start();
     let client = Client::new(emulator.base_url("webhook"));
     assert_eq!(client.send("POST", "/crm", Some("not json")).status, 400);
-    assert_eq!(client.post("/crm", &json!({ "type": "something.else" })).status, 400);
-    assert_eq!(client.post("/crm", &json!({ "type": "listsync.changes", "changes": [] })).status, 400);
+    assert_eq!(
+        client
+            .post("/crm", &json!({ "type": "something.else" }))
+            .status,
+        400
+    );
+    assert_eq!(
+        client
+            .post(
+                "/crm",
+                &json!({ "type": "listsync.changes", "changes": [] })
+            )
+            .status,
+        400
+    );
     assert_eq!(client.get("/crm").status, 405);
 }

@@ -21,7 +21,10 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -35,7 +38,11 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: impl Into<String>) -> Client {
-        Client { base: base.into(), headers: Vec::new(), timeout: Duration::from_secs(10) }
+        Client {
+            base: base.into(),
+            headers: Vec::new(),
+            timeout: Duration::from_secs(10),
+        }
     }
 
     pub fn with_header(mut self, name: &str, value: &str) -> Client {
@@ -69,12 +76,23 @@ impl Client {
     }
 
     pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
-        self.try_send(method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        self.try_send(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     pub fn try_send(&self, method: &str, path: &str, body: Option<&str>) -> io::Result<Reply> {
-        let extra: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        raw_request(&format!("{}{path}", self.base), method, &extra, body.map(str::as_bytes), self.timeout)
+        let extra: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        raw_request(
+            &format!("{}{path}", self.base),
+            method,
+            &extra,
+            body.map(str::as_bytes),
+            self.timeout,
+        )
     }
 }
 
@@ -97,7 +115,10 @@ pub fn raw_request(
     }
     let body = body.unwrap_or_default();
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;
@@ -110,17 +131,31 @@ pub fn raw_request(
 fn parse_reply(raw: &[u8]) -> io::Result<Reply> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
     if raw.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed without a response"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed without a response",
+        ));
     }
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("empty head"))?;
-    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let body = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
-    Ok(Reply { status, headers, body })
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
 }
