@@ -57,15 +57,17 @@ BEGIN
     IF to_regclass('listsync.bindings') IS NULL THEN
         RETURN;  -- the extension itself is being dropped
     END IF;
-    WITH dropped AS (
-        SELECT b.id, format('table %s was dropped', d.object_identity) AS reason
+    WITH causes AS (
+        SELECT b.id, 1 AS rank, format('table %s was dropped', d.object_identity) AS reason
           FROM pg_event_trigger_dropped_objects() d
           JOIN listsync.bindings b ON d.object_type = 'table' AND d.objid = b.source::oid
         UNION ALL
-        SELECT b.id, format('its view %s was dropped', d.object_identity)
+        SELECT b.id, 2, format('its view %s was dropped', d.object_identity)
           FROM pg_event_trigger_dropped_objects() d
           JOIN listsync.bindings b ON d.object_type = 'view' AND d.schema_name = 'listsync'
            AND d.object_name IN ('binding:' || b.id, 'filter:' || b.filter_name)
+    ), dropped AS (
+        SELECT DISTINCT ON (id) id, reason FROM causes ORDER BY id, rank
     ), deactivated AS (
         UPDATE listsync.bindings b SET state = 'inactive', state_reason = dropped.reason
           FROM dropped WHERE b.id = dropped.id AND b.state <> 'inactive'

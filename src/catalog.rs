@@ -403,7 +403,7 @@ fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, e
 
 /// A JSON condition tree passed as text lands on the SQL overload; say how to pick the other.
 fn json_hint(error: Error, predicate: &str) -> Error {
-    if predicate.trim_start().starts_with('{') && error.kind == Kind::SyntaxError {
+    if predicate.trim_start().starts_with('{') && error.kind.sqlstate() == pg_sys::errcodes::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR {
         error.with_hint("To pass a JSON condition tree, cast it: '{\"all\": [...]}'::jsonb.")
     } else {
         error
@@ -442,16 +442,23 @@ fn alter_filter_from_conditions(name: &str, conditions: JsonB) {
 }
 
 fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
-    let filter = AsExtension::run(|| load_filter(name))?;
+    let mut filter = AsExtension::run(|| load_filter(name))?;
     require_owner(&format!("filter \"{name}\""), filter.owner)?;
     let table = Table::load(filter.source)?;
+    filter.email_column = AsExtension::run(|| current_email_column(name))?;
     let predicate = definition.to_sql(name, &table)?;
     let compiled = compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         Spi::run_with_args(
-            "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, updated_at = now()
+            "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, email_column = $5, updated_at = now()
               WHERE id = $1",
-            &[filter.id.into(), compiled.sql.clone().into(), definition.conditions().map(JsonB).into(), compiled.time_dependent.into()],
+            &[
+                filter.id.into(),
+                compiled.sql.clone().into(),
+                definition.conditions().map(JsonB).into(),
+                compiled.time_dependent.into(),
+                filter.email_column.clone().into(),
+            ],
         )?;
         create_filter_view(name, &table, &filter.email_column, &compiled.sql, filter.owner, true)?;
         for binding in bindings_of_filter(filter.id)? {
@@ -647,6 +654,7 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
     }
     let fields = compile_fields(name, &table, &provider, &r.fields)?;
     let predicate = filter_predicate(name)?;
+    let email_column = AsExtension::run(|| current_email_column(name))?;
     let owner = privilege::caller();
     let list_name = match r.list {
         Some(_) => None,
@@ -672,7 +680,7 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             ],
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
-        create_binding_view(id, &table, &filter.email_column, &predicate, &fields, false)?;
+        create_binding_view(id, &table, &email_column, &predicate, &fields, false)?;
         grant_view_to(&binding_view(id), owner)?;
         crate::capture::sync_triggers(filter.source)?;
         if r.backfill {
@@ -683,6 +691,18 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         crate::wake::request_wake();
         Ok(id)
     })
+}
+
+/// The email column as the filter's view reads it now (it follows column renames).
+fn current_email_column(filter: &str) -> Result<String> {
+    let view = view_oid(&filter_view(filter))?.ok_or_else(|| Error::internal(format!("the view of filter \"{filter}\" is missing")))?;
+    let rule = crate::filter::view::ViewRule::load(view)?;
+    let attnum = rule.column_of("email")?;
+    crate::query::optional::<String>(
+        "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum = $2",
+        &[rule.table.into(), attnum.into()],
+    )?
+    .ok_or_else(|| Error::internal(format!("filter \"{filter}\": email column {attnum} is gone")))
 }
 
 /// The predicate as the filter's view holds it now (it follows column renames).
@@ -744,7 +764,8 @@ fn create_binding_view(
     let fields_sql = if fields.is_empty() {
         "'{}'::jsonb".to_string()
     } else {
-        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{}, ({v})", escape_literal(k))).collect();
+        // Keys as text: an untyped literal passed to jsonb_build_object's "any" stays `unknown`.
+        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{}::text, ({v})", escape_literal(k))).collect();
         format!("jsonb_build_object({})", pairs.join(", "))
     };
     let mut select = vec![

@@ -27,6 +27,8 @@ pub enum Kind {
     ProviderUnavailable,
     ProviderRejected,
     Internal,
+    /// PostgreSQL's own error, re-raised with our context: its SQLSTATE is kept.
+    Postgres(PgSqlErrorCode),
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             Kind::ProviderUnavailable => ERRCODE_CONNECTION_FAILURE,
             Kind::ProviderRejected => ERRCODE_FDW_ERROR,
             Kind::Internal => ERRCODE_INTERNAL_ERROR,
+            Kind::Postgres(code) => code,
         }
     }
 }

@@ -80,8 +80,11 @@ mod tests {
     fn vip_binding() -> i64 {
         contacts();
         run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' AND ltv > 1000 AND NOT is_deleted $$)");
-        value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{\"FNAME\": \"first_name\"}', backfill => false)")
-            .unwrap()
+        let id = value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{\"FNAME\": \"first_name\"}', backfill => false)")
+            .unwrap();
+        // Binding always queues a recount of skipped rows; start from an empty outbox.
+        clear_outbox();
+        id
     }
 
     fn dirty(binding: i64) -> Vec<String> {
@@ -136,7 +139,7 @@ mod tests {
         expect_error(&create("true; DROP TABLE contacts"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
         expect_error(&create("true UNION SELECT true"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
         expect_error(&create("true ORDER BY 1"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
-        expect_error(&create("xmin::text <> ''"), ERRCODE_FEATURE_NOT_SUPPORTED, "system columns");
+        expect_error(&create("xmin::text <> ''"), ERRCODE_INVALID_COLUMN_REFERENCE, "system column \"xmin\"");
         expect_error(&create("contacts IS NOT NULL"), ERRCODE_FEATURE_NOT_SUPPORTED, "whole-row references");
         assert_eq!(count("SELECT count(*) FROM listsync.filters"), 0);
     }
@@ -208,7 +211,7 @@ mod tests {
             serde_json::to_string(hostile).unwrap().replace('\'', "''")
         ));
         let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('h')").unwrap().0;
-        assert_eq!(preview["matching_rows"], 0, "{preview}");
+        assert_eq!(preview["matching_rows"], 1, "the hostile value matched as data, one row, not all: {preview}");
         for (name, city) in [("q", r#"it's"#), ("b", r#"back\slash\'"#), ("u", "Москва 🚀"), ("s", "'; DROP TABLE contacts; --")] {
             let json = serde_json::json!({"column": "city", "op": "=", "value": city}).to_string().replace('\'', "''");
             run(&format!("SELECT listsync.create_filter('{name}', 'contacts', '{json}'::jsonb)"));
@@ -280,7 +283,7 @@ mod tests {
         run("SELECT listsync.create_connection('mc', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"k-us1\"}')");
         expect_error(r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"fname": "first_name"}')"#, ERRCODE_INVALID_PARAMETER_VALUE, "merge tags");
         let id = value::<i64>(
-            r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"FNAME": "first_name", "FULL": "first_name || ' ' || last_name"}',
+            r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"FNAME": "first_name", "FULL": "first_name || '' '' || last_name"}',
                                                    tags => ARRAY['crm'], on_leave => 'archive', new_member_status => 'pending')"#,
         )
         .unwrap();
@@ -419,6 +422,7 @@ mod tests {
         run("CREATE TABLE leads (lead_id int PRIMARY KEY, mail text, stage text)");
         run("SELECT listsync.create_filter('hot', 'leads', $$ stage = 'hot' $$, email_column => 'mail')");
         let hot = value::<i64>("SELECT listsync.bind_filter_to_list('hot', 'hook', backfill => false)").unwrap();
+        clear_outbox();
         run("INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)");
         run("INSERT INTO leads VALUES (1, 'h@x.io', 'hot'), (2, 'c@x.io', 'cold')");
         assert_eq!(dirty(vip), strings(&["m@x.io"]));
@@ -450,11 +454,12 @@ mod tests {
         run("CREATE TABLE people (id int, region text, email text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)");
         run("CREATE TABLE people_eu PARTITION OF people FOR VALUES IN ('eu')");
         // A partition with another column order: its rows are converted to the parent's shape.
-        run("CREATE TABLE people_us (email text, region text, id int)");
+        run("CREATE TABLE people_us (email text, region text NOT NULL, id int NOT NULL)");
         run("ALTER TABLE people ATTACH PARTITION people_us FOR VALUES IN ('us')");
         contacts_connection_only();
         run("SELECT listsync.create_filter('all_people', 'people', $$ email LIKE '%@x.io' $$)");
         let b = value::<i64>("SELECT listsync.bind_filter_to_list('all_people', 'hook', backfill => false)").unwrap();
+        clear_outbox();
         run("INSERT INTO people VALUES (1, 'eu', 'e@x.io'), (2, 'us', 'u@x.io'), (3, 'us', 'u@y.io')");
         assert_eq!(dirty(b), strings(&["e@x.io", "u@x.io"]));
         clear_outbox();
@@ -592,6 +597,7 @@ mod tests {
         let b = vip_binding();
         run("SELECT listsync.create_filter('paris', 'contacts', $$ city = 'Paris' $$)");
         let p = value::<i64>("SELECT listsync.bind_filter_to_list('paris', 'hook', backfill => false)").unwrap();
+        clear_outbox();
         run(&format!("SELECT listsync.unbind({b})"));
         assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname = 'listsync_capture'"), 1);
         run("INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)");

@@ -70,29 +70,12 @@ fn from_postgres(caught: CaughtError) -> Error {
         .message()
         .replace("check constraints", "filter predicates")
         .replace("check constraint", "filter predicate");
-    let mut error = Error::new(kind_of(report.sql_error_code()), message);
+    let mut error = Error::new(Kind::Postgres(report.sql_error_code()), message);
     error.detail = report.detail().map(str::to_string);
     error.hint = Some(report.hint().map(str::to_string).unwrap_or_else(|| {
         "A filter predicate is a boolean expression over the table's columns, as in a CHECK constraint.".into()
     }));
     error
-}
-
-/// Keeps PostgreSQL's SQLSTATE class for the errors a predicate can produce.
-fn kind_of(code: pg_sys::errcodes::PgSqlErrorCode) -> Kind {
-    use pg_sys::errcodes::PgSqlErrorCode::*;
-    match code {
-        ERRCODE_SYNTAX_ERROR => Kind::SyntaxError,
-        ERRCODE_UNDEFINED_COLUMN => Kind::UndefinedColumn,
-        ERRCODE_UNDEFINED_TABLE => Kind::UndefinedTable,
-        ERRCODE_DATATYPE_MISMATCH => Kind::DatatypeMismatch,
-        ERRCODE_FEATURE_NOT_SUPPORTED => Kind::FeatureNotSupported,
-        ERRCODE_GROUPING_ERROR | ERRCODE_WINDOWING_ERROR | ERRCODE_UNDEFINED_PARAMETER => {
-            Kind::InvalidObjectDefinition
-        }
-        ERRCODE_UNDEFINED_FUNCTION | ERRCODE_AMBIGUOUS_FUNCTION => Kind::UndefinedObject,
-        _ => Kind::InvalidObjectDefinition,
-    }
 }
 
 /// # Safety

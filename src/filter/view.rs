@@ -143,6 +143,9 @@ impl ViewRule {
                     return Err(Error::internal("mapped field key is not a constant"));
                 }
                 let key = *key as *mut pg_sys::Const;
+                if (*key).consttype != pg_sys::TEXTOID {
+                    return Err(Error::internal("mapped field key is not text"));
+                }
                 let name = String::from_datum((*key).constvalue, (*key).constisnull).unwrap_or_default();
                 fields.insert(name, self.deparse(*value));
             }
