@@ -29,7 +29,12 @@ use std::ffi::c_void;
 // and never raises an ERROR, so it needs no guard.
 unsafe extern "C-unwind" {
     /// `utils/datum.h`; compares two datums' stored images (toasted values by pointer).
-    fn datumIsEqual(value1: pg_sys::Datum, value2: pg_sys::Datum, typ_by_val: bool, typ_len: i32) -> bool;
+    fn datumIsEqual(
+        value1: pg_sys::Datum,
+        value2: pg_sys::Datum,
+        typ_by_val: bool,
+        typ_len: i32,
+    ) -> bool;
 }
 
 struct FilterState {
@@ -120,8 +125,12 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     match event {
         // Still inside the transaction: an ERROR here aborts it cleanly.
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_PRE_COMMIT => flush_pending().or_raise(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => PENDING.with(|p| p.borrow_mut().pairs.clear()),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_PRE_COMMIT => {
+            flush_pending().or_raise()
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            PENDING.with(|p| p.borrow_mut().pairs.clear())
+        }
         _ => {}
     }
 }
@@ -142,7 +151,9 @@ unsafe extern "C-unwind" fn on_subxact_event(
 // The triggers
 
 #[pg_trigger]
-fn capture<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+fn capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
     let data = trigger.trigger_data();
     // SAFETY: PostgreSQL passes a valid TriggerData to a trigger function; for an AFTER ROW
     // trigger the slots hold the old/new row as the event requires.
@@ -151,14 +162,20 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapT
 }
 
 #[pg_trigger]
-fn capture_flush<'a>(_trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+fn capture_flush<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
     flush_pending()?;
     Ok(None)
 }
 
 #[pg_trigger]
-fn capture_truncate<'a>(trigger: &'a PgTrigger<'a>) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    let relid = trigger.relid().map_err(|e| Error::internal(e.to_string()))?;
+fn capture_truncate<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    let relid = trigger
+        .relid()
+        .map_err(|e| Error::internal(e.to_string()))?;
     AsExtension::run(|| -> crate::error::Result<()> {
         Spi::run_with_args(
             &format!("INSERT INTO listsync.outbox AS o (binding_id, address)
@@ -209,10 +226,16 @@ impl TableCapture {
             if !old.is_null() && !new.is_null() && !self.read.iter().any(|c| changed(c, old, new)) {
                 return;
             }
-            let old_match: Vec<bool> =
-                self.filters.iter().map(|f| !old.is_null() && self.evaluator.matches(f.predicate, old)).collect();
-            let new_match: Vec<bool> =
-                self.filters.iter().map(|f| !new.is_null() && self.evaluator.matches(f.predicate, new)).collect();
+            let old_match: Vec<bool> = self
+                .filters
+                .iter()
+                .map(|f| !old.is_null() && self.evaluator.matches(f.predicate, old))
+                .collect();
+            let new_match: Vec<bool> = self
+                .filters
+                .iter()
+                .map(|f| !new.is_null() && self.evaluator.matches(f.predicate, new))
+                .collect();
             self.evaluator.reset_row();
 
             PENDING.with(|pending| {
@@ -223,9 +246,19 @@ impl TableCapture {
                         continue;
                     }
                     let email = self.filters[binding.filter].email;
-                    let old_address = if was { Some(address_of(old, email)) } else { None };
-                    let new_address = if is { Some(address_of(new, email)) } else { None };
-                    let mut mark = |address: Option<String>| pending.mark(binding.id, address.unwrap_or_default());
+                    let old_address = if was {
+                        Some(address_of(old, email))
+                    } else {
+                        None
+                    };
+                    let new_address = if is {
+                        Some(address_of(new, email))
+                    } else {
+                        None
+                    };
+                    let mut mark = |address: Option<String>| {
+                        pending.mark(binding.id, address.unwrap_or_default())
+                    };
                     match (old_address, new_address) {
                         (Some(a), None) | (None, Some(a)) => mark(a),
                         (Some(a), Some(b)) if a != b => {
@@ -233,7 +266,10 @@ impl TableCapture {
                             mark(b);
                         }
                         (Some(a), Some(_)) => {
-                            let columns = self.read.iter().filter(|c| binding.mapped.contains(&c.attnum));
+                            let columns = self
+                                .read
+                                .iter()
+                                .filter(|c| binding.mapped.contains(&c.attnum));
                             if columns.into_iter().any(|c| changed(c, old, new)) {
                                 mark(a);
                             }
@@ -264,7 +300,11 @@ unsafe fn address_of(slot: *mut pg_sys::TupleTableSlot, attnum: i16) -> Option<S
 
 /// # Safety
 /// Both slots hold rows of the same table.
-unsafe fn changed(column: &ColumnState, old: *mut pg_sys::TupleTableSlot, new: *mut pg_sys::TupleTableSlot) -> bool {
+unsafe fn changed(
+    column: &ColumnState,
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+) -> bool {
     let (mut old_null, mut new_null) = (false, false);
     // SAFETY: per the contract; datumIsEqual only reads the datums' images.
     unsafe {
@@ -293,7 +333,11 @@ unsafe fn convert(
 }
 
 /// Runs `body` with the capture state of `relid`, building it if missing or stale.
-fn with_table(relid: pg_sys::Oid, relation: pg_sys::Relation, body: impl FnOnce(&TableCapture) -> crate::error::Result<()>) -> crate::error::Result<()> {
+fn with_table(
+    relid: pg_sys::Oid,
+    relation: pg_sys::Relation,
+    body: impl FnOnce(&TableCapture) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
     if ALL_STALE.with(|all| all.replace(false)) {
         TABLES.with(|t| t.borrow_mut().clear());
         STALE.with(|s| s.borrow_mut().clear());
@@ -324,7 +368,13 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         )?;
         let evaluator = Evaluator::new();
         let Some(bound) = bound else {
-            return Ok(TableCapture { filters: vec![], bindings: vec![], read: vec![], conversion: None, evaluator });
+            return Ok(TableCapture {
+                filters: vec![],
+                bindings: vec![],
+                read: vec![],
+                conversion: None,
+                evaluator,
+            });
         };
         let rows = Spi::connect(|c| -> crate::error::Result<Vec<(i64, i64, String)>> {
             let mut rows = Vec::new();
@@ -347,22 +397,31 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
             let index = match filter_index.get(&filter_id) {
                 Some(i) => *i,
                 None => {
-                    let view = view_oid(&filter_view(&filter_name))?
-                        .ok_or_else(|| Error::internal(format!("the view of filter \"{filter_name}\" is missing")))?;
+                    let view = view_oid(&filter_view(&filter_name))?.ok_or_else(|| {
+                        Error::internal(format!("the view of filter \"{filter_name}\" is missing"))
+                    })?;
                     let rule = ViewRule::load(view)?;
                     let email = rule.column_of("email")?;
                     read.push(email);
                     read.extend(rule.predicate_columns());
-                    filters.push(FilterState { predicate: evaluator.prepare(rule.quals()), email });
+                    filters.push(FilterState {
+                        predicate: evaluator.prepare(rule.quals()),
+                        email,
+                    });
                     filter_index.insert(filter_id, filters.len() - 1);
                     filters.len() - 1
                 }
             };
-            let view = view_oid(&binding_view(binding_id))?
-                .ok_or_else(|| Error::internal(format!("the view of binding {binding_id} is missing")))?;
+            let view = view_oid(&binding_view(binding_id))?.ok_or_else(|| {
+                Error::internal(format!("the view of binding {binding_id} is missing"))
+            })?;
             let mapped = ViewRule::load(view)?.field_columns()?;
             read.extend(&mapped);
-            bindings.push(BindingState { id: binding_id, filter: index, mapped });
+            bindings.push(BindingState {
+                id: binding_id,
+                filter: index,
+                mapped,
+            });
         }
         read.sort_unstable();
         read.dedup();
@@ -375,13 +434,27 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                 .into_iter()
                 .map(|attnum| {
                     let attribute = &*(*descriptor).attrs.as_ptr().add(attnum as usize - 1);
-                    ColumnState { attnum, len: attribute.attlen, by_value: attribute.attbyval }
+                    ColumnState {
+                        attnum,
+                        len: attribute.attlen,
+                        by_value: attribute.attbyval,
+                    }
                 })
                 .collect();
-            let conversion = if bound == relid { None } else { conversion_for(&evaluator, relation, descriptor) };
+            let conversion = if bound == relid {
+                None
+            } else {
+                conversion_for(&evaluator, relation, descriptor)
+            };
             (read, conversion)
         };
-        Ok(TableCapture { filters, bindings, read, conversion, evaluator })
+        Ok(TableCapture {
+            filters,
+            bindings,
+            read,
+            conversion,
+            evaluator,
+        })
     })
 }
 
@@ -390,7 +463,11 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
 ///
 /// # Safety
 /// `partition` is open; `bound_descriptor` is the bound table's descriptor.
-unsafe fn conversion_for(evaluator: &Evaluator, partition: pg_sys::Relation, bound_descriptor: pg_sys::TupleDesc) -> Option<Conversion> {
+unsafe fn conversion_for(
+    evaluator: &Evaluator,
+    partition: pg_sys::Relation,
+    bound_descriptor: pg_sys::TupleDesc,
+) -> Option<Conversion> {
     // SAFETY: everything is allocated in the evaluator's context and lives as long as it.
     unsafe {
         let previous = pg_sys::MemoryContextSwitchTo(evaluator.memory_context());
@@ -436,7 +513,11 @@ pub fn sync_triggers(relid: pg_sys::Oid) -> crate::error::Result<()> {
           WHERE b.source = $1::regclass AND b.state <> 'inactive'",
         &[relid.into()],
     )?;
-    for trigger in ["listsync_capture", "listsync_capture_flush", "listsync_capture_truncate"] {
+    for trigger in [
+        "listsync_capture",
+        "listsync_capture_flush",
+        "listsync_capture_truncate",
+    ] {
         Spi::run(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"))?;
     }
     if let Some(columns) = columns.filter(|c| !c.is_empty()) {

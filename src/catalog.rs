@@ -72,7 +72,12 @@ impl Table {
                 return Err(Error::new(Kind::FeatureNotSupported, format!("\"{name}\" is not a table"))
                     .with_hint("Filters are defined over tables (or partitioned tables); writes through views reach the table's triggers."));
             }
-            None => return Err(Error::new(Kind::UndefinedTable, format!("relation with OID {} does not exist", relid.to_u32()))),
+            None => {
+                return Err(Error::new(
+                    Kind::UndefinedTable,
+                    format!("relation with OID {} does not exist", relid.to_u32()),
+                ));
+            }
         }
         let columns = Spi::connect(|c| -> Result<Vec<Column>> {
             let mut columns = Vec::new();
@@ -87,7 +92,10 @@ impl Table {
             for row in rows {
                 columns.push(Column {
                     name: row.get::<String>(1)?.unwrap_or_default(),
-                    category: row.get::<String>(2)?.and_then(|s| s.chars().next()).unwrap_or('X'),
+                    category: row
+                        .get::<String>(2)?
+                        .and_then(|s| s.chars().next())
+                        .unwrap_or('X'),
                     type_name: row.get::<String>(3)?.unwrap_or_default(),
                 });
             }
@@ -103,7 +111,12 @@ impl Table {
             &[relid.into()],
         )?
         .unwrap_or_default();
-        Ok(Table { relid, name, columns, key })
+        Ok(Table {
+            relid,
+            name,
+            columns,
+            key,
+        })
     }
 
     pub fn column(&self, name: &str) -> Option<&Column> {
@@ -135,12 +148,18 @@ impl Table {
         match self.column(email_column) {
             None => Err(Error::new(
                 Kind::UndefinedColumn,
-                format!("filter \"{filter}\": column \"{email_column}\" of table {} does not exist", self.name),
+                format!(
+                    "filter \"{filter}\": column \"{email_column}\" of table {} does not exist",
+                    self.name
+                ),
             )
             .with_hint("Name the column holding the email address with email_column => '...'.")),
             Some(c) if c.category != 'S' => Err(Error::new(
                 Kind::DatatypeMismatch,
-                format!("filter \"{filter}\": email column \"{email_column}\" is of type {}, not a text type", c.type_name),
+                format!(
+                    "filter \"{filter}\": email column \"{email_column}\" is of type {}, not a text type",
+                    c.type_name
+                ),
             )),
             Some(_) => Ok(()),
         }
@@ -160,20 +179,33 @@ fn create_connection(
     create_connection_impl(name, provider, settings.0, secrets.0).or_raise()
 }
 
-fn create_connection_impl(name: &str, provider: &str, settings: Value, secrets: Value) -> Result<i64> {
+fn create_connection_impl(
+    name: &str,
+    provider: &str,
+    settings: Value,
+    secrets: Value,
+) -> Result<i64> {
     privilege::require_admin("create a connection")?;
     check_name("connection", name, 63)?;
     providers::validate_config(provider, &settings, &secrets)
         .map_err(|e| Error::invalid(format!("connection \"{name}\": {e}")))?;
     AsExtension::run(|| {
         if connection_id(name)?.is_some() {
-            return Err(Error::new(Kind::DuplicateObject, format!("connection \"{name}\" already exists")));
+            return Err(Error::new(
+                Kind::DuplicateObject,
+                format!("connection \"{name}\" already exists"),
+            ));
         }
         let owner = privilege::caller();
         let id: i64 = Spi::get_one_with_args(
             "INSERT INTO listsync.connections (name, provider, settings, owner)
              VALUES ($1, $2, $3, $4::oid::regrole) RETURNING id",
-            &[name.into(), provider.into(), JsonB(settings).into(), owner.into()],
+            &[
+                name.into(),
+                provider.into(),
+                JsonB(settings).into(),
+                owner.into(),
+            ],
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
         Spi::run_with_args(
@@ -187,16 +219,25 @@ fn create_connection_impl(name: &str, provider: &str, settings: Value, secrets: 
 /// Changes a connection's settings or secrets (a rotated API key, say) and clears its error
 /// state, so that the bindings stopped by an authentication failure can resume.
 #[pg_extern]
-fn alter_connection(name: &str, settings: default!(Option<JsonB>, "NULL"), secrets: default!(Option<JsonB>, "NULL")) {
+fn alter_connection(
+    name: &str,
+    settings: default!(Option<JsonB>, "NULL"),
+    secrets: default!(Option<JsonB>, "NULL"),
+) {
     alter_connection_impl(name, settings.map(|j| j.0), secrets.map(|j| j.0)).or_raise()
 }
 
-fn alter_connection_impl(name: &str, settings: Option<Value>, secrets: Option<Value>) -> Result<()> {
+fn alter_connection_impl(
+    name: &str,
+    settings: Option<Value>,
+    secrets: Option<Value>,
+) -> Result<()> {
     privilege::require_admin("alter a connection")?;
     AsExtension::run(|| {
         let id = connection_id(name)?.ok_or_else(|| Error::not_found("connection", name))?;
-        let (provider, old_settings, old_secrets) = Spi::connect(|c| -> Result<(String, Value, Value)> {
-            let row = c
+        let (provider, old_settings, old_secrets) = Spi::connect(
+            |c| -> Result<(String, Value, Value)> {
+                let row = c
                 .select(
                     "SELECT c.provider, c.settings, s.secrets FROM listsync.connections c
                        JOIN listsync.connection_secrets s ON s.connection_id = c.id WHERE c.id = $1",
@@ -204,12 +245,13 @@ fn alter_connection_impl(name: &str, settings: Option<Value>, secrets: Option<Va
                     &[id.into()],
                 )?
                 .first();
-            Ok((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default(),
-                row.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
-            ))
-        })?;
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default(),
+                    row.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
+                ))
+            },
+        )?;
         let settings = settings.unwrap_or(old_settings);
         let secrets = secrets.unwrap_or(old_secrets);
         providers::validate_config(&provider, &settings, &secrets)
@@ -247,7 +289,11 @@ fn drop_connection_impl(name: &str) -> Result<()> {
             &[id.into()],
         )?;
         if let Some(bindings) = bindings.filter(|b| !b.is_empty()) {
-            let list = bindings.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+            let list = bindings
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(Error::new(
                 Kind::DependentObjectsStillExist,
                 format!("cannot drop connection \"{name}\" because bindings use it"),
@@ -255,7 +301,10 @@ fn drop_connection_impl(name: &str) -> Result<()> {
             .with_detail(format!("Bindings: {list}."))
             .with_hint("Unbind them first with listsync.unbind(id)."));
         }
-        Spi::run_with_args("DELETE FROM listsync.connections WHERE id = $1", &[id.into()])?;
+        Spi::run_with_args(
+            "DELETE FROM listsync.connections WHERE id = $1",
+            &[id.into()],
+        )?;
         Ok(())
     })
 }
@@ -272,7 +321,10 @@ fn test_connection_impl(name: &str) -> Result<Value> {
 }
 
 pub fn connection_id(name: &str) -> Result<Option<i64>> {
-    crate::query::optional("SELECT id FROM listsync.connections WHERE name = $1", &[name.into()])
+    crate::query::optional(
+        "SELECT id FROM listsync.connections WHERE name = $1",
+        &[name.into()],
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,17 +363,23 @@ fn require_owner(what: &str, owner: pg_sys::Oid) -> Result<()> {
     if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok() {
         return Ok(());
     }
-    Err(Error::new(Kind::InsufficientPrivilege, format!("must be owner of {what}"))
-        .with_detail(format!("{what} is owned by role \"{}\".", privilege::role_name(owner))))
+    Err(Error::new(
+        Kind::InsufficientPrivilege,
+        format!("must be owner of {what}"),
+    )
+    .with_detail(format!(
+        "{what} is owned by role \"{}\".",
+        privilege::role_name(owner)
+    )))
 }
 
 fn check_name(what: &str, name: &str, max_bytes: usize) -> Result<()> {
     if name.trim().is_empty() || name.len() > max_bytes || name.chars().any(char::is_control) {
-        return Err(Error::new(
-            Kind::InvalidName,
-            format!("invalid {what} name \"{name}\""),
-        )
-        .with_hint(format!("A {what} name is 1 to {max_bytes} bytes of printable characters.")));
+        return Err(
+            Error::new(Kind::InvalidName, format!("invalid {what} name \"{name}\"")).with_hint(
+                format!("A {what} name is 1 to {max_bytes} bytes of printable characters."),
+            ),
+        );
     }
     Ok(())
 }
@@ -350,8 +408,19 @@ impl Definition {
 }
 
 #[pg_extern]
-fn create_filter(name: &str, source: PgRelation, predicate: &str, email_column: default!(&str, "'email'")) -> i64 {
-    create_filter_impl(name, source.oid(), Definition::Sql(predicate.to_string()), email_column).or_raise()
+fn create_filter(
+    name: &str,
+    source: PgRelation,
+    predicate: &str,
+    email_column: default!(&str, "'email'"),
+) -> i64 {
+    create_filter_impl(
+        name,
+        source.oid(),
+        Definition::Sql(predicate.to_string()),
+        email_column,
+    )
+    .or_raise()
 }
 
 #[pg_extern(name = "create_filter")]
@@ -361,26 +430,49 @@ fn create_filter_from_conditions(
     conditions: JsonB,
     email_column: default!(&str, "'email'"),
 ) -> i64 {
-    create_filter_impl(name, source.oid(), Definition::Conditions(conditions.0), email_column).or_raise()
+    create_filter_impl(
+        name,
+        source.oid(),
+        Definition::Conditions(conditions.0),
+        email_column,
+    )
+    .or_raise()
 }
 
-fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, email_column: &str) -> Result<i64> {
+fn create_filter_impl(
+    name: &str,
+    source: pg_sys::Oid,
+    definition: Definition,
+    email_column: &str,
+) -> Result<i64> {
     check_name("filter", name, MAX_FILTER_NAME_BYTES)?;
     let table = Table::load(source)?;
     if !privilege::caller_has_table_privilege(source, pg_sys::ACL_SELECT as pg_sys::AclMode) {
         return Err(Error::new(
             Kind::InsufficientPrivilege,
-            format!("permission denied to create filter \"{name}\": no SELECT privilege on table {}", table.name),
+            format!(
+                "permission denied to create filter \"{name}\": no SELECT privilege on table {}",
+                table.name
+            ),
         ));
     }
     table.require_key(name)?;
     table.require_email_column(name, email_column)?;
     let predicate = definition.to_sql(name, &table)?;
-    let compiled = compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
+    let compiled =
+        compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
     let owner = privilege::caller();
     AsExtension::run(|| {
-        if crate::query::optional::<i64>("SELECT id FROM listsync.filters WHERE name = $1", &[name.into()])?.is_some() {
-            return Err(Error::new(Kind::DuplicateObject, format!("filter \"{name}\" already exists")));
+        if crate::query::optional::<i64>(
+            "SELECT id FROM listsync.filters WHERE name = $1",
+            &[name.into()],
+        )?
+        .is_some()
+        {
+            return Err(Error::new(
+                Kind::DuplicateObject,
+                format!("filter \"{name}\" already exists"),
+            ));
         }
         let id: i64 = Spi::get_one_with_args(
             "INSERT INTO listsync.filters (name, source, email_column, predicate, conditions, time_dependent, owner)
@@ -403,16 +495,31 @@ fn create_filter_impl(name: &str, source: pg_sys::Oid, definition: Definition, e
 
 /// A JSON condition tree passed as text lands on the SQL overload; say how to pick the other.
 fn json_hint(error: Error, predicate: &str) -> Error {
-    if predicate.trim_start().starts_with('{') && error.kind.sqlstate() == pg_sys::errcodes::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR {
+    if predicate.trim_start().starts_with('{')
+        && error.kind.sqlstate() == pg_sys::errcodes::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR
+    {
         error.with_hint("To pass a JSON condition tree, cast it: '{\"all\": [...]}'::jsonb.")
     } else {
         error
     }
 }
 
-fn create_filter_view(name: &str, table: &Table, email_column: &str, predicate: &str, owner: pg_sys::Oid, replace: bool) -> Result<()> {
+fn create_filter_view(
+    name: &str,
+    table: &Table,
+    email_column: &str,
+    predicate: &str,
+    owner: pg_sys::Oid,
+    replace: bool,
+) -> Result<()> {
     let mut select = vec![format!("{} AS email", quote_identifier(email_column))];
-    select.extend(table.key.iter().enumerate().map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)));
+    select.extend(
+        table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)),
+    );
     let view = filter_view(name);
     Spi::run(&format!(
         "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
@@ -420,13 +527,19 @@ fn create_filter_view(name: &str, table: &Table, email_column: &str, predicate: 
         select.join(", "),
         table.name
     ))?;
-    Spi::run(&format!("COMMENT ON VIEW {view} IS {}", escape_literal(&format!("pg_listsync filter {name}"))))?;
+    Spi::run(&format!(
+        "COMMENT ON VIEW {view} IS {}",
+        escape_literal(&format!("pg_listsync filter {name}"))
+    ))?;
     grant_view_to(&view, owner)
 }
 
 fn grant_view_to(view: &str, role: pg_sys::Oid) -> Result<()> {
     if role != pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID) {
-        Spi::run(&format!("GRANT SELECT ON {view} TO {}", quote_identifier(&privilege::role_name(role))))?;
+        Spi::run(&format!(
+            "GRANT SELECT ON {view} TO {}",
+            quote_identifier(&privilege::role_name(role))
+        ))?;
     }
     Ok(())
 }
@@ -447,7 +560,8 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     let table = Table::load(filter.source)?;
     filter.email_column = AsExtension::run(|| current_email_column(name))?;
     let predicate = definition.to_sql(name, &table)?;
-    let compiled = compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
+    let compiled =
+        compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         Spi::run_with_args(
             "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, email_column = $5, updated_at = now()
@@ -460,10 +574,24 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
                 filter.email_column.clone().into(),
             ],
         )?;
-        create_filter_view(name, &table, &filter.email_column, &compiled.sql, filter.owner, true)?;
+        create_filter_view(
+            name,
+            &table,
+            &filter.email_column,
+            &compiled.sql,
+            filter.owner,
+            true,
+        )?;
         for binding in bindings_of_filter(filter.id)? {
             let fields = binding_fields(binding)?;
-            create_binding_view(binding, &table, &filter.email_column, &compiled.sql, &fields, true)?;
+            create_binding_view(
+                binding,
+                &table,
+                &filter.email_column,
+                &compiled.sql,
+                &fields,
+                true,
+            )?;
             // Members recorded under the old predicate and rows matching the new one are all dirty.
             mark_binding_dirty(binding)?;
         }
@@ -485,7 +613,10 @@ fn drop_filter_impl(name: &str) -> Result<()> {
             deactivate_binding(binding, &format!("filter \"{name}\" was dropped"))?;
         }
         Spi::run(&format!("DROP VIEW IF EXISTS {}", filter_view(name)))?;
-        Spi::run_with_args("DELETE FROM listsync.filters WHERE id = $1", &[filter.id.into()])?;
+        Spi::run_with_args(
+            "DELETE FROM listsync.filters WHERE id = $1",
+            &[filter.id.into()],
+        )?;
         crate::capture::sync_triggers(filter.source)?;
         Ok(())
     })
@@ -499,7 +630,10 @@ fn deactivate_binding(binding: i64, reason: &str) -> Result<()> {
         "UPDATE listsync.bindings SET state = 'inactive', state_reason = $2 WHERE id = $1",
         &[binding.into(), reason.into()],
     )?;
-    Spi::run_with_args("DELETE FROM listsync.outbox WHERE binding_id = $1", &[binding.into()])?;
+    Spi::run_with_args(
+        "DELETE FROM listsync.outbox WHERE binding_id = $1",
+        &[binding.into()],
+    )?;
     Ok(())
 }
 
@@ -510,7 +644,9 @@ fn preview_filter(name: &str, sample: default!(i32, 20)) -> JsonB {
 
 fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
     if !(0..=10_000).contains(&sample) {
-        return Err(Error::invalid(format!("sample must be between 0 and 10000, not {sample}")));
+        return Err(Error::invalid(format!(
+            "sample must be between 0 and 10000, not {sample}"
+        )));
     }
     let filter = AsExtension::run(|| load_filter(name))?;
     let view = filter_view(name);
@@ -529,7 +665,11 @@ fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
                     &[],
                 )?
                 .first();
-            Ok((row.get(1)?.unwrap_or(0), row.get(2)?.unwrap_or(0), row.get(3)?.unwrap_or(0)))
+            Ok((
+                row.get(1)?.unwrap_or(0),
+                row.get(2)?.unwrap_or(0),
+                row.get(3)?.unwrap_or(0),
+            ))
         })?;
         let rows: Option<JsonB> = Spi::get_one_with_args(
             &format!(
@@ -552,11 +692,17 @@ fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
 }
 
 fn key_tuple(key: &[String], prefix: &str) -> String {
-    key.iter().map(|k| format!("{prefix}{}", quote_identifier(k))).collect::<Vec<_>>().join(", ")
+    key.iter()
+        .map(|k| format!("{prefix}{}", quote_identifier(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn key_columns(n: usize) -> String {
-    (1..=n).map(|i| format!("key_{i}")).collect::<Vec<_>>().join(", ")
+    (1..=n)
+        .map(|i| format!("key_{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn bindings_of_filter(filter_id: i64) -> Result<Vec<i64>> {
@@ -585,7 +731,16 @@ fn bind_filter_to_list(
     new_member_status: default!(&str, "'subscribed'"),
     backfill: default!(bool, true),
 ) -> i64 {
-    let request = BindRequest { filter, connection, list, fields: fields.0, tags, on_leave, new_member_status, backfill };
+    let request = BindRequest {
+        filter,
+        connection,
+        list,
+        fields: fields.0,
+        tags,
+        on_leave,
+        new_member_status,
+        backfill,
+    };
     bind_impl(request).or_raise()
 }
 
@@ -605,16 +760,26 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
     let filter = AsExtension::run(|| load_filter(name))?;
     let (connection_id, provider) = AsExtension::run(|| {
         Spi::connect(|c| -> Result<(i64, String)> {
-            let rows = c.select("SELECT id, provider FROM listsync.connections WHERE name = $1", None, &[r.connection.into()])?;
+            let rows = c.select(
+                "SELECT id, provider FROM listsync.connections WHERE name = $1",
+                None,
+                &[r.connection.into()],
+            )?;
             if rows.is_empty() {
                 return Err(Error::not_found("connection", r.connection));
             }
             let row = rows.first();
-            Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default()))
+            Ok((
+                row.get::<i64>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+            ))
         })
     })?;
     let table = Table::load(filter.source)?;
-    for (privilege, word) in [(pg_sys::ACL_TRIGGER, "TRIGGER"), (pg_sys::ACL_SELECT, "SELECT")] {
+    for (privilege, word) in [
+        (pg_sys::ACL_TRIGGER, "TRIGGER"),
+        (pg_sys::ACL_SELECT, "SELECT"),
+    ] {
         if !privilege::caller_has_table_privilege(filter.source, privilege as pg_sys::AclMode) {
             return Err(Error::new(
                 Kind::InsufficientPrivilege,
@@ -624,33 +789,51 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         }
     }
     if !ON_LEAVE.contains(&r.on_leave) {
-        return Err(Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave))
-            .with_hint("on_leave is one of remove, archive, unsubscribe, delete, keep."));
+        return Err(
+            Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave))
+                .with_hint("on_leave is one of remove, archive, unsubscribe, delete, keep."),
+        );
     }
     if !NEW_MEMBER_STATUS.contains(&r.new_member_status) {
-        return Err(Error::invalid(format!("invalid new_member_status \"{}\"", r.new_member_status))
-            .with_hint("new_member_status is subscribed or pending (double opt-in)."));
+        return Err(Error::invalid(format!(
+            "invalid new_member_status \"{}\"",
+            r.new_member_status
+        ))
+        .with_hint("new_member_status is subscribed or pending (double opt-in)."));
     }
-    let capabilities = providers::capabilities(&provider).ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
+    let capabilities = providers::capabilities(&provider)
+        .ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
     if !capabilities.on_leave.contains(&r.on_leave) {
         return Err(Error::new(
             Kind::FeatureNotSupported,
             format!("provider {provider} cannot do on_leave => '{}'", r.on_leave),
         )
-        .with_hint(format!("{provider} supports on_leave {}.", capabilities.on_leave.join(", "))));
+        .with_hint(format!(
+            "{provider} supports on_leave {}.",
+            capabilities.on_leave.join(", ")
+        )));
     }
     if r.new_member_status == "pending" && !capabilities.double_opt_in {
-        return Err(Error::new(Kind::FeatureNotSupported, format!("provider {provider} has no double opt-in (new_member_status => 'pending')")));
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} has no double opt-in (new_member_status => 'pending')"),
+        ));
     }
     if !r.tags.is_empty() && !capabilities.tags {
-        return Err(Error::new(Kind::FeatureNotSupported, format!("provider {provider} has no tags"))
-            .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} has no tags"),
+        )
+        .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
     }
     if let Some(tag) = r.tags.iter().find(|t| t.trim().is_empty() || t.len() > 100) {
-        return Err(Error::invalid(format!("invalid tag \"{tag}\"")).with_hint("Tags are 1 to 100 characters."));
+        return Err(Error::invalid(format!("invalid tag \"{tag}\""))
+            .with_hint("Tags are 1 to 100 characters."));
     }
     if r.list.is_some_and(|l| l.trim().is_empty()) {
-        return Err(Error::invalid("list must be a provider's list id, or NULL to create one"));
+        return Err(Error::invalid(
+            "list must be a provider's list id, or NULL to create one",
+        ));
     }
     let fields = compile_fields(name, &table, &provider, &r.fields)?;
     let predicate = filter_predicate(name)?;
@@ -695,14 +878,19 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
 
 /// The email column as the filter's view reads it now (it follows column renames).
 fn current_email_column(filter: &str) -> Result<String> {
-    let view = view_oid(&filter_view(filter))?.ok_or_else(|| Error::internal(format!("the view of filter \"{filter}\" is missing")))?;
+    let view = view_oid(&filter_view(filter))?
+        .ok_or_else(|| Error::internal(format!("the view of filter \"{filter}\" is missing")))?;
     let rule = crate::filter::view::ViewRule::load(view)?;
     let attnum = rule.column_of("email")?;
     crate::query::optional::<String>(
         "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum = $2",
         &[rule.table.into(), attnum.into()],
     )?
-    .ok_or_else(|| Error::internal(format!("filter \"{filter}\": email column {attnum} is gone")))
+    .ok_or_else(|| {
+        Error::internal(format!(
+            "filter \"{filter}\": email column {attnum} is gone"
+        ))
+    })
 }
 
 /// The predicate as the filter's view holds it now (it follows column renames).
@@ -716,25 +904,35 @@ fn filter_predicate(name: &str) -> Result<String> {
 
 /// Each mapped field's SQL: a column of the table, or an expression compiled like a predicate
 /// (same rules: no subqueries, no volatile or untrusted functions).
-fn compile_fields(filter: &str, table: &Table, provider: &str, fields: &Value) -> Result<BTreeMap<String, String>> {
+fn compile_fields(
+    filter: &str,
+    table: &Table,
+    provider: &str,
+    fields: &Value,
+) -> Result<BTreeMap<String, String>> {
     let Some(object) = fields.as_object() else {
-        return Err(Error::invalid("fields must be a JSON object mapping provider field names to columns"));
+        return Err(Error::invalid(
+            "fields must be a JSON object mapping provider field names to columns",
+        ));
     };
     let mut compiled = BTreeMap::new();
     for (field, source) in object {
         providers::validate_field_name(provider, field)
             .map_err(|e| Error::invalid(format!("field \"{field}\": {e}")))?;
         let Some(source) = source.as_str().filter(|s| !s.trim().is_empty()) else {
-            return Err(Error::invalid(format!("field \"{field}\": expected a column name or an SQL expression (a string)")));
+            return Err(Error::invalid(format!(
+                "field \"{field}\": expected a column name or an SQL expression (a string)"
+            )));
         };
         let sql = if table.column(source).is_some() {
             quote_identifier(source)
         } else {
-            crate::filter::compile::compile_expression(filter, table.relid, source)
-                .map_err(|mut e| {
+            crate::filter::compile::compile_expression(filter, table.relid, source).map_err(
+                |mut e| {
                     e.message = format!("field \"{field}\": {}", e.message);
                     e
-                })?
+                },
+            )?
         };
         compiled.insert(field.clone(), sql);
     }
@@ -749,7 +947,10 @@ fn binding_fields(binding: i64) -> Result<BTreeMap<String, String>> {
 }
 
 pub fn view_oid(qualified: &str) -> Result<Option<pg_sys::Oid>> {
-    Ok(Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[qualified.into()])?)
+    Ok(Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::oid",
+        &[qualified.into()],
+    )?)
 }
 
 fn create_binding_view(
@@ -765,7 +966,10 @@ fn create_binding_view(
         "'{}'::jsonb".to_string()
     } else {
         // Keys as text: an untyped literal passed to jsonb_build_object's "any" stays `unknown`.
-        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{}::text, ({v})", escape_literal(k))).collect();
+        let pairs: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}::text, ({v})", escape_literal(k)))
+            .collect();
         format!("jsonb_build_object({})", pairs.join(", "))
     };
     let mut select = vec![
@@ -773,7 +977,13 @@ fn create_binding_view(
         format!("{email}::text AS email"),
         format!("{fields_sql} AS fields"),
     ];
-    select.extend(table.key.iter().enumerate().map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)));
+    select.extend(
+        table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)),
+    );
     let view = binding_view(id);
     Spi::run(&format!(
         "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
@@ -810,7 +1020,12 @@ pub fn mark_binding_dirty(binding: i64) -> Result<i64> {
 
 /// The empty address is the outbox's way of saying "recount this binding's skipped rows".
 fn mark_skipped_recount(binding: i64) -> Result<()> {
-    Spi::run_with_args(&format!("INSERT INTO listsync.outbox AS o (binding_id, address) VALUES ($1, '') {ON_CONFLICT_DIRTY}"), &[binding.into()])?;
+    Spi::run_with_args(
+        &format!(
+            "INSERT INTO listsync.outbox AS o (binding_id, address) VALUES ($1, '') {ON_CONFLICT_DIRTY}"
+        ),
+        &[binding.into()],
+    )?;
     Ok(())
 }
 
@@ -822,7 +1037,11 @@ struct BindingRow {
 
 fn load_binding(id: i64) -> Result<BindingRow> {
     Spi::connect(|c| {
-        let rows = c.select("SELECT source::oid, owner::oid, state FROM listsync.bindings WHERE id = $1", None, &[id.into()])?;
+        let rows = c.select(
+            "SELECT source::oid, owner::oid, state FROM listsync.bindings WHERE id = $1",
+            None,
+            &[id.into()],
+        )?;
         if rows.is_empty() {
             return Err(Error::not_found("binding", &id.to_string()));
         }
@@ -854,8 +1073,11 @@ fn resume_binding(id: i64) {
 fn set_binding_state(id: i64, state: &str) -> Result<()> {
     let binding = owned_binding(id)?;
     if binding.state == "inactive" {
-        return Err(Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive and cannot be resumed"))
-            .with_hint("Its filter or table is gone; unbind it and bind a new filter."));
+        return Err(Error::new(
+            Kind::ObjectNotInPrerequisiteState,
+            format!("binding {id} is inactive and cannot be resumed"),
+        )
+        .with_hint("Its filter or table is gone; unbind it and bind a new filter."));
     }
     AsExtension::run(|| {
         Spi::run_with_args(
@@ -870,7 +1092,10 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
                    FROM listsync.bindings b WHERE b.id = $1 AND c.id = b.connection_id AND c.state = 'error'",
                 &[id.into()],
             )?;
-            Spi::run_with_args("UPDATE listsync.outbox SET not_before = '-infinity' WHERE binding_id = $1", &[id.into()])?;
+            Spi::run_with_args(
+                "UPDATE listsync.outbox SET not_before = '-infinity' WHERE binding_id = $1",
+                &[id.into()],
+            )?;
             crate::wake::request_wake();
         }
         Ok(())
@@ -886,7 +1111,10 @@ fn unbind_impl(id: i64) -> Result<()> {
     let binding = owned_binding(id)?;
     AsExtension::run(|| {
         Spi::run(&format!("DROP VIEW IF EXISTS {}", binding_view(id)))?;
-        Spi::run_with_args("DELETE FROM listsync.outbox WHERE binding_id = $1", &[id.into()])?;
+        Spi::run_with_args(
+            "DELETE FROM listsync.outbox WHERE binding_id = $1",
+            &[id.into()],
+        )?;
         Spi::run_with_args("DELETE FROM listsync.bindings WHERE id = $1", &[id.into()])?;
         if let Some(source) = binding.source {
             crate::capture::sync_triggers(source)?;
@@ -903,7 +1131,10 @@ fn resync(id: i64) -> i64 {
 fn resync_impl(id: i64) -> Result<i64> {
     let binding = owned_binding(id)?;
     if binding.state == "inactive" {
-        return Err(Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive")));
+        return Err(Error::new(
+            Kind::ObjectNotInPrerequisiteState,
+            format!("binding {id} is inactive"),
+        ));
     }
     AsExtension::run(|| {
         let marked = mark_binding_dirty(id)?;
@@ -915,13 +1146,28 @@ fn resync_impl(id: i64) -> Result<i64> {
 #[pg_extern]
 fn dry_run(
     id: i64,
-) -> TableIterator<'static, (name!(address, String), name!(operation, String), name!(fields, Option<JsonB>), name!(reason, Option<String>))> {
+) -> TableIterator<
+    'static,
+    (
+        name!(address, String),
+        name!(operation, String),
+        name!(fields, Option<JsonB>),
+        name!(reason, Option<String>),
+    ),
+> {
     let binding = owned_binding(id).or_raise();
     if binding.state == "inactive" {
-        Error::new(Kind::ObjectNotInPrerequisiteState, format!("binding {id} is inactive")).raise();
+        Error::new(
+            Kind::ObjectNotInPrerequisiteState,
+            format!("binding {id} is inactive"),
+        )
+        .raise();
     }
     let plan = crate::delivery::dry_run(id).or_raise();
-    TableIterator::new(plan.into_iter().map(|op| (op.address, op.operation, op.fields.map(JsonB), op.reason)))
+    TableIterator::new(
+        plan.into_iter()
+            .map(|op| (op.address, op.operation, op.fields.map(JsonB), op.reason)),
+    )
 }
 
 /// Addresses never to be sent anywhere (semantics 6). Every binding holding the address is
@@ -937,8 +1183,13 @@ fn unsuppress(address: &str) {
 }
 
 fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
-    privilege::require_admin(if add { "suppress an address" } else { "unsuppress an address" })?;
-    let normalized = crate::address::normalize(address).ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    privilege::require_admin(if add {
+        "suppress an address"
+    } else {
+        "unsuppress an address"
+    })?;
+    let normalized = crate::address::normalize(address)
+        .ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
     AsExtension::run(|| {
         if add {
             Spi::run_with_args(
@@ -947,7 +1198,10 @@ fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
                 &[normalized.clone().into(), reason.into()],
             )?;
         } else {
-            Spi::run_with_args("DELETE FROM listsync.suppressions WHERE address = $1", &[normalized.clone().into()])?;
+            Spi::run_with_args(
+                "DELETE FROM listsync.suppressions WHERE address = $1",
+                &[normalized.clone().into()],
+            )?;
         }
         Spi::run_with_args(
             &format!(
@@ -970,7 +1224,8 @@ fn forget(address: &str) -> i64 {
 
 fn forget_impl(address: &str) -> Result<i64> {
     privilege::require_admin("erase an address")?;
-    let normalized = crate::address::normalize(address).ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    let normalized = crate::address::normalize(address)
+        .ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
     AsExtension::run(|| {
         Spi::run_with_args(
             "INSERT INTO listsync.suppressions (address, reason) VALUES ($1, 'erased (listsync.forget)')
@@ -1029,7 +1284,9 @@ fn retry_dead_letters_impl(binding: Option<i64>) -> Result<i64> {
 
 /// The rows a binding's filter matches whose email is NULL or not an address.
 #[pg_extern]
-fn skipped_rows(binding: i64) -> TableIterator<'static, (name!(row_key, JsonB), name!(email, Option<String>))> {
+fn skipped_rows(
+    binding: i64,
+) -> TableIterator<'static, (name!(row_key, JsonB), name!(email, Option<String>))> {
     let row = owned_binding(binding).or_raise();
     let view = binding_view(binding);
     let rows = privilege::as_role(row.owner, || {
@@ -1064,4 +1321,3 @@ fn skipped_rows(binding: i64) -> TableIterator<'static, (name!(row_key, JsonB), 
 fn wake() {
     crate::wake::wake_now();
 }
-

@@ -68,7 +68,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), detail: None, hint: None }
+        Error {
+            kind,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -82,7 +87,10 @@ impl Error {
     }
 
     pub fn not_found(what: &str, name: &str) -> Self {
-        Error::new(Kind::UndefinedObject, format!("{what} \"{name}\" does not exist"))
+        Error::new(
+            Kind::UndefinedObject,
+            format!("{what} \"{name}\" does not exist"),
+        )
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -100,7 +108,8 @@ impl Error {
     }
 
     pub fn report(&self) -> ErrorReport {
-        let mut report = ErrorReport::new(self.kind.sqlstate(), self.message.clone(), "pg_listsync");
+        let mut report =
+            ErrorReport::new(self.kind.sqlstate(), self.message.clone(), "pg_listsync");
         if let Some(detail) = &self.detail {
             report = report.set_detail(detail.clone());
         }

@@ -4,8 +4,10 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::time::Duration;
 
-pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
-pub static ALLOWED_INSECURE_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static DATABASES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static ALLOWED_INSECURE_HOSTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
@@ -33,8 +35,22 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(c"listsync.batch_size", c"Dirty pairs a worker claims per cycle.", &BATCH_SIZE, 1, 100_000, GucFlags::default());
-    int(c"listsync.http_timeout", c"Timeout of one provider call.", &HTTP_TIMEOUT_MS, 100, 120_000, GucFlags::UNIT_MS);
+    int(
+        c"listsync.batch_size",
+        c"Dirty pairs a worker claims per cycle.",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucFlags::default(),
+    );
+    int(
+        c"listsync.http_timeout",
+        c"Timeout of one provider call.",
+        &HTTP_TIMEOUT_MS,
+        100,
+        120_000,
+        GucFlags::UNIT_MS,
+    );
     int(
         c"listsync.poll_interval",
         c"How often the worker looks for work without being woken (PREPARE TRANSACTION, retries).",
@@ -43,10 +59,38 @@ pub fn define() {
         3_600_000,
         GucFlags::UNIT_MS,
     );
-    int(c"listsync.max_attempts", c"Attempts of a retryable failure before it becomes a dead letter.", &MAX_ATTEMPTS, 1, 1_000, GucFlags::default());
-    int(c"listsync.retry_base_delay", c"First retry delay; doubles per attempt, with jitter.", &RETRY_BASE_MS, 10, 3_600_000, GucFlags::UNIT_MS);
-    int(c"listsync.retry_max_delay", c"Longest retry delay.", &RETRY_MAX_MS, 100, 86_400_000, GucFlags::UNIT_MS);
-    int(c"listsync.lease", c"How long a claimed pair is reserved for the worker that claimed it.", &LEASE_S, 5, 86_400, GucFlags::UNIT_S);
+    int(
+        c"listsync.max_attempts",
+        c"Attempts of a retryable failure before it becomes a dead letter.",
+        &MAX_ATTEMPTS,
+        1,
+        1_000,
+        GucFlags::default(),
+    );
+    int(
+        c"listsync.retry_base_delay",
+        c"First retry delay; doubles per attempt, with jitter.",
+        &RETRY_BASE_MS,
+        10,
+        3_600_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"listsync.retry_max_delay",
+        c"Longest retry delay.",
+        &RETRY_MAX_MS,
+        100,
+        86_400_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"listsync.lease",
+        c"How long a claimed pair is reserved for the worker that claimed it.",
+        &LEASE_S,
+        5,
+        86_400,
+        GucFlags::UNIT_S,
+    );
     int(
         c"listsync.reconcile_interval",
         c"How often bindings of time-dependent filters are reconciled.",
@@ -65,8 +109,24 @@ pub fn define() {
     );
 }
 
-fn int(name: &'static std::ffi::CStr, description: &'static std::ffi::CStr, setting: &'static GucSetting<i32>, min: i32, max: i32, flags: GucFlags) {
-    GucRegistry::define_int_guc(name, description, c"", setting, min, max, GucContext::Sighup, flags);
+fn int(
+    name: &'static std::ffi::CStr,
+    description: &'static std::ffi::CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    flags: GucFlags,
+) {
+    GucRegistry::define_int_guc(
+        name,
+        description,
+        c"",
+        setting,
+        min,
+        max,
+        GucContext::Sighup,
+        flags,
+    );
 }
 
 pub fn databases() -> Vec<String> {
@@ -80,7 +140,13 @@ pub fn allowed_insecure_hosts() -> Vec<String> {
 fn list(setting: &GucSetting<Option<CString>>) -> Vec<String> {
     setting
         .get()
-        .map(|s| s.to_string_lossy().split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
+        .map(|s| {
+            s.to_string_lossy()
+                .split(',')
+                .map(|d| d.trim().to_string())
+                .filter(|d| !d.is_empty())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProviderError {
     /// Try again later (429, 5xx, timeouts, resets): the items stay dirty with a backoff.
-    Transient { message: String, retry_after: Option<Duration> },
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// The credentials were refused: the connection's bindings stop until an operator acts.
     Auth(String),
     /// The binding cannot be served as configured (list gone, field types wrong, insecure
@@ -35,7 +38,10 @@ impl fmt::Display for ProviderError {
 pub type Result<T> = std::result::Result<T, ProviderError>;
 
 pub fn transient(message: impl Into<String>) -> ProviderError {
-    ProviderError::Transient { message: message.into(), retry_after: None }
+    ProviderError::Transient {
+        message: message.into(),
+        retry_after: None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +75,12 @@ pub struct Request {
 
 impl Request {
     pub fn new(method: Method, url: impl Into<String>) -> Request {
-        Request { method, url: url.into(), headers: Vec::new(), body: None }
+        Request {
+            method,
+            url: url.into(),
+            headers: Vec::new(),
+            body: None,
+        }
     }
 
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Request {
@@ -91,7 +102,11 @@ impl Request {
 }
 
 pub fn form_encode(pairs: &[(String, String)]) -> String {
-    pairs.iter().map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v))).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -99,7 +114,9 @@ pub fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
             _ => out.push_str(&format!("%{byte:02X}")),
         }
     }
@@ -115,7 +132,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn is_success(&self) -> bool {
@@ -129,14 +149,22 @@ impl Response {
             return Ok(Value::Null);
         }
         serde_json::from_slice(&self.body).map_err(|e| {
-            transient(format!("HTTP {}: malformed JSON in the response ({e}): {}", self.status, self.text_excerpt()))
+            transient(format!(
+                "HTTP {}: malformed JSON in the response ({e}): {}",
+                self.status,
+                self.text_excerpt()
+            ))
         })
     }
 
     pub fn text_excerpt(&self) -> String {
         let text = String::from_utf8_lossy(&self.body);
         let text = text.trim();
-        if text.chars().count() > 300 { format!("{}…", text.chars().take(300).collect::<String>()) } else { text.to_string() }
+        if text.chars().count() > 300 {
+            format!("{}…", text.chars().take(300).collect::<String>())
+        } else {
+            text.to_string()
+        }
     }
 
     /// `Retry-After` in seconds or as an HTTP date.
@@ -146,7 +174,10 @@ impl Response {
             return (seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)));
         }
         let at = parse_http_date(value)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs() as i64;
         Some(Duration::from_secs((at - now).clamp(0, 86_400) as u64))
     }
 
@@ -155,7 +186,11 @@ impl Response {
     pub fn check_common(&self, message: impl FnOnce(&Response) -> String) -> Result<()> {
         match self.status {
             200..=299 => Ok(()),
-            401 | 403 => Err(ProviderError::Auth(format!("HTTP {}: {}", self.status, message(self)))),
+            401 | 403 => Err(ProviderError::Auth(format!(
+                "HTTP {}: {}",
+                self.status,
+                message(self)
+            ))),
             408 | 425 | 429 | 500..=599 => Err(ProviderError::Transient {
                 message: format!("HTTP {}: {}", self.status, message(self)),
                 retry_after: self.retry_after(),
@@ -172,17 +207,26 @@ fn parse_http_date(value: &str) -> Option<i64> {
         return None;
     }
     let day: i64 = parts[1].parse().ok()?;
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .iter()
-        .position(|m| *m == parts[2])? as i64
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as i64
         + 1;
     let year: i64 = parts[3].parse().ok()?;
-    let time: Vec<i64> = parts[4].split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let time: Vec<i64> = parts[4]
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
     if time.len() != 3 {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
     let doy = (153 * m + 2) / 5 + day - 1;
@@ -260,8 +304,17 @@ impl Http {
             .user_agent(concat!("pg_listsync/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        let bucket = rate.map(|limit| Bucket { limit, tokens: limit.burst, refilled: Instant::now() });
-        Http { agent, config, bucket, records: Vec::new() }
+        let bucket = rate.map(|limit| Bucket {
+            limit,
+            tokens: limit.burst,
+            refilled: Instant::now(),
+        });
+        Http {
+            agent,
+            config,
+            bucket,
+            records: Vec::new(),
+        }
     }
 
     pub fn set_config(&mut self, config: HttpConfig) {
@@ -280,18 +333,37 @@ impl Http {
     /// Refuses anything but https, except for hosts named in `listsync.allowed_insecure_hosts`.
     pub fn check_url(&self, url: &str) -> Result<()> {
         let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(ProviderError::Binding(format!("invalid endpoint URL \"{url}\"")));
+            return Err(ProviderError::Binding(format!(
+                "invalid endpoint URL \"{url}\""
+            )));
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let host = if host.starts_with('[') { host.split(']').next().unwrap_or(host).trim_start_matches('[') } else { host.split(':').next().unwrap_or(host) };
+        let host = if host.starts_with('[') {
+            host.split(']')
+                .next()
+                .unwrap_or(host)
+                .trim_start_matches('[')
+        } else {
+            host.split(':').next().unwrap_or(host)
+        };
         match scheme.to_ascii_lowercase().as_str() {
             "https" => Ok(()),
-            "http" if self.config.allowed_insecure_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) => Ok(()),
+            "http"
+                if self
+                    .config
+                    .allowed_insecure_hosts
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(host)) =>
+            {
+                Ok(())
+            }
             "http" => Err(ProviderError::Binding(format!(
                 "refusing to call http://{host}: only https endpoints are called (hosts listed in listsync.allowed_insecure_hosts excepted)"
             ))),
-            other => Err(ProviderError::Binding(format!("unsupported URL scheme \"{other}\""))),
+            other => Err(ProviderError::Binding(format!(
+                "unsupported URL scheme \"{other}\""
+            ))),
         }
     }
 
@@ -311,7 +383,11 @@ impl Http {
             std::thread::sleep(wait);
         }
         let started = Instant::now();
-        let described = format!("{} {}", request.method.as_str(), request.url.split('?').next().unwrap_or(""));
+        let described = format!(
+            "{} {}",
+            request.method.as_str(),
+            request.url.split('?').next().unwrap_or("")
+        );
         let result = self.transmit(&request);
         let duration = started.elapsed();
         let record = |status: Option<u16>, error: Option<String>| CallRecord {
@@ -335,11 +411,15 @@ impl Http {
     }
 
     fn transmit(&self, request: &Request) -> std::result::Result<Response, String> {
-        let mut builder = ureq::http::Request::builder().method(request.method.as_str()).uri(&request.url);
+        let mut builder = ureq::http::Request::builder()
+            .method(request.method.as_str())
+            .uri(&request.url);
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
         }
-        let built = builder.body(request.body.clone().unwrap_or_default()).map_err(|e| format!("invalid request: {e}"))?;
+        let built = builder
+            .body(request.body.clone().unwrap_or_default())
+            .map_err(|e| format!("invalid request: {e}"))?;
         let mut response = self.agent.run(built).map_err(describe_transport_error)?;
         let status = response.status().as_u16();
         let headers = response
@@ -353,7 +433,11 @@ impl Http {
             .limit(64 * 1024 * 1024)
             .read_to_vec()
             .map_err(describe_transport_error)?;
-        Ok(Response { status, headers, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
@@ -369,7 +453,13 @@ fn describe_transport_error(error: ureq::Error) -> String {
 
 /// When to try again after `attempts` failures: exponential from `base` to `max` with full
 /// jitter, but never sooner than the provider's `Retry-After`. `random` is in [0, 1).
-pub fn backoff(attempts: u32, base: Duration, max: Duration, retry_after: Option<Duration>, random: f64) -> Duration {
+pub fn backoff(
+    attempts: u32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+    random: f64,
+) -> Duration {
     let exponent = attempts.saturating_sub(1).min(30);
     let ceiling = base.saturating_mul(1u32 << exponent).min(max);
     // Half fixed, half jitter: spreads retries without ever retrying immediately.
@@ -386,7 +476,10 @@ mod unit {
 
     fn http(allowed: &[&str]) -> Http {
         Http::new(
-            HttpConfig { timeout: Duration::from_secs(1), allowed_insecure_hosts: allowed.iter().map(|s| s.to_string()).collect() },
+            HttpConfig {
+                timeout: Duration::from_secs(1),
+                allowed_insecure_hosts: allowed.iter().map(|s| s.to_string()).collect(),
+            },
             None,
         )
     }
@@ -396,39 +489,79 @@ mod unit {
         let h = http(&["127.0.0.1"]);
         assert!(h.check_url("https://us21.api.mailchimp.com/3.0/").is_ok());
         assert!(h.check_url("http://127.0.0.1:4010/3.0/").is_ok());
-        assert!(matches!(h.check_url("http://example.com/"), Err(ProviderError::Binding(_))));
-        assert!(matches!(h.check_url("http://user@127.0.0.2:80/"), Err(ProviderError::Binding(_))));
-        assert!(matches!(h.check_url("ftp://127.0.0.1/"), Err(ProviderError::Binding(_))));
-        assert!(matches!(h.check_url("127.0.0.1/"), Err(ProviderError::Binding(_))));
+        assert!(matches!(
+            h.check_url("http://example.com/"),
+            Err(ProviderError::Binding(_))
+        ));
+        assert!(matches!(
+            h.check_url("http://user@127.0.0.2:80/"),
+            Err(ProviderError::Binding(_))
+        ));
+        assert!(matches!(
+            h.check_url("ftp://127.0.0.1/"),
+            Err(ProviderError::Binding(_))
+        ));
+        assert!(matches!(
+            h.check_url("127.0.0.1/"),
+            Err(ProviderError::Binding(_))
+        ));
         assert!(http(&["::1"]).check_url("http://[::1]:8080/x").is_ok());
     }
 
     #[test]
     fn retry_after_in_seconds_and_dates() {
-        let mut r = Response { status: 429, headers: vec![("Retry-After".into(), "7".into())], body: vec![] };
+        let mut r = Response {
+            status: 429,
+            headers: vec![("Retry-After".into(), "7".into())],
+            body: vec![],
+        };
         assert_eq!(r.retry_after(), Some(Duration::from_secs(7)));
         r.headers = vec![("retry-after".into(), "Thu, 01 Jan 1970 00:00:00 GMT".into())];
         assert_eq!(r.retry_after(), Some(Duration::ZERO));
-        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
         r.headers = vec![("retry-after".into(), "soon".into())];
         assert_eq!(r.retry_after(), None);
     }
 
     #[test]
     fn common_statuses_are_classified() {
-        let response = |status| Response { status, headers: vec![], body: b"{\"detail\":\"x\"}".to_vec() };
-        assert!(matches!(response(401).check_common(|r| r.text_excerpt()), Err(ProviderError::Auth(_))));
-        assert!(matches!(response(503).check_common(|r| r.text_excerpt()), Err(ProviderError::Transient { .. })));
-        assert!(matches!(response(429).check_common(|r| r.text_excerpt()), Err(ProviderError::Transient { .. })));
+        let response = |status| Response {
+            status,
+            headers: vec![],
+            body: b"{\"detail\":\"x\"}".to_vec(),
+        };
+        assert!(matches!(
+            response(401).check_common(|r| r.text_excerpt()),
+            Err(ProviderError::Auth(_))
+        ));
+        assert!(matches!(
+            response(503).check_common(|r| r.text_excerpt()),
+            Err(ProviderError::Transient { .. })
+        ));
+        assert!(matches!(
+            response(429).check_common(|r| r.text_excerpt()),
+            Err(ProviderError::Transient { .. })
+        ));
         assert!(response(400).check_common(|r| r.text_excerpt()).is_ok());
         assert!(response(204).check_common(|r| r.text_excerpt()).is_ok());
     }
 
     #[test]
     fn malformed_json_is_transient() {
-        let r = Response { status: 200, headers: vec![], body: b"<html>bad gateway".to_vec() };
+        let r = Response {
+            status: 200,
+            headers: vec![],
+            body: b"<html>bad gateway".to_vec(),
+        };
         assert!(matches!(r.json(), Err(ProviderError::Transient { .. })));
-        let empty = Response { status: 204, headers: vec![], body: vec![] };
+        let empty = Response {
+            status: 204,
+            headers: vec![],
+            body: vec![],
+        };
         assert_eq!(empty.json().unwrap(), Value::Null);
     }
 
@@ -440,23 +573,39 @@ mod unit {
         assert_eq!(backoff(3, base, max, None, 1.0), Duration::from_secs(4));
         assert_eq!(backoff(3, base, max, None, 0.0), Duration::from_secs(2));
         assert_eq!(backoff(40, base, max, None, 1.0), max);
-        assert_eq!(backoff(1, base, max, Some(Duration::from_secs(30)), 0.5), Duration::from_secs(30));
+        assert_eq!(
+            backoff(1, base, max, Some(Duration::from_secs(30)), 0.5),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
     fn token_bucket_spaces_requests() {
         let start = Instant::now();
-        let mut bucket = Bucket { limit: RateLimit { per_second: 2.0, burst: 2.0 }, tokens: 2.0, refilled: start };
+        let mut bucket = Bucket {
+            limit: RateLimit {
+                per_second: 2.0,
+                burst: 2.0,
+            },
+            tokens: 2.0,
+            refilled: start,
+        };
         assert_eq!(bucket.wait(start), Duration::ZERO);
         assert_eq!(bucket.wait(start), Duration::ZERO);
         let third = bucket.wait(start);
-        assert!(third > Duration::from_millis(400) && third <= Duration::from_millis(500), "{third:?}");
+        assert!(
+            third > Duration::from_millis(400) && third <= Duration::from_millis(500),
+            "{third:?}"
+        );
     }
 
     #[test]
     fn form_encoding_escapes_everything_reserved() {
         assert_eq!(
-            form_encode(&[("fields[email]".into(), "a+b@x.io".into()), ("n".into(), "Ann Lee & co".into())]),
+            form_encode(&[
+                ("fields[email]".into(), "a+b@x.io".into()),
+                ("n".into(), "Ann Lee & co".into())
+            ]),
             "fields%5Bemail%5D=a%2Bb%40x.io&n=Ann%20Lee%20%26%20co"
         );
     }

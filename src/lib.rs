@@ -51,6 +51,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pg_listsync'", "listsync.database = 'pgrx_tests'"]
+        vec![
+            "shared_preload_libraries = 'pg_listsync'",
+            "listsync.database = 'pgrx_tests'",
+        ]
     }
 }

@@ -94,7 +94,12 @@ pub fn complete(bindings: Vec<i64>, addresses: Vec<String>, generations: Vec<i64
 }
 
 /// Puts failed pairs back with a later due time and their error.
-pub fn reschedule(bindings: Vec<i64>, addresses: Vec<String>, delays_ms: Vec<i64>, errors: Vec<String>) -> Result<()> {
+pub fn reschedule(
+    bindings: Vec<i64>,
+    addresses: Vec<String>,
+    delays_ms: Vec<i64>,
+    errors: Vec<String>,
+) -> Result<()> {
     if bindings.is_empty() {
         return Ok(());
     }

@@ -43,7 +43,11 @@ mod tests {
                     CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
                     CaughtError::RustPanic { ereport, .. } => ereport,
                 };
-                Some((report.sql_error_code(), report.message().to_string(), report.hint().map(str::to_string)))
+                Some((
+                    report.sql_error_code(),
+                    report.message().to_string(),
+                    report.hint().map(str::to_string),
+                ))
             })
             .execute();
             if outcome.is_some() {
@@ -61,7 +65,10 @@ mod tests {
         match error_of(sql) {
             Some((got, message, _)) => {
                 assert_eq!(got, code, "{sql}: {message}");
-                assert!(message.contains(message_part), "{sql}: expected \"{message_part}\" in \"{message}\"");
+                assert!(
+                    message.contains(message_part),
+                    "{sql}: expected \"{message_part}\" in \"{message}\""
+                );
                 message
             }
             None => panic!("{sql}: expected an error {code:?}"),
@@ -79,7 +86,9 @@ mod tests {
     /// A bound filter `vip` (Moscow, ltv > 1000) mapping FNAME; returns the binding id.
     fn vip_binding() -> i64 {
         contacts();
-        run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' AND ltv > 1000 AND NOT is_deleted $$)");
+        run(
+            "SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' AND ltv > 1000 AND NOT is_deleted $$)",
+        );
         let id = value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{\"FNAME\": \"first_name\"}', backfill => false)")
             .unwrap();
         // Binding always queues a recount of skipped rows; start from an empty outbox.
@@ -107,40 +116,109 @@ mod tests {
 
     #[pg_test]
     fn normalize_email_trims_lowercases_and_rejects() {
-        assert_eq!(value::<String>("SELECT listsync.normalize_email('  Ann@Example.COM ')"), Some("ann@example.com".into()));
-        assert_eq!(value::<String>("SELECT listsync.normalize_email('not an address')"), None);
+        assert_eq!(
+            value::<String>("SELECT listsync.normalize_email('  Ann@Example.COM ')"),
+            Some("ann@example.com".into())
+        );
+        assert_eq!(
+            value::<String>("SELECT listsync.normalize_email('not an address')"),
+            None
+        );
     }
 
     #[pg_test]
     fn predicates_are_compiled_like_check_constraints() {
         contacts();
-        run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' AND ltv > 1000 $$)");
+        run(
+            "SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' AND ltv > 1000 $$)",
+        );
         assert_eq!(
             value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'vip'"),
             Some("((city = 'Moscow'::text) AND (ltv > (1000)::numeric))".into())
         );
-        assert_eq!(value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'vip'"), Some(false));
+        assert_eq!(
+            value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'vip'"),
+            Some(false)
+        );
     }
 
     #[pg_test]
     fn bad_predicates_are_refused_with_their_sqlstate() {
         contacts();
         use PgSqlErrorCode::*;
-        let create = |predicate: &str| format!("SELECT listsync.create_filter('f', 'contacts', $p${predicate}$p$)");
-        expect_error(&create("city = "), ERRCODE_SYNTAX_ERROR, "filter \"f\": syntax error");
-        expect_error(&create("citi = 'x'"), ERRCODE_UNDEFINED_COLUMN, "filter \"f\": column \"citi\" does not exist");
-        expect_error(&create("ltv + 1"), ERRCODE_DATATYPE_MISMATCH, "must be type boolean");
-        expect_error(&create("city IN (SELECT 'x')"), ERRCODE_FEATURE_NOT_SUPPORTED, "cannot use subquery in filter predicate");
-        expect_error(&create("count(*) > 1"), ERRCODE_GROUPING_ERROR, "aggregate functions are not allowed in filter predicates");
-        expect_error(&create("row_number() OVER () > 1"), ERRCODE_WINDOWING_ERROR, "window functions are not allowed");
-        expect_error(&create("generate_series(1, 2) > 1"), ERRCODE_FEATURE_NOT_SUPPORTED, "set-returning functions are not allowed");
-        expect_error(&create("random() > 0.5"), ERRCODE_INVALID_OBJECT_DEFINITION, "volatile functions");
-        expect_error(&create("ltv > $1"), ERRCODE_UNDEFINED_PARAMETER, "there is no parameter $1");
-        expect_error(&create("true; DROP TABLE contacts"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
-        expect_error(&create("true UNION SELECT true"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
-        expect_error(&create("true ORDER BY 1"), ERRCODE_SYNTAX_ERROR, "single boolean expression");
-        expect_error(&create("xmin::text <> ''"), ERRCODE_INVALID_COLUMN_REFERENCE, "system column \"xmin\"");
-        expect_error(&create("contacts IS NOT NULL"), ERRCODE_FEATURE_NOT_SUPPORTED, "whole-row references");
+        let create = |predicate: &str| {
+            format!("SELECT listsync.create_filter('f', 'contacts', $p${predicate}$p$)")
+        };
+        expect_error(
+            &create("city = "),
+            ERRCODE_SYNTAX_ERROR,
+            "filter \"f\": syntax error",
+        );
+        expect_error(
+            &create("citi = 'x'"),
+            ERRCODE_UNDEFINED_COLUMN,
+            "filter \"f\": column \"citi\" does not exist",
+        );
+        expect_error(
+            &create("ltv + 1"),
+            ERRCODE_DATATYPE_MISMATCH,
+            "must be type boolean",
+        );
+        expect_error(
+            &create("city IN (SELECT 'x')"),
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot use subquery in filter predicate",
+        );
+        expect_error(
+            &create("count(*) > 1"),
+            ERRCODE_GROUPING_ERROR,
+            "aggregate functions are not allowed in filter predicates",
+        );
+        expect_error(
+            &create("row_number() OVER () > 1"),
+            ERRCODE_WINDOWING_ERROR,
+            "window functions are not allowed",
+        );
+        expect_error(
+            &create("generate_series(1, 2) > 1"),
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "set-returning functions are not allowed",
+        );
+        expect_error(
+            &create("random() > 0.5"),
+            ERRCODE_INVALID_OBJECT_DEFINITION,
+            "volatile functions",
+        );
+        expect_error(
+            &create("ltv > $1"),
+            ERRCODE_UNDEFINED_PARAMETER,
+            "there is no parameter $1",
+        );
+        expect_error(
+            &create("true; DROP TABLE contacts"),
+            ERRCODE_SYNTAX_ERROR,
+            "single boolean expression",
+        );
+        expect_error(
+            &create("true UNION SELECT true"),
+            ERRCODE_SYNTAX_ERROR,
+            "single boolean expression",
+        );
+        expect_error(
+            &create("true ORDER BY 1"),
+            ERRCODE_SYNTAX_ERROR,
+            "single boolean expression",
+        );
+        expect_error(
+            &create("xmin::text <> ''"),
+            ERRCODE_INVALID_COLUMN_REFERENCE,
+            "system column \"xmin\"",
+        );
+        expect_error(
+            &create("contacts IS NOT NULL"),
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "whole-row references",
+        );
         assert_eq!(count("SELECT count(*) FROM listsync.filters"), 0);
     }
 
@@ -149,7 +227,11 @@ mod tests {
         contacts();
         use PgSqlErrorCode::*;
         run("CREATE TABLE keyless (email text)");
-        expect_error("SELECT listsync.create_filter('k', 'keyless', 'true')", ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "has no primary key");
+        expect_error(
+            "SELECT listsync.create_filter('k', 'keyless', 'true')",
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "has no primary key",
+        );
         expect_error(
             "SELECT listsync.create_filter('m', 'contacts', 'true', email_column => 'mail')",
             ERRCODE_UNDEFINED_COLUMN,
@@ -161,10 +243,22 @@ mod tests {
             "email column \"ltv\" is of type numeric",
         );
         run("SELECT listsync.create_filter('dup', 'contacts', 'true')");
-        expect_error("SELECT listsync.create_filter('dup', 'contacts', 'true')", ERRCODE_DUPLICATE_OBJECT, "filter \"dup\" already exists");
+        expect_error(
+            "SELECT listsync.create_filter('dup', 'contacts', 'true')",
+            ERRCODE_DUPLICATE_OBJECT,
+            "filter \"dup\" already exists",
+        );
         run("CREATE VIEW contact_view AS SELECT * FROM contacts");
-        expect_error("SELECT listsync.create_filter('v', 'contact_view', 'true')", ERRCODE_FEATURE_NOT_SUPPORTED, "is not a table");
-        expect_error("SELECT listsync.create_filter('', 'contacts', 'true')", ERRCODE_INVALID_NAME, "invalid filter name");
+        expect_error(
+            "SELECT listsync.create_filter('v', 'contact_view', 'true')",
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "is not a table",
+        );
+        expect_error(
+            "SELECT listsync.create_filter('', 'contacts', 'true')",
+            ERRCODE_INVALID_NAME,
+            "invalid filter name",
+        );
     }
 
     #[pg_test]
@@ -183,8 +277,13 @@ mod tests {
     #[pg_test]
     fn stable_functions_make_a_filter_time_dependent() {
         contacts();
-        run("SELECT listsync.create_filter('recent', 'contacts', $$ last_seen_at > now() - interval '30 days' $$)");
-        assert_eq!(value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'recent'"), Some(true));
+        run(
+            "SELECT listsync.create_filter('recent', 'contacts', $$ last_seen_at > now() - interval '30 days' $$)",
+        );
+        assert_eq!(
+            value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'recent'"),
+            Some(true)
+        );
     }
 
     #[pg_test]
@@ -193,33 +292,66 @@ mod tests {
         run(r#"SELECT listsync.create_filter('vip', 'contacts',
                  '{"all": [{"column": "city", "op": "=", "value": "Moscow"}, {"column": "ltv", "op": ">", "value": 1000},
                            {"not": {"column": "is_deleted", "op": "=", "value": true}}]}'::jsonb)"#);
-        let predicate = value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'vip'").unwrap();
-        assert_eq!(predicate, "((city = 'Moscow'::text) AND (ltv > '1000'::numeric) AND (NOT (is_deleted = true)))");
+        let predicate =
+            value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'vip'").unwrap();
+        assert_eq!(
+            predicate,
+            "((city = 'Moscow'::text) AND (ltv > '1000'::numeric) AND (NOT (is_deleted = true)))"
+        );
         run(r#"SELECT listsync.create_filter('bday', 'contacts',
                  '{"column": "birthday", "op": "within_next_days", "value": 7, "annual": true}'::jsonb)"#);
-        assert_eq!(value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'bday'"), Some(true));
+        assert_eq!(
+            value::<bool>("SELECT time_dependent FROM listsync.filters WHERE name = 'bday'"),
+            Some(true)
+        );
     }
 
     #[pg_test]
     fn json_conditions_are_immune_to_injection() {
         contacts();
-        run("INSERT INTO contacts (email, city) VALUES ('a@x.io', 'x'' OR true --'), ('b@x.io', 'plain')");
+        run(
+            "INSERT INTO contacts (email, city) VALUES ('a@x.io', 'x'' OR true --'), ('b@x.io', 'plain')",
+        );
         // Values with quotes, backslashes, comment markers and unicode are data, not SQL.
         let hostile = r#"x' OR true --"#;
         run(&format!(
             r#"SELECT listsync.create_filter('h', 'contacts', '{{"column": "city", "op": "=", "value": {}}}'::jsonb)"#,
             serde_json::to_string(hostile).unwrap().replace('\'', "''")
         ));
-        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('h')").unwrap().0;
-        assert_eq!(preview["matching_rows"], 1, "the hostile value matched as data, one row, not all: {preview}");
-        for (name, city) in [("q", r#"it's"#), ("b", r#"back\slash\'"#), ("u", "Москва 🚀"), ("s", "'; DROP TABLE contacts; --")] {
-            let json = serde_json::json!({"column": "city", "op": "=", "value": city}).to_string().replace('\'', "''");
-            run(&format!("SELECT listsync.create_filter('{name}', 'contacts', '{json}'::jsonb)"));
-            run(&format!("INSERT INTO contacts (email, city) VALUES ('{name}@x.io', {})", crate::filter::conditions::escape_literal(city)));
-            let preview = value::<pgrx::JsonB>(&format!("SELECT listsync.preview_filter('{name}')")).unwrap().0;
+        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('h')")
+            .unwrap()
+            .0;
+        assert_eq!(
+            preview["matching_rows"], 1,
+            "the hostile value matched as data, one row, not all: {preview}"
+        );
+        for (name, city) in [
+            ("q", r#"it's"#),
+            ("b", r#"back\slash\'"#),
+            ("u", "Москва 🚀"),
+            ("s", "'; DROP TABLE contacts; --"),
+        ] {
+            let json = serde_json::json!({"column": "city", "op": "=", "value": city})
+                .to_string()
+                .replace('\'', "''");
+            run(&format!(
+                "SELECT listsync.create_filter('{name}', 'contacts', '{json}'::jsonb)"
+            ));
+            run(&format!(
+                "INSERT INTO contacts (email, city) VALUES ('{name}@x.io', {})",
+                crate::filter::conditions::escape_literal(city)
+            ));
+            let preview =
+                value::<pgrx::JsonB>(&format!("SELECT listsync.preview_filter('{name}')"))
+                    .unwrap()
+                    .0;
             assert_eq!(preview["matching_rows"], 1, "{name}: {preview}");
         }
-        assert_eq!(count("SELECT count(*) FROM contacts"), 6, "the table survived");
+        assert_eq!(
+            count("SELECT count(*) FROM contacts"),
+            6,
+            "the table survived"
+        );
         let error = expect_error(
             r#"SELECT listsync.create_filter('c', 'contacts', '{"column": "city\" = city OR \"city", "op": "=", "value": 1}'::jsonb)"#,
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -236,7 +368,8 @@ mod tests {
     #[pg_test]
     fn a_json_tree_passed_as_text_gets_a_hint() {
         contacts();
-        let error = error_of(r#"SELECT listsync.create_filter('j', 'contacts', '{"all": []}')"#).unwrap();
+        let error =
+            error_of(r#"SELECT listsync.create_filter('j', 'contacts', '{"all": []}')"#).unwrap();
         assert!(error.2.unwrap_or_default().contains("::jsonb"));
     }
 
@@ -246,7 +379,9 @@ mod tests {
         run("INSERT INTO contacts (email, city, ltv) VALUES ('a@x.io', 'Moscow', 5000), ('A@X.IO ', 'Moscow', 5000),
                     (NULL, 'Moscow', 5000), ('nope', 'Moscow', 5000), ('b@x.io', 'Paris', 5000)");
         run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' $$)");
-        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('vip', 2)").unwrap().0;
+        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('vip', 2)")
+            .unwrap()
+            .0;
         assert_eq!(preview["matching_rows"], 4);
         assert_eq!(preview["addresses"], 1);
         assert_eq!(preview["invalid_addresses"], 2);
@@ -261,9 +396,21 @@ mod tests {
         contacts();
         use PgSqlErrorCode::*;
         run("SELECT listsync.create_filter('vip', 'contacts', 'true')");
-        expect_error("SELECT listsync.bind_filter_to_list('nope', 'hook')", ERRCODE_UNDEFINED_OBJECT, "filter \"nope\" does not exist");
-        expect_error("SELECT listsync.bind_filter_to_list('vip', 'nope')", ERRCODE_UNDEFINED_OBJECT, "connection \"nope\" does not exist");
-        expect_error("SELECT listsync.bind_filter_to_list('vip', 'hook', on_leave => 'vanish')", ERRCODE_INVALID_PARAMETER_VALUE, "invalid on_leave");
+        expect_error(
+            "SELECT listsync.bind_filter_to_list('nope', 'hook')",
+            ERRCODE_UNDEFINED_OBJECT,
+            "filter \"nope\" does not exist",
+        );
+        expect_error(
+            "SELECT listsync.bind_filter_to_list('vip', 'nope')",
+            ERRCODE_UNDEFINED_OBJECT,
+            "connection \"nope\" does not exist",
+        );
+        expect_error(
+            "SELECT listsync.bind_filter_to_list('vip', 'hook', on_leave => 'vanish')",
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid on_leave",
+        );
         expect_error(
             "SELECT listsync.bind_filter_to_list('vip', 'hook', new_member_status => 'maybe')",
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -279,16 +426,36 @@ mod tests {
             ERRCODE_FEATURE_NOT_SUPPORTED,
             "subquery",
         );
-        expect_error(r#"SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{"FNAME": 1}')"#, ERRCODE_INVALID_PARAMETER_VALUE, "expected a column name");
-        run("SELECT listsync.create_connection('mc', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"k-us1\"}')");
-        expect_error(r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"fname": "first_name"}')"#, ERRCODE_INVALID_PARAMETER_VALUE, "merge tags");
+        expect_error(
+            r#"SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{"FNAME": 1}')"#,
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "expected a column name",
+        );
+        run(
+            "SELECT listsync.create_connection('mc', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"k-us1\"}')",
+        );
+        expect_error(
+            r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"fname": "first_name"}')"#,
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "merge tags",
+        );
         let id = value::<i64>(
             r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"FNAME": "first_name", "FULL": "first_name || '' '' || last_name"}',
                                                    tags => ARRAY['crm'], on_leave => 'archive', new_member_status => 'pending')"#,
         )
         .unwrap();
-        assert_eq!(value::<String>(&format!("SELECT list_name FROM listsync.bindings WHERE id = {id}")), Some("vip (postgres)".into()));
-        assert_eq!(value::<String>(&format!("SELECT state FROM listsync.status WHERE binding = {id}")), Some("active".into()));
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT list_name FROM listsync.bindings WHERE id = {id}"
+            )),
+            Some("vip (postgres)".into())
+        );
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT state FROM listsync.status WHERE binding = {id}"
+            )),
+            Some("active".into())
+        );
     }
 
     #[pg_test]
@@ -310,7 +477,12 @@ mod tests {
         run("SET LOCAL ROLE listsync_test_crm");
         let id = value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook')").unwrap();
         run("RESET ROLE");
-        assert_eq!(value::<String>(&format!("SELECT owner::text FROM listsync.bindings WHERE id = {id}")), Some("listsync_test_crm".into()));
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT owner::text FROM listsync.bindings WHERE id = {id}"
+            )),
+            Some("listsync_test_crm".into())
+        );
     }
 
     #[pg_test]
@@ -320,15 +492,29 @@ mod tests {
         run("GRANT listsync_test_reader TO current_user");
         run("SET LOCAL ROLE listsync_test_reader");
         use PgSqlErrorCode::*;
-        expect_error("SELECT * FROM listsync.connection_secrets", ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied");
-        expect_error("SELECT * FROM listsync.connections", ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied");
-        expect_error("SELECT listsync.test_connection('hook')", ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to test a connection");
+        expect_error(
+            "SELECT * FROM listsync.connection_secrets",
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied",
+        );
+        expect_error(
+            "SELECT * FROM listsync.connections",
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied",
+        );
+        expect_error(
+            "SELECT listsync.test_connection('hook')",
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to test a connection",
+        );
         expect_error(
             "SELECT listsync.create_connection('x', 'webhook', '{\"url\": \"https://a.example\"}', '{\"signing_secret\": \"0123456789abcdefg\"}')",
             ERRCODE_INSUFFICIENT_PRIVILEGE,
             "permission denied to create a connection",
         );
-        let visible = value::<String>("SELECT string_agg(t::text, ' ') FROM listsync.connection_list t").unwrap_or_default();
+        let visible =
+            value::<String>("SELECT string_agg(t::text, ' ') FROM listsync.connection_list t")
+                .unwrap_or_default();
         assert!(!visible.contains("whsec_"), "{visible}");
         let everywhere = value::<String>(
             "SELECT string_agg(s::text, ' ') FROM (SELECT * FROM listsync.status) s",
@@ -346,7 +532,10 @@ mod tests {
                JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = ANY(t.tgattr)
               WHERE t.tgname = 'listsync_capture'",
         );
-        assert_eq!(columns, Some("city,email,first_name,id,is_deleted,ltv".into()));
+        assert_eq!(
+            columns,
+            Some("city,email,first_name,id,is_deleted,ltv".into())
+        );
     }
 
     // -----------------------------------------------------------------------------------------
@@ -355,17 +544,39 @@ mod tests {
     #[pg_test]
     fn entering_changing_and_leaving_mark_the_address() {
         let b = vip_binding();
-        run("INSERT INTO contacts (email, first_name, city, ltv) VALUES ('Ann@Example.com', 'Ann', 'Moscow', 5000), ('bob@x.io', 'Bob', 'Paris', 5000)");
-        assert_eq!(dirty(b), strings(&["ann@example.com"]), "insert: only the row that matches");
+        run(
+            "INSERT INTO contacts (email, first_name, city, ltv) VALUES ('Ann@Example.com', 'Ann', 'Moscow', 5000), ('bob@x.io', 'Bob', 'Paris', 5000)",
+        );
+        assert_eq!(
+            dirty(b),
+            strings(&["ann@example.com"]),
+            "insert: only the row that matches"
+        );
         clear_outbox();
         run("UPDATE contacts SET last_seen_at = now()");
-        assert_eq!(dirty(b), Vec::<String>::new(), "an unrelated column: nothing");
+        assert_eq!(
+            dirty(b),
+            Vec::<String>::new(),
+            "an unrelated column: nothing"
+        );
         run("UPDATE contacts SET last_name = 'Lee' WHERE first_name = 'Ann'");
-        assert_eq!(dirty(b), Vec::<String>::new(), "a column no binding reads: nothing");
+        assert_eq!(
+            dirty(b),
+            Vec::<String>::new(),
+            "a column no binding reads: nothing"
+        );
         run("UPDATE contacts SET ltv = 6000 WHERE first_name = 'Ann'");
-        assert_eq!(dirty(b), Vec::<String>::new(), "a filtered column that keeps the row in: nothing");
+        assert_eq!(
+            dirty(b),
+            Vec::<String>::new(),
+            "a filtered column that keeps the row in: nothing"
+        );
         run("UPDATE contacts SET first_name = 'Anna' WHERE first_name = 'Ann'");
-        assert_eq!(dirty(b), strings(&["ann@example.com"]), "a mapped field of a member");
+        assert_eq!(
+            dirty(b),
+            strings(&["ann@example.com"]),
+            "a mapped field of a member"
+        );
         clear_outbox();
         run("UPDATE contacts SET city = 'Moscow' WHERE first_name = 'Bob'");
         assert_eq!(dirty(b), strings(&["bob@x.io"]), "entering");
@@ -385,19 +596,27 @@ mod tests {
     #[pg_test]
     fn an_email_change_marks_both_addresses() {
         let b = vip_binding();
-        run("INSERT INTO contacts (email, first_name, city, ltv) VALUES ('old@x.io', 'Ann', 'Moscow', 5000)");
+        run(
+            "INSERT INTO contacts (email, first_name, city, ltv) VALUES ('old@x.io', 'Ann', 'Moscow', 5000)",
+        );
         clear_outbox();
         run("UPDATE contacts SET email = ' NEW@x.io' WHERE first_name = 'Ann'");
         assert_eq!(dirty(b), strings(&["new@x.io", "old@x.io"]));
         clear_outbox();
         run("UPDATE contacts SET email = 'New@X.io' WHERE first_name = 'Ann'");
-        assert_eq!(dirty(b), Vec::<String>::new(), "the same address after normalization");
+        assert_eq!(
+            dirty(b),
+            Vec::<String>::new(),
+            "the same address after normalization"
+        );
     }
 
     #[pg_test]
     fn null_and_invalid_addresses_are_never_marked_only_counted() {
         let b = vip_binding();
-        run("INSERT INTO contacts (email, first_name, city, ltv) VALUES (NULL, 'N', 'Moscow', 5000), ('not-an-address', 'I', 'Moscow', 5000)");
+        run(
+            "INSERT INTO contacts (email, first_name, city, ltv) VALUES (NULL, 'N', 'Moscow', 5000), ('not-an-address', 'I', 'Moscow', 5000)",
+        );
         assert_eq!(dirty(b), strings(&[""]), "only the recount marker");
         clear_outbox();
         run("UPDATE contacts SET email = 'fixed@x.io' WHERE first_name = 'I'");
@@ -407,23 +626,37 @@ mod tests {
     #[pg_test]
     fn a_shared_address_is_marked_for_each_row_change() {
         let b = vip_binding();
-        run("INSERT INTO contacts (email, first_name, city, ltv) VALUES ('s@x.io', 'One', 'Moscow', 5000), ('S@x.io', 'Two', 'Moscow', 5000)");
+        run(
+            "INSERT INTO contacts (email, first_name, city, ltv) VALUES ('s@x.io', 'One', 'Moscow', 5000), ('S@x.io', 'Two', 'Moscow', 5000)",
+        );
         assert_eq!(dirty(b), strings(&["s@x.io"]), "one pair for two rows");
         clear_outbox();
         run("UPDATE contacts SET city = 'Paris' WHERE first_name = 'One'");
-        assert_eq!(dirty(b), strings(&["s@x.io"]), "the worker decides the address stays (row Two holds it)");
+        assert_eq!(
+            dirty(b),
+            strings(&["s@x.io"]),
+            "the worker decides the address stays (row Two holds it)"
+        );
     }
 
     #[pg_test]
     fn two_bindings_on_one_table_and_two_tables() {
         let vip = vip_binding();
         run("SELECT listsync.create_filter('paris', 'contacts', $$ city = 'Paris' $$)");
-        let paris = value::<i64>("SELECT listsync.bind_filter_to_list('paris', 'hook', backfill => false)").unwrap();
+        let paris =
+            value::<i64>("SELECT listsync.bind_filter_to_list('paris', 'hook', backfill => false)")
+                .unwrap();
         run("CREATE TABLE leads (lead_id int PRIMARY KEY, mail text, stage text)");
-        run("SELECT listsync.create_filter('hot', 'leads', $$ stage = 'hot' $$, email_column => 'mail')");
-        let hot = value::<i64>("SELECT listsync.bind_filter_to_list('hot', 'hook', backfill => false)").unwrap();
+        run(
+            "SELECT listsync.create_filter('hot', 'leads', $$ stage = 'hot' $$, email_column => 'mail')",
+        );
+        let hot =
+            value::<i64>("SELECT listsync.bind_filter_to_list('hot', 'hook', backfill => false)")
+                .unwrap();
         clear_outbox();
-        run("INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)");
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)",
+        );
         run("INSERT INTO leads VALUES (1, 'h@x.io', 'hot'), (2, 'c@x.io', 'cold')");
         assert_eq!(dirty(vip), strings(&["m@x.io"]));
         assert_eq!(dirty(paris), strings(&["p@x.io"]));
@@ -437,8 +670,15 @@ mod tests {
     #[pg_test]
     fn multi_row_statements_upserts_and_views_capture() {
         let b = vip_binding();
-        run("INSERT INTO contacts (id, email, city, ltv) SELECT g, 'u' || g || '@x.io', 'Moscow', 5000 FROM generate_series(1, 100) g");
-        assert_eq!(count(&format!("SELECT count(*) FROM listsync.outbox WHERE binding_id = {b}")), 100);
+        run(
+            "INSERT INTO contacts (id, email, city, ltv) SELECT g, 'u' || g || '@x.io', 'Moscow', 5000 FROM generate_series(1, 100) g",
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM listsync.outbox WHERE binding_id = {b}"
+            )),
+            100
+        );
         clear_outbox();
         run("INSERT INTO contacts (id, email, city, ltv) VALUES (1, 'u1@x.io', 'Paris', 1), (101, 'new@x.io', 'Moscow', 5000)
              ON CONFLICT (id) DO UPDATE SET city = EXCLUDED.city, ltv = EXCLUDED.ltv");
@@ -451,16 +691,23 @@ mod tests {
 
     #[pg_test]
     fn partitioned_tables_are_bound_at_the_parent() {
-        run("CREATE TABLE people (id int, region text, email text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)");
+        run(
+            "CREATE TABLE people (id int, region text, email text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)",
+        );
         run("CREATE TABLE people_eu PARTITION OF people FOR VALUES IN ('eu')");
         // A partition with another column order: its rows are converted to the parent's shape.
         run("CREATE TABLE people_us (email text, region text NOT NULL, id int NOT NULL)");
         run("ALTER TABLE people ATTACH PARTITION people_us FOR VALUES IN ('us')");
         contacts_connection_only();
         run("SELECT listsync.create_filter('all_people', 'people', $$ email LIKE '%@x.io' $$)");
-        let b = value::<i64>("SELECT listsync.bind_filter_to_list('all_people', 'hook', backfill => false)").unwrap();
+        let b = value::<i64>(
+            "SELECT listsync.bind_filter_to_list('all_people', 'hook', backfill => false)",
+        )
+        .unwrap();
         clear_outbox();
-        run("INSERT INTO people VALUES (1, 'eu', 'e@x.io'), (2, 'us', 'u@x.io'), (3, 'us', 'u@y.io')");
+        run(
+            "INSERT INTO people VALUES (1, 'eu', 'e@x.io'), (2, 'us', 'u@x.io'), (3, 'us', 'u@y.io')",
+        );
         assert_eq!(dirty(b), strings(&["e@x.io", "u@x.io"]));
         clear_outbox();
         run("INSERT INTO people_us (id, region, email) VALUES (4, 'us', 'direct@x.io')");
@@ -477,7 +724,9 @@ mod tests {
     #[pg_test]
     fn truncate_marks_every_recorded_member() {
         let b = vip_binding();
-        run(&format!("INSERT INTO listsync.members (binding_id, address, status) VALUES ({b}, 'a@x.io', 'subscribed'), ({b}, 'b@x.io', 'subscribed')"));
+        run(&format!(
+            "INSERT INTO listsync.members (binding_id, address, status) VALUES ({b}, 'a@x.io', 'subscribed'), ({b}, 'b@x.io', 'subscribed')"
+        ));
         run("TRUNCATE contacts");
         assert_eq!(dirty(b), strings(&["", "a@x.io", "b@x.io"]));
     }
@@ -493,7 +742,9 @@ mod tests {
     #[pg_test]
     fn backfill_marks_every_matching_address() {
         contacts();
-        run("INSERT INTO contacts (email, city, ltv) VALUES ('a@x.io', 'Moscow', 5000), ('b@x.io', 'Moscow', 5000), ('c@x.io', 'Paris', 5000), (NULL, 'Moscow', 5000)");
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('a@x.io', 'Moscow', 5000), ('b@x.io', 'Moscow', 5000), ('c@x.io', 'Paris', 5000), (NULL, 'Moscow', 5000)",
+        );
         run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' $$)");
         let b = value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook')").unwrap();
         assert_eq!(dirty(b), strings(&["", "a@x.io", "b@x.io"]));
@@ -502,28 +753,51 @@ mod tests {
     #[pg_test]
     fn alter_filter_makes_old_and_new_members_dirty() {
         let b = vip_binding();
-        run("INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 5000)");
-        run(&format!("INSERT INTO listsync.members (binding_id, address, status) VALUES ({b}, 'm@x.io', 'subscribed')"));
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 5000)",
+        );
+        run(&format!(
+            "INSERT INTO listsync.members (binding_id, address, status) VALUES ({b}, 'm@x.io', 'subscribed')"
+        ));
         clear_outbox();
         run("SELECT listsync.alter_filter('vip', $$ city = 'Paris' $$)");
         assert_eq!(dirty(b), strings(&["", "m@x.io", "p@x.io"]));
         clear_outbox();
         run("UPDATE contacts SET ltv = 1 WHERE city = 'Paris'");
-        assert_eq!(dirty(b), Vec::<String>::new(), "the new predicate no longer reads ltv");
+        assert_eq!(
+            dirty(b),
+            Vec::<String>::new(),
+            "the new predicate no longer reads ltv"
+        );
         run("UPDATE contacts SET city = 'Paris' WHERE email = 'm@x.io'");
-        assert_eq!(dirty(b), strings(&["m@x.io"]), "the new predicate is what capture evaluates");
+        assert_eq!(
+            dirty(b),
+            strings(&["m@x.io"]),
+            "the new predicate is what capture evaluates"
+        );
     }
 
     #[pg_test]
     fn drop_filter_leaves_its_bindings_visibly_inactive() {
         let b = vip_binding();
         run("SELECT listsync.drop_filter('vip')");
-        assert_eq!(value::<String>(&format!("SELECT state FROM listsync.status WHERE binding = {b}")), Some("inactive".into()));
         assert_eq!(
-            value::<String>(&format!("SELECT state_reason FROM listsync.status WHERE binding = {b}")),
+            value::<String>(&format!(
+                "SELECT state FROM listsync.status WHERE binding = {b}"
+            )),
+            Some("inactive".into())
+        );
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT state_reason FROM listsync.status WHERE binding = {b}"
+            )),
             Some("filter \"vip\" was dropped".into())
         );
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync_capture%'"), 0, "the last binding took the triggers with it");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync_capture%'"),
+            0,
+            "the last binding took the triggers with it"
+        );
         run("INSERT INTO contacts (email, city, ltv) VALUES ('x@x.io', 'Moscow', 5000)");
         assert_eq!(dirty(b), Vec::<String>::new());
     }
@@ -537,11 +811,19 @@ mod tests {
         run("ALTER TABLE contacts RENAME COLUMN city TO town");
         run("ALTER TABLE contacts RENAME COLUMN first_name TO given_name");
         run("ALTER TABLE contacts RENAME COLUMN email TO mail");
-        run("INSERT INTO contacts (mail, given_name, town, ltv) VALUES ('r@x.io', 'R', 'Moscow', 5000)");
+        run(
+            "INSERT INTO contacts (mail, given_name, town, ltv) VALUES ('r@x.io', 'R', 'Moscow', 5000)",
+        );
         assert_eq!(dirty(b), strings(&["r@x.io"]));
-        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('vip')").unwrap().0;
+        let preview = value::<pgrx::JsonB>("SELECT listsync.preview_filter('vip')")
+            .unwrap()
+            .0;
         assert_eq!(preview["matching_rows"], 1);
-        let steps = value::<pgrx::JsonB>(&format!("SELECT fields FROM listsync.dry_run({b}) WHERE address = 'r@x.io'")).unwrap().0;
+        let steps = value::<pgrx::JsonB>(&format!(
+            "SELECT fields FROM listsync.dry_run({b}) WHERE address = 'r@x.io'"
+        ))
+        .unwrap()
+        .0;
         assert_eq!(steps, serde_json::json!({"FNAME": "R"}));
         run("SELECT listsync.alter_filter('vip', $$ town = 'Paris' $$)");
     }
@@ -549,12 +831,24 @@ mod tests {
     #[pg_test]
     fn dropping_or_retyping_a_used_column_is_refused_naming_the_filter() {
         vip_binding();
-        let message = expect_error("ALTER TABLE contacts DROP COLUMN city", PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, "cannot drop column city");
+        let message = expect_error(
+            "ALTER TABLE contacts DROP COLUMN city",
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            "cannot drop column city",
+        );
         assert!(message.contains("other objects depend on it"), "{message}");
         let detail = error_detail("ALTER TABLE contacts DROP COLUMN city");
         assert!(detail.contains("filter:vip"), "{detail}");
-        expect_error("ALTER TABLE contacts DROP COLUMN first_name", PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, "first_name");
-        expect_error("ALTER TABLE contacts ALTER COLUMN ltv TYPE int", PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, "used by a view or rule");
+        expect_error(
+            "ALTER TABLE contacts DROP COLUMN first_name",
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            "first_name",
+        );
+        expect_error(
+            "ALTER TABLE contacts ALTER COLUMN ltv TYPE int",
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "used by a view or rule",
+        );
         run("ALTER TABLE contacts DROP COLUMN last_seen_at");
     }
 
@@ -570,7 +864,9 @@ mod tests {
                 String::new()
             })
             .catch_others(|caught| match &caught {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.detail().unwrap_or_default().to_string(),
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                    r.detail().unwrap_or_default().to_string()
+                }
                 CaughtError::RustPanic { .. } => String::new(),
             })
             .execute();
@@ -584,27 +880,52 @@ mod tests {
     #[pg_test]
     fn dropping_the_table_cascades_into_inactive_bindings() {
         let b = vip_binding();
-        expect_error("DROP TABLE contacts", PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST, "other objects depend on it");
+        expect_error(
+            "DROP TABLE contacts",
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            "other objects depend on it",
+        );
         run("DROP TABLE contacts CASCADE");
-        assert_eq!(value::<String>(&format!("SELECT state FROM listsync.bindings WHERE id = {b}")), Some("inactive".into()));
-        let reason = value::<String>(&format!("SELECT state_reason FROM listsync.bindings WHERE id = {b}")).unwrap();
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT state FROM listsync.bindings WHERE id = {b}"
+            )),
+            Some("inactive".into())
+        );
+        let reason = value::<String>(&format!(
+            "SELECT state_reason FROM listsync.bindings WHERE id = {b}"
+        ))
+        .unwrap();
         assert!(reason.contains("contacts"), "{reason}");
-        assert_eq!(count("SELECT count(*) FROM listsync.filters WHERE name = 'vip'"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM listsync.filters WHERE name = 'vip'"),
+            0
+        );
     }
 
     #[pg_test]
     fn unbind_removes_the_triggers_with_the_last_binding() {
         let b = vip_binding();
         run("SELECT listsync.create_filter('paris', 'contacts', $$ city = 'Paris' $$)");
-        let p = value::<i64>("SELECT listsync.bind_filter_to_list('paris', 'hook', backfill => false)").unwrap();
+        let p =
+            value::<i64>("SELECT listsync.bind_filter_to_list('paris', 'hook', backfill => false)")
+                .unwrap();
         clear_outbox();
         run(&format!("SELECT listsync.unbind({b})"));
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname = 'listsync_capture'"), 1);
-        run("INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgname = 'listsync_capture'"),
+            1
+        );
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('m@x.io', 'Moscow', 5000), ('p@x.io', 'Paris', 1)",
+        );
         assert_eq!(dirty(p), strings(&["p@x.io"]));
         assert_eq!(dirty(b), Vec::<String>::new());
         run(&format!("SELECT listsync.unbind({p})"));
-        assert_eq!(count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync_capture%'"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync_capture%'"),
+            0
+        );
     }
 
     #[pg_test]
@@ -621,16 +942,29 @@ mod tests {
         let plan = value::<String>(&format!(
             "SELECT string_agg(address || ':' || operation, ' ' ORDER BY address) FROM listsync.dry_run({b})"
         ));
-        assert_eq!(plan, Some("changed@x.io:update gone@x.io:remove new@x.io:add unsub@x.io:skip".into()));
+        assert_eq!(
+            plan,
+            Some("changed@x.io:update gone@x.io:remove new@x.io:add unsub@x.io:skip".into())
+        );
         run("SELECT listsync.suppress('NEW@x.io')");
-        let plan = value::<String>(&format!("SELECT string_agg(address || ':' || operation, ' ' ORDER BY address) FROM listsync.dry_run({b})"));
-        assert_eq!(plan, Some("changed@x.io:update gone@x.io:remove unsub@x.io:skip".into()), "suppressed addresses are never sent");
+        let plan = value::<String>(&format!(
+            "SELECT string_agg(address || ':' || operation, ' ' ORDER BY address) FROM listsync.dry_run({b})"
+        ));
+        assert_eq!(
+            plan,
+            Some("changed@x.io:update gone@x.io:remove unsub@x.io:skip".into()),
+            "suppressed addresses are never sent"
+        );
     }
 
     #[pg_test]
     fn connection_settings_are_validated_naming_the_key() {
         use PgSqlErrorCode::*;
-        expect_error("SELECT listsync.create_connection('x', 'nosuch')", ERRCODE_INVALID_PARAMETER_VALUE, "unknown provider \"nosuch\"");
+        expect_error(
+            "SELECT listsync.create_connection('x', 'nosuch')",
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "unknown provider \"nosuch\"",
+        );
         expect_error(
             "SELECT listsync.create_connection('x', 'mailchimp', '{\"audience\": \"a\"}', '{\"api_key\": \"k-us1\"}')",
             ERRCODE_INVALID_PARAMETER_VALUE,
@@ -646,8 +980,13 @@ mod tests {
             ERRCODE_INVALID_PARAMETER_VALUE,
             "data centre",
         );
-        assert!(!message.contains("s3cr3t"), "secrets never appear in errors: {message}");
-        run("SELECT listsync.create_connection('x', 'mailchimp', '{\"audience_id\": \"a\"}', '{\"api_key\": \"k-us1\"}')");
+        assert!(
+            !message.contains("s3cr3t"),
+            "secrets never appear in errors: {message}"
+        );
+        run(
+            "SELECT listsync.create_connection('x', 'mailchimp', '{\"audience_id\": \"a\"}', '{\"api_key\": \"k-us1\"}')",
+        );
         expect_error(
             "SELECT listsync.create_connection('x', 'mailchimp', '{\"audience_id\": \"a\"}', '{\"api_key\": \"k-us1\"}')",
             ERRCODE_DUPLICATE_OBJECT,

@@ -20,7 +20,9 @@ pub fn role_name(role: pg_sys::Oid) -> String {
     // SAFETY: GetUserNameFromId returns a palloc'd C string or raises an ERROR (noerr = false).
     unsafe {
         let name = pg_sys::GetUserNameFromId(role, false);
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -35,9 +37,15 @@ pub fn require_admin(action: &str) -> Result<()> {
     if is_superuser(role) || has_role(role, "listsync_admin") {
         return Ok(());
     }
-    Err(Error::new(Kind::InsufficientPrivilege, format!("permission denied to {action}"))
-        .with_detail(format!("Role \"{}\" is not a member of listsync_admin.", role_name(role)))
-        .with_hint("GRANT listsync_admin TO the role that manages provider connections."))
+    Err(Error::new(
+        Kind::InsufficientPrivilege,
+        format!("permission denied to {action}"),
+    )
+    .with_detail(format!(
+        "Role \"{}\" is not a member of listsync_admin.",
+        role_name(role)
+    ))
+    .with_hint("GRANT listsync_admin TO the role that manages provider connections."))
 }
 
 fn has_role(role: pg_sys::Oid, name: &str) -> bool {
@@ -52,7 +60,9 @@ fn has_role(role: pg_sys::Oid, name: &str) -> bool {
 /// Whether the caller holds `privilege` (a `pg_sys::ACL_*` bit) on table `relid`.
 pub fn caller_has_table_privilege(relid: pg_sys::Oid, privilege: pg_sys::AclMode) -> bool {
     // SAFETY: an ACL check by OIDs; raises only for a missing relation, which callers exclude.
-    unsafe { pg_sys::pg_class_aclcheck(relid, caller(), privilege) == pg_sys::AclResult::ACLCHECK_OK }
+    unsafe {
+        pg_sys::pg_class_aclcheck(relid, caller(), privilege) == pg_sys::AclResult::ACLCHECK_OK
+    }
 }
 
 /// While alive, the backend acts as the bootstrap superuser with `search_path` set to
@@ -86,7 +96,11 @@ impl AsExtension {
                 0,
                 false,
             );
-            AsExtension { user, security_context, guc_level }
+            AsExtension {
+                user,
+                security_context,
+                guc_level,
+            }
         }
     }
 

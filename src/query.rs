@@ -9,6 +9,10 @@ use pgrx::prelude::*;
 pub fn optional<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     Spi::connect_mut(|client| {
         let rows = client.update(sql, Some(1), args)?;
-        if rows.is_empty() { Ok(None) } else { Ok(rows.first().get_one::<T>()?) }
+        if rows.is_empty() {
+            Ok(None)
+        } else {
+            Ok(rows.first().get_one::<T>()?)
+        }
     })
 }

@@ -57,7 +57,10 @@ pub fn request_wake() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         // After ProcArrayEndTransaction: the worker's next snapshot sees the commit.
@@ -67,7 +70,9 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             }
         }
         // PREPARE and COMMIT PREPARED do not wake: the worker's polling tick covers them.
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => WAKE_AT_COMMIT.with(|w| w.set(false)),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_AT_COMMIT.with(|w| w.set(false))
+        }
         _ => {}
     }
 }
@@ -80,7 +85,12 @@ pub fn wake_now() {
     }
     // SAFETY: MyDatabaseId is a backend global.
     let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let procno = REGISTRY.share().slots.iter().find(|s| s.database == database && s.pid != 0).map(|s| s.procno);
+    let procno = REGISTRY
+        .share()
+        .slots
+        .iter()
+        .find(|s| s.database == database && s.pid != 0)
+        .map(|s| s.procno);
     if let Some(procno) = procno {
         set_latch(procno);
     }
@@ -101,7 +111,13 @@ pub fn register_worker() -> bool {
         return false;
     }
     // SAFETY: reading the worker's own backend globals.
-    let (database, pid, procno) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid, (*pg_sys::MyProc).pgprocno) };
+    let (database, pid, procno) = unsafe {
+        (
+            pg_sys::MyDatabaseId.to_u32(),
+            pg_sys::MyProcPid,
+            (*pg_sys::MyProc).pgprocno,
+        )
+    };
     let mut registry = REGISTRY.exclusive();
     let index = registry
         .slots
@@ -109,7 +125,13 @@ pub fn register_worker() -> bool {
         .position(|s| s.database == database && s.pid == 0)
         .or_else(|| registry.slots.iter().position(|s| s.database == 0));
     let Some(index) = index else { return false };
-    registry.slots[index] = WorkerSlot { database, pid, procno, exit_requested: false, suspended_until_ms: 0 };
+    registry.slots[index] = WorkerSlot {
+        database,
+        pid,
+        procno,
+        exit_requested: false,
+        suspended_until_ms: 0,
+    };
     drop(registry);
     // SAFETY: registers a callback run when this process exits (FATAL or normal exit).
     unsafe { pg_sys::on_proc_exit(Some(unregister_worker), pg_sys::Datum::from(0)) };
@@ -135,16 +157,28 @@ unsafe extern "C-unwind" fn unregister_worker(_code: i32, _arg: pg_sys::Datum) {
 pub fn exit_requested() -> bool {
     // SAFETY: MyProcPid is a backend global.
     let pid = unsafe { pg_sys::MyProcPid };
-    preloaded() && REGISTRY.share().slots.iter().any(|s| s.pid == pid && s.exit_requested)
+    preloaded()
+        && REGISTRY
+            .share()
+            .slots
+            .iter()
+            .any(|s| s.pid == pid && s.exit_requested)
 }
 
 /// Whether the launcher should wait before starting a worker for `database`.
 pub fn suspended(database: u32, now_ms: i64) -> bool {
-    REGISTRY.share().slots.iter().any(|s| s.database == database && s.suspended_until_ms > now_ms)
+    REGISTRY
+        .share()
+        .slots
+        .iter()
+        .any(|s| s.database == database && s.suspended_until_ms > now_ms)
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -178,8 +212,26 @@ unsafe extern "C-unwind" fn process_utility(
             evict_worker(&database);
         }
         match PREVIOUS_UTILITY_HOOK {
-            Some(previous) => previous(statement, query, read_only_tree, context, params, query_env, dest, completion),
-            None => pg_sys::standard_ProcessUtility(statement, query, read_only_tree, context, params, query_env, dest, completion),
+            Some(previous) => previous(
+                statement,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                statement,
+                query,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            ),
         }
     }
 }
@@ -189,20 +241,27 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe fn database_needing_exclusive_access(node: *mut pg_sys::Node) -> Option<String> {
     // SAFETY: fields are read only after checking the node's tag; names are C strings.
     unsafe {
-        let text = |p: *const c_char| (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned());
+        let text = |p: *const c_char| {
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+        };
         if is_a(node, pg_sys::NodeTag::T_DropdbStmt) {
             return text((*(node as *mut pg_sys::DropdbStmt)).dbname);
         }
         if is_a(node, pg_sys::NodeTag::T_RenameStmt) {
             let rename = node as *mut pg_sys::RenameStmt;
-            if (*rename).renameType == pg_sys::ObjectType::OBJECT_DATABASE && is_a((*rename).object, pg_sys::NodeTag::T_String) {
+            if (*rename).renameType == pg_sys::ObjectType::OBJECT_DATABASE
+                && is_a((*rename).object, pg_sys::NodeTag::T_String)
+            {
                 return text((*((*rename).object as *mut pg_sys::String)).sval);
             }
         }
         if is_a(node, pg_sys::NodeTag::T_CreatedbStmt) {
-            let options = PgList::<pg_sys::DefElem>::from_pg((*(node as *mut pg_sys::CreatedbStmt)).options);
+            let options =
+                PgList::<pg_sys::DefElem>::from_pg((*(node as *mut pg_sys::CreatedbStmt)).options);
             for option in options.iter_ptr() {
-                if CStr::from_ptr((*option).defname).to_bytes() == b"template" && is_a((*option).arg, pg_sys::NodeTag::T_String) {
+                if CStr::from_ptr((*option).defname).to_bytes() == b"template"
+                    && is_a((*option).arg, pg_sys::NodeTag::T_String)
+                {
                     return text((*((*option).arg as *mut pg_sys::String)).sval);
                 }
             }
@@ -217,7 +276,9 @@ fn evict_worker(database: &str) {
     if !preloaded() {
         return;
     }
-    let Ok(name) = std::ffi::CString::new(database) else { return };
+    let Ok(name) = std::ffi::CString::new(database) else {
+        return;
+    };
     // SAFETY: get_database_oid with missing_ok returns InvalidOid for an unknown name.
     let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) }.to_u32();
     if oid == 0 {
@@ -238,7 +299,12 @@ fn evict_worker(database: &str) {
     let Some(procno) = procno else { return };
     set_latch(procno);
     for _ in 0..1000 {
-        if !REGISTRY.share().slots.iter().any(|s| s.database == oid && s.pid != 0) {
+        if !REGISTRY
+            .share()
+            .slots
+            .iter()
+            .any(|s| s.database == oid && s.pid != 0)
+        {
             return;
         }
         // SAFETY: sleeping 10 ms; interrupts are checked after.

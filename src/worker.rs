@@ -9,7 +9,10 @@
 use crate::delivery::{Engine, extension_installed};
 use crate::guc;
 use crate::wake;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -72,31 +75,61 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
                     _ => {
                         // A worker that ran for a while and stopped starts again at once; one
                         // that keeps failing backs off up to a minute.
-                        let failures = if child.started.elapsed() > Duration::from_secs(60) { 0 } else { retry_at.get(&database).map_or(0, |r| r.1) + 1 };
-                        let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
-                        retry_at.insert(database.clone(), (Instant::now() + if failures == 0 { Duration::ZERO } else { delay }, failures));
+                        let failures = if child.started.elapsed() > Duration::from_secs(60) {
+                            0
+                        } else {
+                            retry_at.get(&database).map_or(0, |r| r.1) + 1
+                        };
+                        let delay =
+                            Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+                        retry_at.insert(
+                            database.clone(),
+                            (
+                                Instant::now() + if failures == 0 { Duration::ZERO } else { delay },
+                                failures,
+                            ),
+                        );
                         children.remove(&database);
                     }
                 }
             }
-            if retry_at.get(&database).is_some_and(|(at, _)| *at > Instant::now()) {
+            if retry_at
+                .get(&database)
+                .is_some_and(|(at, _)| *at > Instant::now())
+            {
                 continue;
             }
             match database_oid(&database) {
                 None => {
                     if !retry_at.contains_key(&database) {
-                        warning!("pg_listsync: database \"{database}\" named in listsync.database does not exist");
+                        warning!(
+                            "pg_listsync: database \"{database}\" named in listsync.database does not exist"
+                        );
                     }
-                    retry_at.insert(database.clone(), (Instant::now() + Duration::from_secs(30), 0));
+                    retry_at.insert(
+                        database.clone(),
+                        (Instant::now() + Duration::from_secs(30), 0),
+                    );
                 }
                 Some(oid) if wake::suspended(oid, wake::now_ms()) => {}
                 Some(_) => match start_database_worker(&database) {
                     Ok(handle) => {
-                        children.insert(database.clone(), Child { handle, started: Instant::now() });
+                        children.insert(
+                            database.clone(),
+                            Child {
+                                handle,
+                                started: Instant::now(),
+                            },
+                        );
                     }
                     Err(()) => {
-                        warning!("pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)");
-                        retry_at.insert(database.clone(), (Instant::now() + Duration::from_secs(10), 0));
+                        warning!(
+                            "pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)"
+                        );
+                        retry_at.insert(
+                            database.clone(),
+                            (Instant::now() + Duration::from_secs(10), 0),
+                        );
                     }
                 },
             }
@@ -115,7 +148,10 @@ fn database_oid(name: &str) -> Option<u32> {
         // SAFETY: a catalog heap scan inside a transaction; each tuple's data is a
         // FormData_pg_database, valid until the next heap_getnext.
         unsafe {
-            let relation = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let relation = pg_sys::table_open(
+                pg_sys::DatabaseRelationId,
+                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            );
             let scan = pg_sys::table_beginscan_catalog(relation, 0, std::ptr::null_mut());
             let mut found = None;
             loop {
@@ -124,7 +160,9 @@ fn database_oid(name: &str) -> Option<u32> {
                     break;
                 }
                 let form = pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database;
-                if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == name.as_bytes() {
+                if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes()
+                    == name.as_bytes()
+                {
                     found = Some((*form).oid.to_u32());
                     break;
                 }
@@ -184,7 +222,11 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         }
         // SAFETY: switching to and resetting our own context around the iteration.
         let previous = unsafe { pg_sys::MemoryContextSwitchTo(iteration) };
-        let busy = guarded("delivery", AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping))).unwrap_or(false);
+        let busy = guarded(
+            "delivery",
+            AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping)),
+        )
+        .unwrap_or(false);
         unsafe {
             pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::MemoryContextReset(iteration);
@@ -213,13 +255,18 @@ fn run_iteration(engine: &mut Engine, next_housekeeping: &mut Instant) -> bool {
         if shutdown_requested() {
             return false;
         }
-        let planned = BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_plan(engine))));
-        let Some(mut cycle) = planned else { return false };
+        let planned =
+            BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_plan(engine))));
+        let Some(mut cycle) = planned else {
+            return false;
+        };
         if cycle.is_empty() {
             return false;
         }
         engine.deliver(&mut cycle);
-        BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_record(engine, cycle))));
+        BackgroundWorker::transaction(AssertUnwindSafe(|| {
+            guard_result(engine_record(engine, cycle))
+        }));
     }
     true
 }
@@ -229,7 +276,10 @@ fn engine_plan(engine: &mut Engine) -> crate::error::Result<crate::delivery::Cyc
     engine.plan()
 }
 
-fn engine_record(engine: &mut Engine, cycle: crate::delivery::Cycle) -> crate::error::Result<usize> {
+fn engine_record(
+    engine: &mut Engine,
+    cycle: crate::delivery::Cycle,
+) -> crate::error::Result<usize> {
     engine.record(cycle)
 }
 
@@ -253,8 +303,11 @@ fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> 
     PgTryBuilder::new(|| Some(body()))
         .catch_others(|caught| {
             let message = match &caught {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                    ereport.message().to_string()
+                }
             };
             warning!("pg_listsync {what} failed: {message}");
             // SAFETY: we are at the top of the worker's loop; aborting the failed transaction

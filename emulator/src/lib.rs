@@ -31,6 +31,8 @@ mod server;
 pub mod mailchimp;
 pub mod webhook;
 
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -143,6 +145,16 @@ impl Emulator {
     /// The webhook receiver: signature secret, received deliveries, resulting lists.
     pub fn webhook(&self) -> &Webhook {
         self.provider::<Webhook>()
+    }
+
+    /// The members of the list a binding stored as `list_id` at `provider`: lower-cased address
+    /// -> fields, counting only members that would receive mail.
+    pub fn list_members(
+        &self,
+        provider: &str,
+        list_id: &str,
+    ) -> BTreeMap<String, Map<String, Value>> {
+        self.slot(provider).provider.list_members(list_id)
     }
 
     /// Resets every provider's state, faults and request log.

@@ -366,6 +366,27 @@ impl Provider for Mailchimp {
         }
     }
 
+    fn list_members(&self, list_id: &str) -> BTreeMap<String, Map<String, Value>> {
+        // The extension keeps a binding's tag (static segment) id as its list id.
+        let st = lock(&self.state);
+        let Some((audience, tag)) = st.audiences.values().find_map(|a| {
+            a.tags
+                .iter()
+                .find(|(_, id)| id.to_string() == list_id)
+                .map(|(name, _)| (a, name.clone()))
+        }) else {
+            return BTreeMap::new();
+        };
+        audience
+            .members
+            .values()
+            .filter(|m| {
+                matches!(m.status.as_str(), "subscribed" | "pending") && m.tags.contains(&tag)
+            })
+            .map(|m| (m.email.to_lowercase(), m.merge_fields.clone()))
+            .collect()
+    }
+
     fn reset(&self) {
         *lock(&self.state) = State::default();
     }

@@ -6,6 +6,7 @@
 //! the request log and the generic admin endpoints then work without further code.
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,6 +35,11 @@ pub(crate) trait Provider: Any + Send + Sync {
 
     /// Forget all state (accounts, lists, members, settings) as if freshly started.
     fn reset(&self);
+
+    /// Who is in the list the extension knows by `list_id` (the id it stored for a binding),
+    /// as lower-cased address -> fields: the uniform view convergence tests compare with the
+    /// filter's rows. Only members that would receive mail (subscribed or pending) count.
+    fn list_members(&self, list_id: &str) -> BTreeMap<String, Map<String, Value>>;
 
     /// The error document this provider sends with `status`, used for injected
     /// status faults and outages. The default is a plain JSON object.

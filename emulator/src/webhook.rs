@@ -233,6 +233,13 @@ impl Provider for Webhook {
         }
     }
 
+    fn list_members(&self, list_id: &str) -> BTreeMap<String, Map<String, Value>> {
+        self.list(list_id)
+            .into_iter()
+            .map(|(email, fields)| (email, fields.as_object().cloned().unwrap_or_default()))
+            .collect()
+    }
+
     fn reset(&self) {
         *lock(&self.state) = State::default();
     }

@@ -39,12 +39,18 @@ pub struct Connection {
 impl Connection {
     /// Changes when the configuration changes; a provider built from an older one is rebuilt.
     fn fingerprint(&self) -> String {
-        format!("{}\u{0}{}\u{0}{}", self.provider, self.settings, self.secrets)
+        format!(
+            "{}\u{0}{}\u{0}{}",
+            self.provider, self.settings, self.secrets
+        )
     }
 }
 
 fn http_config() -> HttpConfig {
-    HttpConfig { timeout: guc::ms(&guc::HTTP_TIMEOUT_MS), allowed_insecure_hosts: guc::allowed_insecure_hosts() }
+    HttpConfig {
+        timeout: guc::ms(&guc::HTTP_TIMEOUT_MS),
+        allowed_insecure_hosts: guc::allowed_insecure_hosts(),
+    }
 }
 
 pub fn load_connection_by_name(name: &str) -> Result<Connection> {
@@ -71,10 +77,16 @@ pub fn load_connection_by_name(name: &str) -> Result<Connection> {
 
 /// `listsync.test_connection`: one cheap authenticated call, in the caller's backend.
 pub fn check_connection(connection: &Connection) -> Result<Value> {
-    let mut provider = providers::connect(&connection.provider, &connection.settings, &connection.secrets)
-        .map_err(|e| Error::invalid(format!("connection \"{}\": {e}", connection.name)))?;
+    let mut provider = providers::connect(
+        &connection.provider,
+        &connection.settings,
+        &connection.secrets,
+    )
+    .map_err(|e| Error::invalid(format!("connection \"{}\": {e}", connection.name)))?;
     let mut http = Http::new(http_config(), None);
-    provider.check(&mut http).map_err(|e| provider_error(&connection.name, e))
+    provider
+        .check(&mut http)
+        .map_err(|e| provider_error(&connection.name, e))
 }
 
 fn provider_error(connection: &str, error: ProviderError) -> Error {
@@ -150,7 +162,11 @@ fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
 /// For each address the filter matches now, the mapped fields of its row (the row with the
 /// greatest key when several rows share the address: semantics 4). Read as the binding's
 /// owner, so row-level security applies.
-fn desired(binding: i64, owner: pg_sys::Oid, addresses: &[String]) -> Result<HashMap<String, Map<String, Value>>> {
+fn desired(
+    binding: i64,
+    owner: pg_sys::Oid,
+    addresses: &[String],
+) -> Result<HashMap<String, Map<String, Value>>> {
     let view = binding_view(binding);
     let keys: i64 = Spi::get_one_with_args(
         "SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass($1) AND attname::text LIKE 'key\\_%'",
@@ -170,7 +186,10 @@ fn desired(binding: i64, owner: pg_sys::Oid, addresses: &[String]) -> Result<Has
                 &[addresses.to_vec().into()],
             )? {
                 let address: String = row.get(1)?.unwrap_or_default();
-                let fields = row.get::<JsonB>(2)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default();
+                let fields = row
+                    .get::<JsonB>(2)?
+                    .and_then(|j| j.0.as_object().cloned())
+                    .unwrap_or_default();
                 found.insert(address, fields);
             }
             Ok(found)
@@ -214,11 +233,19 @@ fn address_set(query: &str, binding: Option<i64>, addresses: &[String]) -> Resul
 }
 
 fn suppressed(addresses: &[String]) -> Result<HashSet<String>> {
-    address_set("SELECT address FROM listsync.suppressions WHERE address = ANY($1)", None, addresses)
+    address_set(
+        "SELECT address FROM listsync.suppressions WHERE address = ANY($1)",
+        None,
+        addresses,
+    )
 }
 
 fn erasures(binding: i64, addresses: &[String]) -> Result<HashSet<String>> {
-    address_set("SELECT address FROM listsync.erasures WHERE address = ANY($1) AND binding_id = $2", Some(binding), addresses)
+    address_set(
+        "SELECT address FROM listsync.erasures WHERE address = ANY($1) AND binding_id = $2",
+        Some(binding),
+        addresses,
+    )
 }
 
 /// The planned action for each address of one binding.
@@ -229,7 +256,12 @@ struct Planned {
     recorded: Option<Recorded>,
 }
 
-fn plan_binding(binding: i64, owner: pg_sys::Oid, on_leave: OnLeave, addresses: &[String]) -> Result<Vec<Planned>> {
+fn plan_binding(
+    binding: i64,
+    owner: pg_sys::Oid,
+    on_leave: OnLeave,
+    addresses: &[String],
+) -> Result<Vec<Planned>> {
     let desired = desired(binding, owner, addresses)?;
     let mut recorded = recorded(binding, addresses)?;
     let suppressed = suppressed(addresses)?;
@@ -239,8 +271,19 @@ fn plan_binding(binding: i64, owner: pg_sys::Oid, on_leave: OnLeave, addresses: 
         .map(|address| {
             let wanted = desired.get(address);
             let known = recorded.remove(address);
-            let action = plan::plan(wanted, known.as_ref(), suppressed.contains(address), erasures.contains(address), on_leave);
-            Planned { address: address.clone(), action, fields: wanted.cloned().unwrap_or_default(), recorded: known }
+            let action = plan::plan(
+                wanted,
+                known.as_ref(),
+                suppressed.contains(address),
+                erasures.contains(address),
+                on_leave,
+            );
+            Planned {
+                address: address.clone(),
+                action,
+                fields: wanted.cloned().unwrap_or_default(),
+                recorded: known,
+            }
         })
         .collect())
 }
@@ -248,9 +291,16 @@ fn plan_binding(binding: i64, owner: pg_sys::Oid, on_leave: OnLeave, addresses: 
 /// Recounts the rows the binding's filter matches whose email is not an address.
 fn recount_skipped(binding: i64, owner: pg_sys::Oid) -> Result<()> {
     let view = binding_view(binding);
-    let count: i64 = privilege::as_role(owner, || Spi::get_one::<i64>(&format!("SELECT count(*) FROM {view} WHERE address IS NULL")))?
-        .unwrap_or(0);
-    Spi::run_with_args("UPDATE listsync.bindings SET skipped_invalid = $2 WHERE id = $1", &[binding.into(), count.into()])?;
+    let count: i64 = privilege::as_role(owner, || {
+        Spi::get_one::<i64>(&format!(
+            "SELECT count(*) FROM {view} WHERE address IS NULL"
+        ))
+    })?
+    .unwrap_or(0);
+    Spi::run_with_args(
+        "UPDATE listsync.bindings SET skipped_invalid = $2 WHERE id = $1",
+        &[binding.into(), count.into()],
+    )?;
     Ok(())
 }
 
@@ -268,7 +318,9 @@ pub struct DryRunStep {
 pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
     AsExtension::run(|| {
         let targets = load_targets(&[binding])?;
-        let target = targets.get(&binding).ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
+        let target = targets
+            .get(&binding)
+            .ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
         let view = binding_view(binding);
         let addresses: Vec<String> = privilege::as_role(target.owner, || {
             Spi::get_one_with_args::<Vec<String>>(
@@ -290,8 +342,14 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
                     Action::Refrain(why) => Some(why.clone()),
                     _ => None,
                 };
-                let fields = matches!(planned.action, Action::Add | Action::Update).then(|| Value::Object(planned.fields.clone()));
-                steps.push(DryRunStep { address: planned.address, operation: planned.action.describe(on_leave).into(), fields, reason });
+                let fields = matches!(planned.action, Action::Add | Action::Update)
+                    .then(|| Value::Object(planned.fields.clone()));
+                steps.push(DryRunStep {
+                    address: planned.address,
+                    operation: planned.action.describe(on_leave).into(),
+                    fields,
+                    reason,
+                });
             }
         }
         Ok(steps)
@@ -354,8 +412,14 @@ pub struct Engine {
 
 impl Engine {
     pub fn new() -> Engine {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Engine { runtimes: HashMap::new(), random: seed | 1 }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Engine {
+            runtimes: HashMap::new(),
+            random: seed | 1,
+        }
     }
 
     fn next_random(&mut self) -> f64 {
@@ -380,7 +444,9 @@ impl Engine {
         let mut targets = load_targets(&ids)?;
         let mut work = Vec::new();
         for (id, pairs) in by_binding {
-            let Some(target) = targets.remove(&id) else { continue };
+            let Some(target) = targets.remove(&id) else {
+                continue;
+            };
             let mut items: Vec<Item> = Vec::with_capacity(pairs.len());
             let mut addresses = Vec::with_capacity(pairs.len());
             for pair in pairs {
@@ -389,14 +455,31 @@ impl Engine {
                 } else {
                     addresses.push(pair.address.clone());
                 }
-                items.push(Item { address: pair.address, generation: pair.generation, attempts: pair.attempts, planned: None, outcome: None });
+                items.push(Item {
+                    address: pair.address,
+                    generation: pair.generation,
+                    attempts: pair.attempts,
+                    planned: None,
+                    outcome: None,
+                });
             }
             let mut planned: HashMap<String, Planned> =
-                plan_binding(id, target.owner, target.binding.on_leave, &addresses)?.into_iter().map(|p| (p.address.clone(), p)).collect();
+                plan_binding(id, target.owner, target.binding.on_leave, &addresses)?
+                    .into_iter()
+                    .map(|p| (p.address.clone(), p))
+                    .collect();
             for item in &mut items {
                 item.planned = planned.remove(&item.address);
             }
-            work.push(Work { id, target, items, prepared: false, stop: None, throttled: None, calls: Vec::new() });
+            work.push(Work {
+                id,
+                target,
+                items,
+                prepared: false,
+                stop: None,
+                throttled: None,
+                calls: Vec::new(),
+            });
         }
         work.sort_by_key(|w| w.id);
         Ok(Cycle { work })
@@ -430,14 +513,31 @@ impl Engine {
 
     fn runtime(&mut self, connection: &Connection) -> std::result::Result<&mut Runtime, String> {
         let fingerprint = connection.fingerprint();
-        let stale = self.runtimes.get(&connection.id).is_none_or(|r| r.fingerprint != fingerprint);
+        let stale = self
+            .runtimes
+            .get(&connection.id)
+            .is_none_or(|r| r.fingerprint != fingerprint);
         if stale {
-            let provider = providers::connect(&connection.provider, &connection.settings, &connection.secrets)
-                .map_err(|e| format!("connection \"{}\": {e}", connection.name))?;
+            let provider = providers::connect(
+                &connection.provider,
+                &connection.settings,
+                &connection.secrets,
+            )
+            .map_err(|e| format!("connection \"{}\": {e}", connection.name))?;
             let http = Http::new(http_config(), provider.limits().rate);
-            self.runtimes.insert(connection.id, Runtime { fingerprint, provider, http });
+            self.runtimes.insert(
+                connection.id,
+                Runtime {
+                    fingerprint,
+                    provider,
+                    http,
+                },
+            );
         }
-        let runtime = self.runtimes.get_mut(&connection.id).expect("inserted above");
+        let runtime = self
+            .runtimes
+            .get_mut(&connection.id)
+            .expect("inserted above");
         runtime.http.set_config(http_config());
         Ok(runtime)
     }
@@ -447,7 +547,11 @@ impl Engine {
         let handled = cycle.pairs();
         let mut book = Book::default();
         for mut work in cycle.work {
-            write_log(work.target.connection.id, work.id, std::mem::take(&mut work.calls))?;
+            write_log(
+                work.target.connection.id,
+                work.id,
+                std::mem::take(&mut work.calls),
+            )?;
             self.record_work(work, &mut book)?;
         }
         book.write()?;
@@ -459,7 +563,11 @@ impl Engine {
         if work.prepared {
             Spi::run_with_args(
                 "UPDATE listsync.bindings SET list_id = $2, remote = $3 || jsonb_build_object('prepared_at', now()) WHERE id = $1",
-                &[id.into(), work.target.binding.list_id.clone().into(), JsonB(Value::Object(work.target.binding.remote.clone())).into()],
+                &[
+                    id.into(),
+                    work.target.binding.list_id.clone().into(),
+                    JsonB(Value::Object(work.target.binding.remote.clone())).into(),
+                ],
             )?;
         }
         match &work.stop {
@@ -485,7 +593,10 @@ impl Engine {
         if let Some(after) = work.throttled {
             Spi::run_with_args(
                 "UPDATE listsync.connections SET throttled_until = now() + $2 * interval '1 millisecond' WHERE id = $1",
-                &[work.target.connection.id.into(), (after.as_millis() as i64).into()],
+                &[
+                    work.target.connection.id.into(),
+                    (after.as_millis() as i64).into(),
+                ],
             )?;
         }
         let base = guc::ms(&guc::RETRY_BASE_MS);
@@ -519,7 +630,13 @@ impl Engine {
             match outcome {
                 Outcome::Member { status, remote_id } => {
                     succeeded = true;
-                    book.member(id, &item.address, status.as_str(), remote_id, planned.fields);
+                    book.member(
+                        id,
+                        &item.address,
+                        status.as_str(),
+                        remote_id,
+                        planned.fields,
+                    );
                 }
                 Outcome::Removed => {
                     succeeded = true;
@@ -534,13 +651,28 @@ impl Engine {
                     last_error = Some(format!("{}: {message}", item.address));
                     book.dead(id, &item.address, operation, item.attempts + 1, message);
                 }
-                Outcome::Retry { message, retry_after } => {
+                Outcome::Retry {
+                    message,
+                    retry_after,
+                } => {
                     last_error = Some(format!("{}: {message}", item.address));
                     let attempts = item.attempts + 1;
                     if attempts >= max_attempts {
-                        book.dead(id, &item.address, operation, attempts, format!("gave up after {attempts} attempts: {message}"));
+                        book.dead(
+                            id,
+                            &item.address,
+                            operation,
+                            attempts,
+                            format!("gave up after {attempts} attempts: {message}"),
+                        );
                     } else {
-                        let delay = http::backoff(attempts as u32, base, max, retry_after, self.next_random());
+                        let delay = http::backoff(
+                            attempts as u32,
+                            base,
+                            max,
+                            retry_after,
+                            self.next_random(),
+                        );
                         book.retry(id, item.address, delay, message);
                         continue;
                     }
@@ -549,7 +681,10 @@ impl Engine {
             book.complete(id, item.address, item.generation);
         }
         if succeeded {
-            Spi::run_with_args("UPDATE listsync.bindings SET last_success_at = now() WHERE id = $1", &[id.into()])?;
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET last_success_at = now() WHERE id = $1",
+                &[id.into()],
+            )?;
         }
         if let Some(error) = last_error {
             Spi::run_with_args(
@@ -571,7 +706,10 @@ impl Engine {
         .unwrap_or_default();
         for binding in due {
             mark_membership_drift(binding)?;
-            Spi::run_with_args("UPDATE listsync.bindings SET last_reconciled_at = now() WHERE id = $1", &[binding.into()])?;
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET last_reconciled_at = now() WHERE id = $1",
+                &[binding.into()],
+            )?;
         }
         Spi::run_with_args(
             "DELETE FROM listsync.delivery_log WHERE at < now() - $1 * interval '1 second'",
@@ -584,8 +722,11 @@ impl Engine {
 /// Marks the addresses whose membership differs between the filter (now) and the provider
 /// (as recorded): what a time-dependent filter changes without any write (semantics 8).
 pub fn mark_membership_drift(binding: i64) -> Result<i64> {
-    let owner: pg_sys::Oid = crate::query::optional("SELECT owner::oid FROM listsync.bindings WHERE id = $1", &[binding.into()])?
-        .unwrap_or(pg_sys::InvalidOid);
+    let owner: pg_sys::Oid = crate::query::optional(
+        "SELECT owner::oid FROM listsync.bindings WHERE id = $1",
+        &[binding.into()],
+    )?
+    .unwrap_or(pg_sys::InvalidOid);
     let view = binding_view(binding);
     let wanted: Vec<String> = privilege::as_role(owner, || {
         Spi::get_one::<Vec<String>>(&format!("SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"))
@@ -624,9 +765,19 @@ fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
     }
     let limits = provider.limits();
     for call in [Call::Upsert, Call::Remove, Call::Erase] {
-        let indices: Vec<usize> =
-            (0..work.items.len()).filter(|i| work.items[*i].planned.as_ref().is_some_and(|p| call.carries(&p.action))).collect();
-        let size = if call == Call::Upsert { limits.upsert_batch } else { limits.remove_batch };
+        let indices: Vec<usize> = (0..work.items.len())
+            .filter(|i| {
+                work.items[*i]
+                    .planned
+                    .as_ref()
+                    .is_some_and(|p| call.carries(&p.action))
+            })
+            .collect();
+        let size = if call == Call::Upsert {
+            limits.upsert_batch
+        } else {
+            limits.remove_batch
+        };
         for batch in indices.chunks(size.max(1)) {
             let members: Vec<Member> = batch
                 .iter()
@@ -652,9 +803,16 @@ fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
                     }
                 }
                 Ok(outcomes) => {
-                    let message = format!("provider answered {} outcomes for {} members", outcomes.len(), members.len());
+                    let message = format!(
+                        "provider answered {} outcomes for {} members",
+                        outcomes.len(),
+                        members.len()
+                    );
                     for i in batch {
-                        work.items[*i].outcome = Some(Outcome::Retry { message: message.clone(), retry_after: None });
+                        work.items[*i].outcome = Some(Outcome::Retry {
+                            message: message.clone(),
+                            retry_after: None,
+                        });
                     }
                 }
                 Err(error) => {
@@ -701,16 +859,26 @@ fn stop_or_retry(work: &mut Work, error: ProviderError, batch: Option<&[usize]>)
             work.stop = Some(Stop::Binding(message));
             return true;
         }
-        ProviderError::Transient { message, retry_after } => {
+        ProviderError::Transient {
+            message,
+            retry_after,
+        } => {
             if retry_after.is_some() {
                 work.throttled = retry_after;
             }
-            Outcome::Retry { message, retry_after }
+            Outcome::Retry {
+                message,
+                retry_after,
+            }
         }
         ProviderError::Rejected(message) => Outcome::Failed { message },
     };
     for i in batch {
-        if work.items[*i].planned.as_ref().is_some_and(|p| !matches!(p.action, Action::Nothing | Action::Refrain(_))) {
+        if work.items[*i]
+            .planned
+            .as_ref()
+            .is_some_and(|p| !matches!(p.action, Action::Nothing | Action::Refrain(_)))
+        {
             work.items[*i].outcome = Some(outcome.clone());
         }
     }
@@ -720,7 +888,13 @@ fn stop_or_retry(work: &mut Work, error: ProviderError, batch: Option<&[usize]>)
 /// The writes of `record`, gathered per kind and applied with one statement each.
 #[derive(Default)]
 struct Book {
-    members: (Vec<i64>, Vec<String>, Vec<String>, Vec<Option<String>>, Vec<JsonB>),
+    members: (
+        Vec<i64>,
+        Vec<String>,
+        Vec<String>,
+        Vec<Option<String>>,
+        Vec<JsonB>,
+    ),
     gone: (Vec<i64>, Vec<String>),
     dead: (Vec<i64>, Vec<String>, Vec<String>, Vec<i32>, Vec<String>),
     complete: (Vec<i64>, Vec<String>, Vec<i64>),
@@ -729,7 +903,14 @@ struct Book {
 }
 
 impl Book {
-    fn member(&mut self, binding: i64, address: &str, status: &str, remote_id: Option<String>, fields: Map<String, Value>) {
+    fn member(
+        &mut self,
+        binding: i64,
+        address: &str,
+        status: &str,
+        remote_id: Option<String>,
+        fields: Map<String, Value>,
+    ) {
         self.members.0.push(binding);
         self.members.1.push(address.to_string());
         self.members.2.push(status.to_string());
@@ -854,4 +1035,3 @@ pub fn extension_installed() -> bool {
     // SAFETY: get_extension_oid with missing_ok = true returns InvalidOid when not installed.
     unsafe { pg_sys::get_extension_oid(c"pg_listsync".as_ptr(), true) != pg_sys::InvalidOid }
 }
-

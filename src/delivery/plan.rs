@@ -58,15 +58,26 @@ impl Action {
 /// Decides what one pair needs. `desired` is the mapped fields of the row the filter matches
 /// for the address (None: no row matches), `suppressed` says the address is on the local
 /// suppression list, `erase` that a GDPR erasure was requested.
-pub fn plan(desired: Option<&Map<String, Value>>, recorded: Option<&Recorded>, suppressed: bool, erase: bool, on_leave: OnLeave) -> Action {
+pub fn plan(
+    desired: Option<&Map<String, Value>>,
+    recorded: Option<&Recorded>,
+    suppressed: bool,
+    erase: bool,
+    on_leave: OnLeave,
+) -> Action {
     if erase {
-        return if recorded.is_some() { Action::Erase } else { Action::Nothing };
+        return if recorded.is_some() {
+            Action::Erase
+        } else {
+            Action::Nothing
+        };
     }
     let desired = if suppressed { None } else { desired };
     match (desired, recorded) {
-        (Some(_), Some(r)) if !r.is_member() => {
-            Action::Refrain(format!("the address is {} at the provider; it is not re-subscribed", r.status))
-        }
+        (Some(_), Some(r)) if !r.is_member() => Action::Refrain(format!(
+            "the address is {} at the provider; it is not re-subscribed",
+            r.status
+        )),
         (Some(fields), Some(r)) if *fields == r.fields => Action::Nothing,
         (Some(_), Some(_)) => Action::Update,
         (Some(_), None) => Action::Add,
@@ -87,39 +98,133 @@ mod unit {
     }
 
     fn recorded(status: &str, f: Value) -> Recorded {
-        Recorded { status: status.into(), remote_id: None, fields: fields(f) }
+        Recorded {
+            status: status.into(),
+            remote_id: None,
+            fields: fields(f),
+        }
     }
 
     #[test]
     fn entering_changing_and_leaving() {
         let ann = fields(json!({"FNAME": "Ann"}));
-        assert_eq!(plan(Some(&ann), None, false, false, OnLeave::Remove), Action::Add);
-        assert_eq!(plan(Some(&ann), Some(&recorded("subscribed", json!({"FNAME": "Ann"}))), false, false, OnLeave::Remove), Action::Nothing);
-        assert_eq!(plan(Some(&ann), Some(&recorded("pending", json!({"FNAME": "Anne"}))), false, false, OnLeave::Remove), Action::Update);
-        assert_eq!(plan(None, Some(&recorded("subscribed", json!({}))), false, false, OnLeave::Archive), Action::Leave);
-        assert_eq!(plan(None, Some(&recorded("subscribed", json!({}))), false, false, OnLeave::Keep), Action::Forget);
-        assert_eq!(plan(None, None, false, false, OnLeave::Remove), Action::Nothing);
+        assert_eq!(
+            plan(Some(&ann), None, false, false, OnLeave::Remove),
+            Action::Add
+        );
+        assert_eq!(
+            plan(
+                Some(&ann),
+                Some(&recorded("subscribed", json!({"FNAME": "Ann"}))),
+                false,
+                false,
+                OnLeave::Remove
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            plan(
+                Some(&ann),
+                Some(&recorded("pending", json!({"FNAME": "Anne"}))),
+                false,
+                false,
+                OnLeave::Remove
+            ),
+            Action::Update
+        );
+        assert_eq!(
+            plan(
+                None,
+                Some(&recorded("subscribed", json!({}))),
+                false,
+                false,
+                OnLeave::Archive
+            ),
+            Action::Leave
+        );
+        assert_eq!(
+            plan(
+                None,
+                Some(&recorded("subscribed", json!({}))),
+                false,
+                false,
+                OnLeave::Keep
+            ),
+            Action::Forget
+        );
+        assert_eq!(
+            plan(None, None, false, false, OnLeave::Remove),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn consent_only_moves_one_way() {
         let ann = fields(json!({"FNAME": "Ann"}));
-        for status in ["unsubscribed", "cleaned", "bounced", "complained", "refused"] {
-            assert!(matches!(plan(Some(&ann), Some(&recorded(status, json!({}))), false, false, OnLeave::Remove), Action::Refrain(_)));
-            assert_eq!(plan(None, Some(&recorded(status, json!({}))), false, false, OnLeave::Remove), Action::Nothing);
+        for status in [
+            "unsubscribed",
+            "cleaned",
+            "bounced",
+            "complained",
+            "refused",
+        ] {
+            assert!(matches!(
+                plan(
+                    Some(&ann),
+                    Some(&recorded(status, json!({}))),
+                    false,
+                    false,
+                    OnLeave::Remove
+                ),
+                Action::Refrain(_)
+            ));
+            assert_eq!(
+                plan(
+                    None,
+                    Some(&recorded(status, json!({}))),
+                    false,
+                    false,
+                    OnLeave::Remove
+                ),
+                Action::Nothing
+            );
         }
     }
 
     #[test]
     fn suppression_overrides_the_filter() {
         let ann = fields(json!({}));
-        assert_eq!(plan(Some(&ann), Some(&recorded("subscribed", json!({}))), true, false, OnLeave::Remove), Action::Leave);
-        assert_eq!(plan(Some(&ann), None, true, false, OnLeave::Remove), Action::Nothing);
+        assert_eq!(
+            plan(
+                Some(&ann),
+                Some(&recorded("subscribed", json!({}))),
+                true,
+                false,
+                OnLeave::Remove
+            ),
+            Action::Leave
+        );
+        assert_eq!(
+            plan(Some(&ann), None, true, false, OnLeave::Remove),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn erasure_reaches_whatever_was_recorded() {
-        assert_eq!(plan(None, Some(&recorded("unsubscribed", json!({}))), true, true, OnLeave::Keep), Action::Erase);
-        assert_eq!(plan(None, None, true, true, OnLeave::Remove), Action::Nothing);
+        assert_eq!(
+            plan(
+                None,
+                Some(&recorded("unsubscribed", json!({}))),
+                true,
+                true,
+                OnLeave::Keep
+            ),
+            Action::Erase
+        );
+        assert_eq!(
+            plan(None, None, true, true, OnLeave::Remove),
+            Action::Nothing
+        );
     }
 }

@@ -23,23 +23,38 @@ pub struct CompiledPredicate {
 /// Compiles `predicate` over table `relid` for the filter named `filter`. PostgreSQL's own
 /// errors (syntax, unknown column, wrong type, subquery, aggregate ...) are re-raised with the
 /// filter's name in front and their SQLSTATE kept.
-pub fn compile_predicate(filter: &str, relid: pg_sys::Oid, predicate: &str) -> Result<CompiledPredicate> {
+pub fn compile_predicate(
+    filter: &str,
+    relid: pg_sys::Oid,
+    predicate: &str,
+) -> Result<CompiledPredicate> {
     if predicate.contains('\0') {
-        return Err(Error::new(Kind::SyntaxError, "the predicate contains a NUL character").in_filter(filter));
+        return Err(
+            Error::new(Kind::SyntaxError, "the predicate contains a NUL character")
+                .in_filter(filter),
+        );
     }
     let source = CString::new(format!("SELECT WHERE {predicate}")).expect("NUL checked above");
     let analyzed = analyze_guarded(relid, &source, true).map_err(|e| e.in_filter(filter))?;
-    Ok(CompiledPredicate { sql: analyzed.sql, time_dependent: analyzed.mutable })
+    Ok(CompiledPredicate {
+        sql: analyzed.sql,
+        time_dependent: analyzed.mutable,
+    })
 }
 
 /// Compiles a mapped field's SQL expression over table `relid`, under the same rules as a
 /// predicate (it runs in the worker as the binding's owner). Returns the deparsed SQL.
 pub fn compile_expression(filter: &str, relid: pg_sys::Oid, expression: &str) -> Result<String> {
     if expression.contains('\0') {
-        return Err(Error::new(Kind::SyntaxError, "the expression contains a NUL character").in_filter(filter));
+        return Err(
+            Error::new(Kind::SyntaxError, "the expression contains a NUL character")
+                .in_filter(filter),
+        );
     }
     let source = CString::new(format!("SELECT WHERE {expression}")).expect("NUL checked above");
-    Ok(analyze_guarded(relid, &source, false).map_err(|e| e.in_filter(filter))?.sql)
+    Ok(analyze_guarded(relid, &source, false)
+        .map_err(|e| e.in_filter(filter))?
+        .sql)
 }
 
 fn analyze_guarded(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<Analyzed> {
@@ -99,8 +114,16 @@ unsafe fn analyze(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<An
             true,
         );
         pg_sys::addNSItemToQuery(pstate, nsitem, true, true, true);
-        let expr = pg_sys::transformExpr(pstate, where_clause, pg_sys::ParseExprKind::EXPR_KIND_CHECK_CONSTRAINT);
-        let expr = if boolean { pg_sys::coerce_to_boolean(pstate, expr, c"filter".as_ptr()) } else { expr };
+        let expr = pg_sys::transformExpr(
+            pstate,
+            where_clause,
+            pg_sys::ParseExprKind::EXPR_KIND_CHECK_CONSTRAINT,
+        );
+        let expr = if boolean {
+            pg_sys::coerce_to_boolean(pstate, expr, c"filter".as_ptr())
+        } else {
+            expr
+        };
         pg_sys::assign_expr_collations(pstate, expr);
 
         let mut columns: *mut pg_sys::Bitmapset = std::ptr::null_mut();
@@ -113,7 +136,10 @@ unsafe fn analyze(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<An
             }
             let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
             if attnum < 0 {
-                return Err(Error::new(Kind::FeatureNotSupported, "system columns cannot be used in a filter"));
+                return Err(Error::new(
+                    Kind::FeatureNotSupported,
+                    "system columns cannot be used in a filter",
+                ));
             }
             if attnum == 0 {
                 return Err(Error::new(
@@ -132,14 +158,19 @@ unsafe fn analyze(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<An
         let mutable = pg_sys::contain_mutable_functions(expr);
         let functions = functions_in(expr);
 
-        let relname = CString::new(crate::catalog::relation_name(relid)).expect("relation names have no NUL");
+        let relname =
+            CString::new(crate::catalog::relation_name(relid)).expect("relation names have no NUL");
         let context = pg_sys::deparse_context_for(relname.as_ptr(), relid);
         let deparsed = pg_sys::deparse_expression(expr, context, false, false);
         let sql = CStr::from_ptr(deparsed).to_string_lossy().into_owned();
 
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Ok(Analyzed { sql, mutable, functions })
+        Ok(Analyzed {
+            sql,
+            mutable,
+            functions,
+        })
     }
 }
 
@@ -156,7 +187,8 @@ unsafe fn single_where_clause(source: &CStr) -> Result<*mut pg_sys::Node> {
     // SAFETY: raw_parser returns a List of RawStmt (or raises an ERROR); we only read fields of
     // nodes whose tag we checked.
     unsafe {
-        let statements = pg_sys::raw_parser(source.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        let statements =
+            pg_sys::raw_parser(source.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         let statements = PgList::<pg_sys::RawStmt>::from_pg(statements);
         if statements.len() != 1 {
             return Err(not_single());
@@ -183,7 +215,11 @@ unsafe fn single_where_clause(source: &CStr) -> Result<*mut pg_sys::Node> {
             && s.intoClause.is_null()
             && s.valuesLists.is_null()
             && !s.whereClause.is_null();
-        if only_where { Ok(s.whereClause) } else { Err(not_single()) }
+        if only_where {
+            Ok(s.whereClause)
+        } else {
+            Err(not_single())
+        }
     }
 }
 

@@ -44,7 +44,10 @@ struct Compiler<'a> {
 }
 
 fn fail<T>(path: &str, message: impl Into<String>) -> Result<T> {
-    Err(ConditionError { path: path.to_string(), message: message.into() })
+    Err(ConditionError {
+        path: path.to_string(),
+        message: message.into(),
+    })
 }
 
 impl Compiler<'_> {
@@ -52,11 +55,16 @@ impl Compiler<'_> {
         let Some(object) = node.as_object() else {
             return fail(path, "a condition must be a JSON object");
         };
-        let combinator = ["all", "any", "not"].into_iter().find(|key| object.contains_key(*key));
+        let combinator = ["all", "any", "not"]
+            .into_iter()
+            .find(|key| object.contains_key(*key));
         match combinator {
             Some(key) => {
                 if object.len() != 1 {
-                    return fail(path, format!("\"{key}\" must be the only key of its object"));
+                    return fail(
+                        path,
+                        format!("\"{key}\" must be the only key of its object"),
+                    );
                 }
                 self.combination(key, &object[key], &format!("{path}.{key}"))
             }
@@ -86,14 +94,20 @@ impl Compiler<'_> {
     fn leaf(&self, leaf: &Map<String, Value>, path: &str) -> Result<String> {
         for key in leaf.keys() {
             if !matches!(key.as_str(), "column" | "op" | "value" | "annual") {
-                return fail(path, format!("unknown key \"{key}\" (a condition has column, op, value)"));
+                return fail(
+                    path,
+                    format!("unknown key \"{key}\" (a condition has column, op, value)"),
+                );
             }
         }
         let Some(column) = leaf.get("column").and_then(Value::as_str) else {
             return fail(path, "\"column\" (a string) is required");
         };
         let Some(kind) = (self.column_kind)(column) else {
-            return fail(&format!("{path}.column"), format!("column \"{column}\" does not exist"));
+            return fail(
+                &format!("{path}.column"),
+                format!("column \"{column}\" does not exist"),
+            );
         };
         let Some(op) = leaf.get("op").and_then(Value::as_str) else {
             return fail(path, "\"op\" (a string) is required");
@@ -101,10 +115,18 @@ impl Compiler<'_> {
         let annual = match leaf.get("annual") {
             None => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return fail(&format!("{path}.annual"), "\"annual\" must be true or false"),
+            Some(_) => {
+                return fail(
+                    &format!("{path}.annual"),
+                    "\"annual\" must be true or false",
+                );
+            }
         };
         if annual && !matches!(op, "within_last_days" | "within_next_days") {
-            return fail(&format!("{path}.annual"), "\"annual\" applies only to within_last_days and within_next_days");
+            return fail(
+                &format!("{path}.annual"),
+                "\"annual\" applies only to within_last_days and within_next_days",
+            );
         }
         let col = quote_identifier(column);
         let value = leaf.get("value");
@@ -113,12 +135,20 @@ impl Compiler<'_> {
         if needs_no_value && value.is_some() {
             return fail(&value_path, format!("\"{op}\" takes no value"));
         }
-        let value = || value.ok_or_else(|| ConditionError { path: value_path.clone(), message: format!("\"{op}\" needs a value") });
+        let value = || {
+            value.ok_or_else(|| ConditionError {
+                path: value_path.clone(),
+                message: format!("\"{op}\" needs a value"),
+            })
+        };
 
         Ok(match op {
             "=" | "!=" | "<" | "<=" | ">" | ">=" => {
                 let sql_op = if op == "!=" { "<>" } else { op };
-                format!("({col} {sql_op} {})", scalar_literal(value()?, &value_path)?)
+                format!(
+                    "({col} {sql_op} {})",
+                    scalar_literal(value()?, &value_path)?
+                )
             }
             "in" | "not_in" => {
                 let Some(items) = value()?.as_array() else {
@@ -151,7 +181,10 @@ impl Compiler<'_> {
             "between" => {
                 let bounds = value()?.as_array().filter(|b| b.len() == 2);
                 let Some(bounds) = bounds else {
-                    return fail(&value_path, "\"between\" takes an array of two values [low, high]");
+                    return fail(
+                        &value_path,
+                        "\"between\" takes an array of two values [low, high]",
+                    );
                 };
                 let low = scalar_literal(&bounds[0], &format!("{value_path}[0]"))?;
                 let high = scalar_literal(&bounds[1], &format!("{value_path}[1]"))?;
@@ -160,18 +193,36 @@ impl Compiler<'_> {
             "within_last_days" | "within_next_days" => {
                 let days = value()?.as_u64().filter(|d| *d <= 36_600);
                 let Some(days) = days else {
-                    return fail(&value_path, format!("\"{op}\" takes a whole number of days from 0 to 36600"));
+                    return fail(
+                        &value_path,
+                        format!("\"{op}\" takes a whole number of days from 0 to 36600"),
+                    );
                 };
                 let past = op == "within_last_days";
                 match (kind, annual) {
-                    (ColumnKind::Date | ColumnKind::Timestamp, true) => anniversary_window(&col, days, past),
-                    (ColumnKind::Date, false) if past => format!("({col} BETWEEN current_date - {days} AND current_date)"),
-                    (ColumnKind::Date, false) => format!("({col} BETWEEN current_date AND current_date + {days})"),
+                    (ColumnKind::Date | ColumnKind::Timestamp, true) => {
+                        anniversary_window(&col, days, past)
+                    }
+                    (ColumnKind::Date, false) if past => {
+                        format!("({col} BETWEEN current_date - {days} AND current_date)")
+                    }
+                    (ColumnKind::Date, false) => {
+                        format!("({col} BETWEEN current_date AND current_date + {days})")
+                    }
                     (ColumnKind::Timestamp, false) if past => {
                         format!("({col} BETWEEN now() - interval '{days} days' AND now())")
                     }
-                    (ColumnKind::Timestamp, false) => format!("({col} BETWEEN now() AND now() + interval '{days} days')"),
-                    _ => return fail(&format!("{path}.column"), format!("\"{op}\" needs a date or timestamp column, and \"{column}\" is not one")),
+                    (ColumnKind::Timestamp, false) => {
+                        format!("({col} BETWEEN now() AND now() + interval '{days} days')")
+                    }
+                    _ => {
+                        return fail(
+                            &format!("{path}.column"),
+                            format!(
+                                "\"{op}\" needs a date or timestamp column, and \"{column}\" is not one"
+                            ),
+                        );
+                    }
                 }
             }
             other => {
@@ -193,7 +244,9 @@ impl Compiler<'_> {
 /// other years.
 fn anniversary_window(col: &str, days: u64, past: bool) -> String {
     if past {
-        let last = format!("({col}::date + extract(year from age(current_date, {col}::date))::int * interval '1 year')::date");
+        let last = format!(
+            "({col}::date + extract(year from age(current_date, {col}::date))::int * interval '1 year')::date"
+        );
         format!("(current_date - {last} BETWEEN 0 AND {days})")
     } else {
         let next = format!(
@@ -208,8 +261,15 @@ fn scalar_literal(value: &Value, path: &str) -> Result<String> {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
-        Value::Null => return fail(path, "null is not a value to compare with (use is_null / is_not_null)"),
-        Value::Array(_) | Value::Object(_) => return fail(path, "expected a string, number or boolean"),
+        Value::Null => {
+            return fail(
+                path,
+                "null is not a value to compare with (use is_null / is_not_null)",
+            );
+        }
+        Value::Array(_) | Value::Object(_) => {
+            return fail(path, "expected a string, number or boolean");
+        }
     };
     if text.contains('\0') {
         return fail(path, "values cannot contain the NUL character");
@@ -279,7 +339,10 @@ mod unit {
     fn quotes_survive_hostile_values() {
         let hostile = "x'); DROP TABLE contacts; --\\' OR 1=1 \u{1F600} \"q\"";
         let out = sql(json!({"column": "name", "op": "=", "value": hostile}));
-        assert_eq!(out, "(\"name\" = E'x''); DROP TABLE contacts; --\\\\'' OR 1=1 \u{1F600} \"q\"')");
+        assert_eq!(
+            out,
+            "(\"name\" = E'x''); DROP TABLE contacts; --\\\\'' OR 1=1 \u{1F600} \"q\"')"
+        );
     }
 
     #[test]
@@ -291,9 +354,20 @@ mod unit {
 
     #[test]
     fn unknown_operators_and_keys_are_refused() {
-        assert_eq!(error(json!({"column": "city", "op": "; DROP", "value": 1})).path, "$.op");
-        assert!(error(json!({"column": "city", "op": "=", "value": 1, "sql": "true"})).message.contains("unknown key"));
-        assert!(error(json!({"all": [], "any": []})).message.contains("only key"));
+        assert_eq!(
+            error(json!({"column": "city", "op": "; DROP", "value": 1})).path,
+            "$.op"
+        );
+        assert!(
+            error(json!({"column": "city", "op": "=", "value": 1, "sql": "true"}))
+                .message
+                .contains("unknown key")
+        );
+        assert!(
+            error(json!({"all": [], "any": []}))
+                .message
+                .contains("only key")
+        );
         assert!(error(json!(["city"])).message.contains("JSON object"));
     }
 
@@ -301,13 +375,22 @@ mod unit {
     fn empty_combinations_have_their_identity() {
         assert_eq!(sql(json!({"all": []})), "true");
         assert_eq!(sql(json!({"any": []})), "false");
-        assert_eq!(sql(json!({"column": "city", "op": "in", "value": []})), "false");
-        assert_eq!(sql(json!({"column": "city", "op": "not_in", "value": []})), "true");
+        assert_eq!(
+            sql(json!({"column": "city", "op": "in", "value": []})),
+            "false"
+        );
+        assert_eq!(
+            sql(json!({"column": "city", "op": "not_in", "value": []})),
+            "true"
+        );
     }
 
     #[test]
     fn every_operator_has_a_form() {
-        assert_eq!(sql(json!({"column": "city", "op": "!=", "value": "A"})), "(\"city\" <> E'A')");
+        assert_eq!(
+            sql(json!({"column": "city", "op": "!=", "value": "A"})),
+            "(\"city\" <> E'A')"
+        );
         assert_eq!(
             sql(json!({"column": "city", "op": "not_in", "value": ["A", "B"]})),
             "(\"city\" NOT IN (E'A', E'B'))"
@@ -320,7 +403,10 @@ mod unit {
             sql(json!({"column": "email", "op": "starts_with", "value": "ann"})),
             "starts_with(lower(\"email\"::text), lower(E'ann'))"
         );
-        assert_eq!(sql(json!({"column": "email", "op": "is_null"})), "(\"email\" IS NULL)");
+        assert_eq!(
+            sql(json!({"column": "email", "op": "is_null"})),
+            "(\"email\" IS NULL)"
+        );
         assert_eq!(
             sql(json!({"column": "age", "op": "between", "value": [18, 65]})),
             "(\"age\" BETWEEN E'18' AND E'65')"
@@ -329,19 +415,54 @@ mod unit {
             sql(json!({"column": "last_order_at", "op": "within_last_days", "value": 30})),
             "(\"last_order_at\" BETWEEN now() - interval '30 days' AND now())"
         );
-        assert!(sql(json!({"column": "birthday", "op": "within_next_days", "value": 7, "annual": true}))
-            .contains("age(current_date - 1"));
+        assert!(
+            sql(
+                json!({"column": "birthday", "op": "within_next_days", "value": 7, "annual": true})
+            )
+            .contains("age(current_date - 1")
+        );
     }
 
     #[test]
     fn values_are_checked() {
-        assert!(error(json!({"column": "city", "op": "="})).message.contains("needs a value"));
-        assert!(error(json!({"column": "city", "op": "=", "value": null})).message.contains("is_null"));
-        assert!(error(json!({"column": "city", "op": "is_null", "value": 1})).message.contains("takes no value"));
-        assert!(error(json!({"column": "city", "op": "between", "value": [1]})).message.contains("two values"));
-        assert!(error(json!({"column": "city", "op": "within_last_days", "value": 3})).message.contains("date"));
-        assert!(error(json!({"column": "birthday", "op": "within_last_days", "value": -3})).message.contains("whole number"));
-        assert!(error(json!({"column": "city", "op": "=", "value": "a\u{0}b"})).message.contains("NUL"));
-        assert_eq!(error(json!({"any": [{"column": "city", "op": "=", "value": {}}]})).path, "$.any[0].value");
+        assert!(
+            error(json!({"column": "city", "op": "="}))
+                .message
+                .contains("needs a value")
+        );
+        assert!(
+            error(json!({"column": "city", "op": "=", "value": null}))
+                .message
+                .contains("is_null")
+        );
+        assert!(
+            error(json!({"column": "city", "op": "is_null", "value": 1}))
+                .message
+                .contains("takes no value")
+        );
+        assert!(
+            error(json!({"column": "city", "op": "between", "value": [1]}))
+                .message
+                .contains("two values")
+        );
+        assert!(
+            error(json!({"column": "city", "op": "within_last_days", "value": 3}))
+                .message
+                .contains("date")
+        );
+        assert!(
+            error(json!({"column": "birthday", "op": "within_last_days", "value": -3}))
+                .message
+                .contains("whole number")
+        );
+        assert!(
+            error(json!({"column": "city", "op": "=", "value": "a\u{0}b"}))
+                .message
+                .contains("NUL")
+        );
+        assert_eq!(
+            error(json!({"any": [{"column": "city", "op": "=", "value": {}}]})).path,
+            "$.any[0].value"
+        );
     }
 }

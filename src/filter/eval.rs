@@ -32,7 +32,11 @@ impl Evaluator {
             let estate = pg_sys::CreateExecutorState();
             let econtext = pg_sys::MakePerTupleExprContext(estate);
             pg_sys::MemoryContextSwitchTo(previous);
-            Evaluator { context, estate, econtext }
+            Evaluator {
+                context,
+                estate,
+                econtext,
+            }
         }
     }
 
@@ -63,7 +67,8 @@ impl Evaluator {
         unsafe {
             (*self.econtext).ecxt_scantuple = slot;
             let mut is_null = false;
-            let result = pg_sys::ExecEvalExprSwitchContext(predicate.0, self.econtext, &mut is_null);
+            let result =
+                pg_sys::ExecEvalExprSwitchContext(predicate.0, self.econtext, &mut is_null);
             !is_null && result.value() != 0
         }
     }

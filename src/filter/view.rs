@@ -26,7 +26,8 @@ impl ViewRule {
             "SELECT ev_action::text FROM pg_catalog.pg_rewrite WHERE ev_class = $1 AND rulename = '_RETURN'",
             &[view.into()],
         )?;
-        let action = action.ok_or_else(|| Error::internal(format!("view {} has no rule", view.to_u32())))?;
+        let action =
+            action.ok_or_else(|| Error::internal(format!("view {} has no rule", view.to_u32())))?;
         let action = CString::new(action).map_err(|_| Error::internal("rule text with NUL"))?;
         // SAFETY: the text is PostgreSQL's own nodeToString output from pg_rewrite (never user
         // input); stringToNode rebuilds the List of Query it was made from. Pointers read below
@@ -34,17 +35,28 @@ impl ViewRule {
         unsafe {
             let list = pg_sys::stringToNode(action.as_ptr()) as *mut pg_sys::List;
             let queries = PgList::<pg_sys::Query>::from_pg(list);
-            let query = queries.get_ptr(0).ok_or_else(|| Error::internal("empty view rule"))?;
+            let query = queries
+                .get_ptr(0)
+                .ok_or_else(|| Error::internal("empty view rule"))?;
             let jointree = (*query).jointree;
             let from = PgList::<pg_sys::Node>::from_pg((*jointree).fromlist);
-            let item = from.get_ptr(0).filter(|_| from.len() == 1).ok_or_else(|| Error::internal("view is not over one table"))?;
+            let item = from
+                .get_ptr(0)
+                .filter(|_| from.len() == 1)
+                .ok_or_else(|| Error::internal("view is not over one table"))?;
             if !is_a(item, pg_sys::NodeTag::T_RangeTblRef) {
                 return Err(Error::internal("view is not over one table"));
             }
             let table_index = (*(item as *mut pg_sys::RangeTblRef)).rtindex;
             let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
-            let rte = rtable.get_ptr(table_index as usize - 1).ok_or_else(|| Error::internal("bad range table index"))?;
-            Ok(ViewRule { query, table_index, table: (*rte).relid })
+            let rte = rtable
+                .get_ptr(table_index as usize - 1)
+                .ok_or_else(|| Error::internal("bad range table index"))?;
+            Ok(ViewRule {
+                query,
+                table_index,
+                table: (*rte).relid,
+            })
         }
     }
 
@@ -146,7 +158,8 @@ impl ViewRule {
                 if (*key).consttype != pg_sys::TEXTOID {
                     return Err(Error::internal("mapped field key is not text"));
                 }
-                let name = String::from_datum((*key).constvalue, (*key).constisnull).unwrap_or_default();
+                let name =
+                    String::from_datum((*key).constvalue, (*key).constisnull).unwrap_or_default();
                 fields.insert(name, self.deparse(*value));
             }
         }

@@ -7,7 +7,8 @@
 //! changed; tags are applied with `POST /lists/{id}/segments/{segment_id}`.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider, Spec, chunks,
+    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Outcome, Provider, Spec, chunks,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use md5::{Digest, Md5};
@@ -43,16 +44,28 @@ fn validate(config: &Config) -> std::result::Result<(), String> {
 fn field_name(name: &str) -> std::result::Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 10
-        && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-    if valid { Ok(()) } else { Err("Mailchimp merge tags are 1 to 10 characters of A-Z, 0-9 and _ (like FNAME)".into()) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err("Mailchimp merge tags are 1 to 10 characters of A-Z, 0-9 and _ (like FNAME)".into())
+    }
 }
 
 fn connect(config: &Config) -> Box<dyn Provider> {
     let key = config.secret("api_key").unwrap_or_default().to_string();
-    let default = format!("https://{}.api.mailchimp.com", data_center(&key).unwrap_or("us1"));
+    let default = format!(
+        "https://{}.api.mailchimp.com",
+        data_center(&key).unwrap_or("us1")
+    );
     Box::new(Mailchimp {
         root: format!("{}/3.0", config.base_url(&default)),
-        audience: config.setting("audience_id").unwrap_or_default().to_string(),
+        audience: config
+            .setting("audience_id")
+            .unwrap_or_default()
+            .to_string(),
         api_key: key,
     })
 }
@@ -77,7 +90,8 @@ struct Mailchimp {
 
 impl Mailchimp {
     fn request(&self, method: Method, path: &str) -> Request {
-        Request::new(method, format!("{}{path}", self.root)).header("authorization", format!("Bearer {}", self.api_key))
+        Request::new(method, format!("{}{path}", self.root))
+            .header("authorization", format!("Bearer {}", self.api_key))
     }
 
     /// Sends and classifies: 2xx → body; 401/403 → Auth; 429/5xx → Transient; 404 → `None`;
@@ -88,7 +102,11 @@ impl Mailchimp {
         match response.status {
             200..=299 => Ok(Some(response.json()?)),
             404 => Ok(None),
-            _ => Err(ProviderError::Rejected(format!("HTTP {}: {}", response.status, problem(&response)))),
+            _ => Err(ProviderError::Rejected(format!(
+                "HTTP {}: {}",
+                response.status,
+                problem(&response)
+            ))),
         }
     }
 
@@ -101,8 +119,13 @@ impl Mailchimp {
         let mut segments = HashMap::new();
         let mut offset = 0;
         loop {
-            let path = format!("{}?type=static&count=1000&offset={offset}", self.segments_path());
-            let page = self.call(http, "list tags", self.request(Method::Get, &path))?.ok_or_else(|| self.audience_missing())?;
+            let path = format!(
+                "{}?type=static&count=1000&offset={offset}",
+                self.segments_path()
+            );
+            let page = self
+                .call(http, "list tags", self.request(Method::Get, &path))?
+                .ok_or_else(|| self.audience_missing())?;
             let items = page["segments"].as_array().cloned().unwrap_or_default();
             for segment in &items {
                 if let (Some(name), Some(id)) = (segment["name"].as_str(), segment["id"].as_i64()) {
@@ -117,27 +140,58 @@ impl Mailchimp {
     }
 
     fn create_segment(&self, http: &mut Http, name: &str) -> Result<i64> {
-        let request = self.request(Method::Post, &self.segments_path()).json(&json!({"name": name, "static_segment": []}));
-        let created = self.call(http, "create tag", request)?.ok_or_else(|| self.audience_missing())?;
-        created["id"].as_i64().ok_or_else(|| ProviderError::Rejected(format!("Mailchimp returned no segment id for tag \"{name}\"")))
+        let request = self
+            .request(Method::Post, &self.segments_path())
+            .json(&json!({"name": name, "static_segment": []}));
+        let created = self
+            .call(http, "create tag", request)?
+            .ok_or_else(|| self.audience_missing())?;
+        created["id"].as_i64().ok_or_else(|| {
+            ProviderError::Rejected(format!(
+                "Mailchimp returned no segment id for tag \"{name}\""
+            ))
+        })
     }
 
     fn audience_missing(&self) -> ProviderError {
-        ProviderError::Binding(format!("audience \"{}\" does not exist at Mailchimp (settings.audience_id)", self.audience))
+        ProviderError::Binding(format!(
+            "audience \"{}\" does not exist at Mailchimp (settings.audience_id)",
+            self.audience
+        ))
     }
 
     /// Adds or removes addresses from a static segment; returns the addresses Mailchimp could
     /// not process, with its message.
-    fn update_segment(&self, http: &mut Http, segment: i64, add: &[&str], remove: &[&str]) -> Result<HashMap<String, String>> {
+    fn update_segment(
+        &self,
+        http: &mut Http,
+        segment: i64,
+        add: &[&str],
+        remove: &[&str],
+    ) -> Result<HashMap<String, String>> {
         let body = json!({"members_to_add": add, "members_to_remove": remove});
         let path = format!("{}/{segment}", self.segments_path());
-        let answer = self.call(http, "tag members", self.request(Method::Post, &path).json(&body))?.ok_or_else(|| {
-            ProviderError::Binding(format!("tag (static segment) {segment} no longer exists in audience \"{}\"", self.audience))
-        })?;
+        let answer = self
+            .call(
+                http,
+                "tag members",
+                self.request(Method::Post, &path).json(&body),
+            )?
+            .ok_or_else(|| {
+                ProviderError::Binding(format!(
+                    "tag (static segment) {segment} no longer exists in audience \"{}\"",
+                    self.audience
+                ))
+            })?;
         let mut failed = HashMap::new();
         for error in answer["errors"].as_array().into_iter().flatten() {
             let message = error["error"].as_str().unwrap_or("rejected").to_string();
-            for address in error["email_addresses"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            for address in error["email_addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 failed.insert(address.to_lowercase(), message.clone());
             }
         }
@@ -145,10 +199,17 @@ impl Mailchimp {
     }
 
     /// `POST /lists/{id}`: the batch subscribe endpoint, 500 members at most.
-    fn batch_subscribe(&self, http: &mut Http, operation: &str, members: Vec<Value>) -> Result<Value> {
-        let request =
-            self.request(Method::Post, &format!("/lists/{}", self.audience)).json(&json!({"members": members, "update_existing": true}));
-        self.call(http, operation, request)?.ok_or_else(|| self.audience_missing())
+    fn batch_subscribe(
+        &self,
+        http: &mut Http,
+        operation: &str,
+        members: Vec<Value>,
+    ) -> Result<Value> {
+        let request = self
+            .request(Method::Post, &format!("/lists/{}", self.audience))
+            .json(&json!({"members": members, "update_existing": true}));
+        self.call(http, operation, request)?
+            .ok_or_else(|| self.audience_missing())
     }
 
     fn list_segment(binding: &Binding) -> Result<i64> {
@@ -156,22 +217,42 @@ impl Mailchimp {
             .list_id
             .as_deref()
             .and_then(|id| id.parse().ok())
-            .ok_or_else(|| ProviderError::Binding(format!("binding {} has no Mailchimp tag id yet", binding.id)))
+            .ok_or_else(|| {
+                ProviderError::Binding(format!(
+                    "binding {} has no Mailchimp tag id yet",
+                    binding.id
+                ))
+            })
     }
 
     fn tag_segments(binding: &Binding) -> Vec<i64> {
-        binding.remote.get("tag_segments").and_then(Value::as_object).into_iter().flatten().filter_map(|(_, v)| v.as_i64()).collect()
+        binding
+            .remote
+            .get("tag_segments")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_i64())
+            .collect()
     }
 
     /// One call per member (archive, permanent delete): Mailchimp has no batch form for these.
-    fn each_member(&self, http: &mut Http, operation: &str, members: &[Member], request: impl Fn(&str) -> Request) -> Result<Vec<Outcome>> {
+    fn each_member(
+        &self,
+        http: &mut Http,
+        operation: &str,
+        members: &[Member],
+        request: impl Fn(&str) -> Request,
+    ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
         for member in members {
             let response = http.send(operation, request(&subscriber_hash(&member.address)))?;
             response.check_common(problem)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                _ => Outcome::Failed { message: format!("HTTP {}: {}", response.status, problem(&response)) },
+                _ => Outcome::Failed {
+                    message: format!("HTTP {}: {}", response.status, problem(&response)),
+                },
             });
         }
         Ok(outcomes)
@@ -190,7 +271,11 @@ fn problem(response: &Response) -> String {
         (None, None) => response.text_excerpt(),
     };
     for error in body["errors"].as_array().into_iter().flatten() {
-        text.push_str(&format!(" [{}: {}]", error["field"].as_str().unwrap_or(""), error["message"].as_str().unwrap_or("")));
+        text.push_str(&format!(
+            " [{}: {}]",
+            error["field"].as_str().unwrap_or(""),
+            error["message"].as_str().unwrap_or("")
+        ));
     }
     text
 }
@@ -204,8 +289,14 @@ fn merge_value(value: &Value, kind: Option<&str>) -> Value {
         other => other.to_string(),
     };
     match kind {
-        Some("number") => text.trim().parse::<f64>().map(|n| json!(n)).unwrap_or(Value::String(text)),
-        Some("birthday") if text.len() >= 10 && text.as_bytes()[4] == b'-' => Value::String(format!("{}/{}", &text[5..7], &text[8..10])),
+        Some("number") => text
+            .trim()
+            .parse::<f64>()
+            .map(|n| json!(n))
+            .unwrap_or(Value::String(text)),
+        Some("birthday") if text.len() >= 10 && text.as_bytes()[4] == b'-' => {
+            Value::String(format!("{}/{}", &text[5..7], &text[8..10]))
+        }
         Some("date") if text.len() >= 10 => Value::String(text[..10].to_string()),
         _ => Value::String(text),
     }
@@ -223,13 +314,23 @@ impl Provider for Mailchimp {
     fn limits(&self) -> Limits {
         // Mailchimp limits simultaneous connections (10), not the request rate; the worker
         // makes one call at a time per database.
-        Limits { upsert_batch: BATCH, remove_batch: BATCH, rate: None }
+        Limits {
+            upsert_batch: BATCH,
+            remove_batch: BATCH,
+            rate: None,
+        }
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
-        let ping = self.call(http, "ping", self.request(Method::Get, "/ping"))?.unwrap_or(Value::Null);
+        let ping = self
+            .call(http, "ping", self.request(Method::Get, "/ping"))?
+            .unwrap_or(Value::Null);
         let audience = self
-            .call(http, "get audience", self.request(Method::Get, &format!("/lists/{}", self.audience)))?
+            .call(
+                http,
+                "get audience",
+                self.request(Method::Get, &format!("/lists/{}", self.audience)),
+            )?
             .ok_or_else(|| self.audience_missing())?;
         Ok(json!({
             "provider": "mailchimp",
@@ -240,7 +341,14 @@ impl Provider for Mailchimp {
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
         let merge_fields = self
-            .call(http, "list merge fields", self.request(Method::Get, &format!("/lists/{}/merge-fields?count=1000", self.audience)))?
+            .call(
+                http,
+                "list merge fields",
+                self.request(
+                    Method::Get,
+                    &format!("/lists/{}/merge-fields?count=1000", self.audience),
+                ),
+            )?
             .ok_or_else(|| self.audience_missing())?;
         let types: Map<String, Value> = merge_fields["merge_fields"]
             .as_array()
@@ -254,15 +362,24 @@ impl Provider for Mailchimp {
             return Err(ProviderError::Binding(format!(
                 "merge field {missing} is not defined in audience \"{}\" (defined: {})",
                 self.audience,
-                defined.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                defined
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let segments = self.static_segments(http)?;
         let list = match &binding.list_id {
             Some(id) => {
-                let id: i64 = id.parse().map_err(|_| ProviderError::Binding(format!("Mailchimp tag id \"{id}\" is not a number")))?;
+                let id: i64 = id.parse().map_err(|_| {
+                    ProviderError::Binding(format!("Mailchimp tag id \"{id}\" is not a number"))
+                })?;
                 if !segments.values().any(|s| *s == id) {
-                    return Err(ProviderError::Binding(format!("tag (static segment) {id} does not exist in audience \"{}\"", self.audience)));
+                    return Err(ProviderError::Binding(format!(
+                        "tag (static segment) {id} does not exist in audience \"{}\"",
+                        self.audience
+                    )));
                 }
                 id
             }
@@ -280,14 +397,26 @@ impl Provider for Mailchimp {
             tag_segments.insert(tag.clone(), json!(id));
         }
         binding.list_id = Some(list.to_string());
-        binding.remote.insert("merge_field_types".into(), Value::Object(types));
-        binding.remote.insert("tag_segments".into(), Value::Object(tag_segments));
+        binding
+            .remote
+            .insert("merge_field_types".into(), Value::Object(types));
+        binding
+            .remote
+            .insert("tag_segments".into(), Value::Object(tag_segments));
         Ok(())
     }
 
-    fn upsert(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn upsert(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
-        let types = binding.remote.get("merge_field_types").and_then(Value::as_object);
+        let types = binding
+            .remote
+            .get("merge_field_types")
+            .and_then(Value::as_object);
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(members.len());
         for batch in chunks(members, BATCH) {
             let body: Vec<Value> = batch
@@ -296,7 +425,15 @@ impl Provider for Mailchimp {
                     let merge_fields: Map<String, Value> = m
                         .fields
                         .iter()
-                        .map(|(tag, v)| (tag.clone(), merge_value(v, types.and_then(|t| t.get(tag)).and_then(Value::as_str))))
+                        .map(|(tag, v)| {
+                            (
+                                tag.clone(),
+                                merge_value(
+                                    v,
+                                    types.and_then(|t| t.get(tag)).and_then(Value::as_str),
+                                ),
+                            )
+                        })
                         .collect();
                     json!({
                         "email_address": m.address,
@@ -307,20 +444,34 @@ impl Provider for Mailchimp {
                 .collect();
             let answer = self.batch_subscribe(http, "upsert members", body)?;
             let mut by_address: HashMap<String, Outcome> = HashMap::new();
-            for member in ["new_members", "updated_members"].iter().flat_map(|k| answer[*k].as_array().cloned().unwrap_or_default()) {
-                let Some(address) = member["email_address"].as_str() else { continue };
+            for member in ["new_members", "updated_members"]
+                .iter()
+                .flat_map(|k| answer[*k].as_array().cloned().unwrap_or_default())
+            {
+                let Some(address) = member["email_address"].as_str() else {
+                    continue;
+                };
                 let status = member["status"].as_str().unwrap_or("subscribed");
                 let outcome = match consent(status) {
-                    Some(consent) => Outcome::Refused { status: consent, message: format!("the contact is {status} at Mailchimp") },
+                    Some(consent) => Outcome::Refused {
+                        status: consent,
+                        message: format!("the contact is {status} at Mailchimp"),
+                    },
                     None => Outcome::Member {
-                        status: if status == "pending" { MemberStatus::Pending } else { MemberStatus::Subscribed },
+                        status: if status == "pending" {
+                            MemberStatus::Pending
+                        } else {
+                            MemberStatus::Subscribed
+                        },
                         remote_id: member["id"].as_str().map(str::to_string),
                     },
                 };
                 by_address.insert(address.to_lowercase(), outcome);
             }
             for error in answer["errors"].as_array().into_iter().flatten() {
-                let Some(address) = error["email_address"].as_str() else { continue };
+                let Some(address) = error["email_address"].as_str() else {
+                    continue;
+                };
                 let mut message = error["error"].as_str().unwrap_or("rejected").to_string();
                 if let Some(field) = error["field_message"].as_str().filter(|f| !f.is_empty()) {
                     message = format!("{message} ({field})");
@@ -340,10 +491,18 @@ impl Provider for Mailchimp {
                 }
             }
             for member in batch {
-                let outcome = match (by_address.remove(&member.address), untagged.get(&member.address)) {
-                    (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed { message: format!("could not be tagged: {message}") },
+                let outcome = match (
+                    by_address.remove(&member.address),
+                    untagged.get(&member.address),
+                ) {
+                    (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed {
+                        message: format!("could not be tagged: {message}"),
+                    },
                     (Some(outcome), _) => outcome,
-                    (None, _) => Outcome::Retry { message: "Mailchimp did not report this member".into(), retry_after: None },
+                    (None, _) => Outcome::Retry {
+                        message: "Mailchimp did not report this member".into(),
+                        retry_after: None,
+                    },
                 };
                 outcomes.push(outcome);
             }
@@ -351,7 +510,12 @@ impl Provider for Mailchimp {
         Ok(outcomes)
     }
 
-    fn remove(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn remove(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
         let audience = self.audience.clone();
         let mut outcomes = Vec::with_capacity(members.len());
@@ -360,16 +524,21 @@ impl Provider for Mailchimp {
             match binding.on_leave {
                 OnLeave::Remove | OnLeave::Unsubscribe => {
                     if binding.on_leave == OnLeave::Unsubscribe {
-                        let body = batch.iter().map(|m| json!({"email_address": m.address, "status": "unsubscribed"})).collect();
+                        let body = batch
+                            .iter()
+                            .map(|m| json!({"email_address": m.address, "status": "unsubscribed"}))
+                            .collect();
                         self.batch_subscribe(http, "unsubscribe members", body)?;
                     }
                     // Addresses the segment no longer holds are what we wanted: removed.
                     self.update_segment(http, segment, &[], &addresses)?;
                     outcomes.extend(batch.iter().map(|_| Outcome::Removed));
                 }
-                OnLeave::Archive => outcomes.extend(self.each_member(http, "archive member", batch, |hash| {
-                    self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
-                })?),
+                OnLeave::Archive => {
+                    outcomes.extend(self.each_member(http, "archive member", batch, |hash| {
+                        self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
+                    })?)
+                }
                 OnLeave::Delete => outcomes.extend(self.erase(http, binding, batch)?),
                 OnLeave::Keep => outcomes.extend(batch.iter().map(|_| Outcome::Removed)),
             }
@@ -377,10 +546,18 @@ impl Provider for Mailchimp {
         Ok(outcomes)
     }
 
-    fn erase(&mut self, http: &mut Http, _binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn erase(
+        &mut self,
+        http: &mut Http,
+        _binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let audience = self.audience.clone();
         self.each_member(http, "delete member permanently", members, |hash| {
-            self.request(Method::Post, &format!("/lists/{audience}/members/{hash}/actions/delete-permanent"))
+            self.request(
+                Method::Post,
+                &format!("/lists/{audience}/members/{hash}/actions/delete-permanent"),
+            )
         })
     }
 }
@@ -391,14 +568,20 @@ mod unit {
 
     #[test]
     fn subscriber_hash_is_md5_of_lowercase() {
-        assert_eq!(subscriber_hash("Urist.McVankab@freddiesjokes.com"), "62eeb292278cc15f5817cb78f7790b08");
+        assert_eq!(
+            subscriber_hash("Urist.McVankab@freddiesjokes.com"),
+            "62eeb292278cc15f5817cb78f7790b08"
+        );
     }
 
     #[test]
     fn data_centre_comes_from_the_key() {
         assert_eq!(data_center("0123456789abcdef-us21"), Some("us21"));
         assert_eq!(data_center("nodash"), None);
-        let config = Config { settings: Map::new(), secrets: serde_json::from_value(json!({"api_key": "k"})).unwrap() };
+        let config = Config {
+            settings: Map::new(),
+            secrets: serde_json::from_value(json!({"api_key": "k"})).unwrap(),
+        };
         assert!(validate(&config).is_err());
     }
 
@@ -412,8 +595,79 @@ mod unit {
     #[test]
     fn merge_values_follow_field_types() {
         assert_eq!(merge_value(&json!("42"), Some("number")), json!(42.0));
-        assert_eq!(merge_value(&json!("1990-07-14"), Some("birthday")), json!("07/14"));
+        assert_eq!(
+            merge_value(&json!("1990-07-14"), Some("birthday")),
+            json!("07/14")
+        );
         assert_eq!(merge_value(&json!(5), Some("text")), json!("5"));
         assert_eq!(merge_value(&Value::Null, Some("text")), json!(""));
+    }
+}
+
+#[cfg(test)]
+mod contract {
+    use super::*;
+    use crate::providers::contract::{Prism, assert_all_valid};
+
+    fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
+        Binding {
+            id: 1,
+            filter: "vip".into(),
+            list_id: list_id.map(str::to_string),
+            list_name: "vip (crm)".into(),
+            tags: vec!["crm".into()],
+            fields: vec![],
+            on_leave,
+            new_member_status: MemberStatus::Subscribed,
+            remote: Map::new(),
+        }
+    }
+
+    fn member(address: &str) -> Member {
+        let fields = serde_json::from_value(json!({"FNAME": "Ann", "LNAME": "Lee"})).unwrap();
+        Member {
+            address: address.into(),
+            fields,
+            remote_id: None,
+        }
+    }
+
+    #[test]
+    fn every_request_validates_against_the_official_spec() {
+        let prism = Prism::start("mailchimp-marketing-lists-subset.json");
+        let mut http = prism.http();
+        let config = Config {
+            settings: serde_json::from_value(
+                json!({"audience_id": "a1b2c3", "base_url": prism.base_url}),
+            )
+            .unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": "0123456789abcdef-us21"})).unwrap(),
+        };
+        let mut provider = connect(&config);
+        provider.check(&mut http).expect("ping and audience");
+        let mut created = binding(None, OnLeave::Remove);
+        provider
+            .prepare(&mut http, &mut created)
+            .expect("prepare creates the tag");
+        let members = [member("ann@example.com"), member("bob@example.com")];
+        provider
+            .upsert(&mut http, &created, &members)
+            .expect("upsert");
+        for on_leave in [
+            OnLeave::Remove,
+            OnLeave::Archive,
+            OnLeave::Unsubscribe,
+            OnLeave::Delete,
+        ] {
+            let mut leaving = binding(Some("0"), on_leave);
+            leaving.remote = created.remote.clone();
+            provider
+                .remove(&mut http, &leaving, &members)
+                .expect("remove");
+        }
+        provider
+            .erase(&mut http, &created, &members)
+            .expect("erase");
+        assert_all_valid(&http.drain_records());
     }
 }

@@ -12,6 +12,8 @@ use crate::http::{Http, RateLimit, Result};
 use serde_json::{Map, Value};
 use std::time::Duration;
 
+#[cfg(test)]
+pub mod contract;
 pub mod mailchimp;
 pub mod webhook;
 
@@ -122,16 +124,25 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// It is in the list with the fields sent.
-    Member { status: MemberStatus, remote_id: Option<String> },
+    Member {
+        status: MemberStatus,
+        remote_id: Option<String>,
+    },
     /// It is no longer in the list.
     Removed,
     /// The provider holds a consent state for it that the sync must respect: a terminal
     /// outcome, never retried.
-    Refused { status: ConsentStatus, message: String },
+    Refused {
+        status: ConsentStatus,
+        message: String,
+    },
     /// Refused for good, with the provider's words: a dead letter.
     Failed { message: String },
     /// Failed for now: retried with backoff.
-    Retry { message: String, retry_after: Option<Duration> },
+    Retry {
+        message: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// A provider's documented limits.
@@ -158,14 +169,29 @@ pub trait Provider: Send {
 
     /// Adds or updates members (at most `limits().upsert_batch`): one outcome per member, in
     /// order. New members get `binding.new_member_status`; existing ones keep their consent.
-    fn upsert(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>>;
+    fn upsert(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>>;
 
     /// Applies `binding.on_leave` (never `Keep`) to members that left the filter (at most
     /// `limits().remove_batch`): one outcome per member, in order.
-    fn remove(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>>;
+    fn remove(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>>;
 
     /// Erases members for good (GDPR): one outcome per member, in order.
-    fn erase(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>>;
+    fn erase(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>>;
 }
 
 /// What a provider can do, checked at bind time (without the network).
@@ -200,7 +226,10 @@ impl Config {
 
     /// The API root: `settings.base_url` when given (tests, emulators), else `default`.
     pub fn base_url(&self, default: &str) -> String {
-        self.setting("base_url").unwrap_or(default).trim_end_matches('/').to_string()
+        self.setting("base_url")
+            .unwrap_or(default)
+            .trim_end_matches('/')
+            .to_string()
     }
 }
 
@@ -230,13 +259,20 @@ pub fn capabilities(provider: &str) -> Option<Capabilities> {
 
 fn unknown_provider(provider: &str) -> String {
     let known: Vec<&str> = SPECS.iter().map(|s| s.name).collect();
-    format!("unknown provider \"{provider}\" (one of {})", known.join(", "))
+    format!(
+        "unknown provider \"{provider}\" (one of {})",
+        known.join(", ")
+    )
 }
 
 /// Checks a connection's configuration without the network: the provider exists, no key is
 /// unknown, none required is missing, values are strings, and the provider's own rules hold.
 /// Messages name the key, never a secret's value.
-pub fn validate_config(provider: &str, settings: &Value, secrets: &Value) -> std::result::Result<(), String> {
+pub fn validate_config(
+    provider: &str,
+    settings: &Value,
+    secrets: &Value,
+) -> std::result::Result<(), String> {
     let spec = spec(provider).ok_or_else(|| unknown_provider(provider))?;
     let config = to_config(settings, secrets)?;
     check_keys("settings", &config.settings, spec.settings, true)?;
@@ -244,7 +280,9 @@ pub fn validate_config(provider: &str, settings: &Value, secrets: &Value) -> std
     if let Some(base) = config.setting("base_url")
         && !(base.starts_with("https://") || base.starts_with("http://"))
     {
-        return Err(format!("settings.base_url must be an http(s) URL, not \"{base}\""));
+        return Err(format!(
+            "settings.base_url must be an http(s) URL, not \"{base}\""
+        ));
     }
     (spec.validate)(&config)
 }
@@ -255,10 +293,18 @@ fn to_config(settings: &Value, secrets: &Value) -> std::result::Result<Config, S
         Value::Null => Ok(Map::new()),
         _ => Err(format!("{what} must be a JSON object")),
     };
-    Ok(Config { settings: object("settings", settings)?, secrets: object("secrets", secrets)? })
+    Ok(Config {
+        settings: object("settings", settings)?,
+        secrets: object("secrets", secrets)?,
+    })
 }
 
-fn check_keys(what: &str, given: &Map<String, Value>, declared: &[(&str, Need)], base_url: bool) -> std::result::Result<(), String> {
+fn check_keys(
+    what: &str,
+    given: &Map<String, Value>,
+    declared: &[(&str, Need)],
+    base_url: bool,
+) -> std::result::Result<(), String> {
     for (key, value) in given {
         let known = declared.iter().any(|(k, _)| k == key) || (base_url && key == "base_url");
         if !known {
@@ -266,14 +312,22 @@ fn check_keys(what: &str, given: &Map<String, Value>, declared: &[(&str, Need)],
             if base_url {
                 keys.push("base_url");
             }
-            return Err(format!("unknown key {what}.{key} (known: {})", keys.join(", ")));
+            return Err(format!(
+                "unknown key {what}.{key} (known: {})",
+                keys.join(", ")
+            ));
         }
         if !value.is_string() {
             return Err(format!("{what}.{key} must be a string"));
         }
     }
     for (key, need) in declared {
-        if *need == Need::Required && !given.get(*key).and_then(Value::as_str).is_some_and(|v| !v.trim().is_empty()) {
+        if *need == Need::Required
+            && !given
+                .get(*key)
+                .and_then(Value::as_str)
+                .is_some_and(|v| !v.trim().is_empty())
+        {
             return Err(format!("missing required key {what}.{key}"));
         }
     }
@@ -289,7 +343,11 @@ pub fn validate_field_name(provider: &str, field: &str) -> std::result::Result<(
 }
 
 /// Builds a provider from a validated configuration.
-pub fn connect(provider: &str, settings: &Value, secrets: &Value) -> std::result::Result<Box<dyn Provider>, String> {
+pub fn connect(
+    provider: &str,
+    settings: &Value,
+    secrets: &Value,
+) -> std::result::Result<Box<dyn Provider>, String> {
     validate_config(provider, settings, secrets)?;
     let spec = spec(provider).ok_or_else(|| unknown_provider(provider))?;
     Ok((spec.connect)(&to_config(settings, secrets)?))
@@ -317,20 +375,33 @@ mod unit {
 
     #[test]
     fn unknown_and_missing_keys_are_named() {
-        let e = validate_config("mailchimp", &json!({"audience_id": "a1", "colour": "red"}), &json!({"api_key": "k-us1"}))
-            .unwrap_err();
+        let e = validate_config(
+            "mailchimp",
+            &json!({"audience_id": "a1", "colour": "red"}),
+            &json!({"api_key": "k-us1"}),
+        )
+        .unwrap_err();
         assert!(e.contains("settings.colour"), "{e}");
         let e = validate_config("mailchimp", &json!({}), &json!({"api_key": "k-us1"})).unwrap_err();
         assert!(e.contains("settings.audience_id"), "{e}");
-        let e = validate_config("mailchimp", &json!({"audience_id": "a1"}), &json!({})).unwrap_err();
+        let e =
+            validate_config("mailchimp", &json!({"audience_id": "a1"}), &json!({})).unwrap_err();
         assert!(e.contains("secrets.api_key"), "{e}");
-        assert!(validate_config("nosuch", &json!({}), &json!({})).unwrap_err().contains("one of mailchimp"));
+        assert!(
+            validate_config("nosuch", &json!({}), &json!({}))
+                .unwrap_err()
+                .contains("one of mailchimp")
+        );
     }
 
     #[test]
     fn secret_values_never_appear_in_errors() {
-        let e = validate_config("mailchimp", &json!({"audience_id": "a1"}), &json!({"api_key": "supersecret", "x": "y"}))
-            .unwrap_err();
+        let e = validate_config(
+            "mailchimp",
+            &json!({"audience_id": "a1"}),
+            &json!({"api_key": "supersecret", "x": "y"}),
+        )
+        .unwrap_err();
         assert!(!e.contains("supersecret"), "{e}");
     }
 
@@ -346,7 +417,8 @@ mod unit {
             for (k, _) in spec.secrets {
                 secrets.insert(k.to_string(), json!("k-us1"));
             }
-            let e = validate_config(spec.name, &Value::Object(settings), &Value::Object(secrets)).unwrap_err();
+            let e = validate_config(spec.name, &Value::Object(settings), &Value::Object(secrets))
+                .unwrap_err();
             assert!(e.contains("base_url"), "{}: {e}", spec.name);
         }
     }

@@ -6,7 +6,10 @@
 //! `{"results": [{"email": ..., "status": "failed", "message": ...}]}`; a status of
 //! `unsubscribed` (or `bounced`, `complained`) is a consent refusal.
 
-use super::{Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec, chunks};
+use super::{
+    Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec,
+    chunks,
+};
 use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -19,7 +22,11 @@ pub static SPEC: Spec = Spec {
     name: "webhook",
     settings: &[("url", Need::Required)],
     secrets: &[("signing_secret", Need::Required)],
-    capabilities: Capabilities { on_leave: &["remove", "archive", "unsubscribe", "delete", "keep"], double_opt_in: true, tags: true },
+    capabilities: Capabilities {
+        on_leave: &["remove", "archive", "unsubscribe", "delete", "keep"],
+        double_opt_in: true,
+        tags: true,
+    },
     validate,
     field_name: super::any_field_name,
     connect,
@@ -38,9 +45,13 @@ fn validate(config: &Config) -> std::result::Result<(), String> {
 /// A `whsec_<base64>` secret is the base64 of the key; any other string is the key itself.
 fn signing_key(secret: &str) -> std::result::Result<Vec<u8>, String> {
     match secret.strip_prefix("whsec_") {
-        Some(encoded) => BASE64.decode(encoded).map_err(|_| "secrets.signing_secret: the part after whsec_ is not base64".to_string()),
+        Some(encoded) => BASE64
+            .decode(encoded)
+            .map_err(|_| "secrets.signing_secret: the part after whsec_ is not base64".to_string()),
         None if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
-        None => Err("secrets.signing_secret must be whsec_<base64> or at least 16 characters".into()),
+        None => {
+            Err("secrets.signing_secret must be whsec_<base64> or at least 16 characters".into())
+        }
     }
 }
 
@@ -70,23 +81,48 @@ impl Webhook {
     fn post(&self, http: &mut Http, operation: &str, message: &Value) -> Result<Response> {
         let body = serde_json::to_vec(message).unwrap_or_default();
         let digest = Sha256::digest(&body);
-        let id = format!("msg_{}", digest.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>());
-        let timestamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let id = format!(
+            "msg_{}",
+            digest
+                .iter()
+                .take(12)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         let mut request = Request::new(Method::Post, self.url.clone())
             .header("content-type", "application/json")
             .header("webhook-id", id.clone())
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature(&self.key, &id, timestamp, &body));
+            .header(
+                "webhook-signature",
+                signature(&self.key, &id, timestamp, &body),
+            );
         request.body = Some(body);
         let response = http.send(operation, request)?;
         response.check_common(|r| r.text_excerpt())?;
         if !response.is_success() {
-            return Err(ProviderError::Rejected(format!("HTTP {}: {}", response.status, response.text_excerpt())));
+            return Err(ProviderError::Rejected(format!(
+                "HTTP {}: {}",
+                response.status,
+                response.text_excerpt()
+            )));
         }
         Ok(response)
     }
 
-    fn deliver(&self, http: &mut Http, binding: &Binding, operation: &str, changes: Vec<Value>, members: &[Member], ok: Outcome) -> Result<Vec<Outcome>> {
+    fn deliver(
+        &self,
+        http: &mut Http,
+        binding: &Binding,
+        operation: &str,
+        changes: Vec<Value>,
+        members: &[Member],
+        ok: Outcome,
+    ) -> Result<Vec<Outcome>> {
         let message = json!({
             "type": "listsync.changes",
             "binding": {"id": binding.id, "list": binding.list_id, "filter": binding.filter},
@@ -94,7 +130,15 @@ impl Webhook {
         });
         let response = self.post(http, operation, &message)?;
         let reported = item_results(&response);
-        Ok(members.iter().map(|m| reported.get(&m.address).cloned().unwrap_or_else(|| ok.clone())).collect())
+        Ok(members
+            .iter()
+            .map(|m| {
+                reported
+                    .get(&m.address)
+                    .cloned()
+                    .unwrap_or_else(|| ok.clone())
+            })
+            .collect())
     }
 }
 
@@ -103,14 +147,28 @@ fn item_results(response: &Response) -> HashMap<String, Outcome> {
     let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     let mut results = HashMap::new();
     for item in body["results"].as_array().into_iter().flatten() {
-        let Some(email) = item["email"].as_str() else { continue };
+        let Some(email) = item["email"].as_str() else {
+            continue;
+        };
         let message = item["message"].as_str().unwrap_or("").to_string();
         let outcome = match item["status"].as_str() {
             Some("failed") => Outcome::Failed { message },
-            Some("unsubscribed") => Outcome::Refused { status: ConsentStatus::Unsubscribed, message },
-            Some("bounced") => Outcome::Refused { status: ConsentStatus::Bounced, message },
-            Some("complained") => Outcome::Refused { status: ConsentStatus::Complained, message },
-            Some("retry") => Outcome::Retry { message, retry_after: None },
+            Some("unsubscribed") => Outcome::Refused {
+                status: ConsentStatus::Unsubscribed,
+                message,
+            },
+            Some("bounced") => Outcome::Refused {
+                status: ConsentStatus::Bounced,
+                message,
+            },
+            Some("complained") => Outcome::Refused {
+                status: ConsentStatus::Complained,
+                message,
+            },
+            Some("retry") => Outcome::Retry {
+                message,
+                retry_after: None,
+            },
             _ => continue,
         };
         results.insert(email.to_lowercase(), outcome);
@@ -120,7 +178,11 @@ fn item_results(response: &Response) -> HashMap<String, Outcome> {
 
 impl Provider for Webhook {
     fn limits(&self) -> Limits {
-        Limits { upsert_batch: BATCH, remove_batch: BATCH, rate: None }
+        Limits {
+            upsert_batch: BATCH,
+            remove_batch: BATCH,
+            rate: None,
+        }
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -136,7 +198,12 @@ impl Provider for Webhook {
         Ok(())
     }
 
-    fn upsert(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn upsert(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
         for batch in chunks(members, BATCH) {
             let changes = batch
@@ -146,26 +213,56 @@ impl Provider for Webhook {
                            "status_if_new": binding.new_member_status.as_str()})
                 })
                 .collect();
-            let ok = Outcome::Member { status: binding.new_member_status, remote_id: None };
+            let ok = Outcome::Member {
+                status: binding.new_member_status,
+                remote_id: None,
+            };
             outcomes.extend(self.deliver(http, binding, "upsert members", changes, batch, ok)?);
         }
         Ok(outcomes)
     }
 
-    fn remove(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn remove(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
         for batch in chunks(members, BATCH) {
             let changes = batch.iter().map(|m| json!({"action": "remove", "email": m.address, "on_leave": binding.on_leave.as_str()})).collect();
-            outcomes.extend(self.deliver(http, binding, "remove members", changes, batch, Outcome::Removed)?);
+            outcomes.extend(self.deliver(
+                http,
+                binding,
+                "remove members",
+                changes,
+                batch,
+                Outcome::Removed,
+            )?);
         }
         Ok(outcomes)
     }
 
-    fn erase(&mut self, http: &mut Http, binding: &Binding, members: &[Member]) -> Result<Vec<Outcome>> {
+    fn erase(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
         for batch in chunks(members, BATCH) {
-            let changes = batch.iter().map(|m| json!({"action": "erase", "email": m.address})).collect();
-            outcomes.extend(self.deliver(http, binding, "erase members", changes, batch, Outcome::Removed)?);
+            let changes = batch
+                .iter()
+                .map(|m| json!({"action": "erase", "email": m.address}))
+                .collect();
+            outcomes.extend(self.deliver(
+                http,
+                binding,
+                "erase members",
+                changes,
+                batch,
+                Outcome::Removed,
+            )?);
         }
         Ok(outcomes)
     }
@@ -201,7 +298,18 @@ mod unit {
             body: br#"{"results":[{"email":"A@x.io","status":"failed","message":"no"},{"email":"b@x.io","status":"unsubscribed"}]}"#.to_vec(),
         };
         let results = item_results(&response);
-        assert_eq!(results["a@x.io"], Outcome::Failed { message: "no".into() });
-        assert!(matches!(results["b@x.io"], Outcome::Refused { status: ConsentStatus::Unsubscribed, .. }));
+        assert_eq!(
+            results["a@x.io"],
+            Outcome::Failed {
+                message: "no".into()
+            }
+        );
+        assert!(matches!(
+            results["b@x.io"],
+            Outcome::Refused {
+                status: ConsentStatus::Unsubscribed,
+                ..
+            }
+        ));
     }
 }
