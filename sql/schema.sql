@@ -109,6 +109,8 @@ CREATE TABLE listsync.members (
     remote_id   text,
     fields      jsonb NOT NULL DEFAULT '{}',
     synced_at   timestamptz NOT NULL DEFAULT now(),
+    -- false after listsync.resync(id, full => true): send it again even if nothing changed.
+    verified    boolean NOT NULL DEFAULT true,
     PRIMARY KEY (binding_id, address)
 );
 

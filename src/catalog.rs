@@ -1123,12 +1123,16 @@ fn unbind_impl(id: i64) -> Result<()> {
     })
 }
 
+/// Reconciles a binding: every address the filter matches or the provider was given is
+/// re-examined against what was recorded. With `full`, members are sent again even when the
+/// recorded state says they are right (repairs changes made by hand at the provider), and the
+/// list is set up again.
 #[pg_extern]
-fn resync(id: i64) -> i64 {
-    resync_impl(id).or_raise()
+fn resync(id: i64, full: default!(bool, false)) -> i64 {
+    resync_impl(id, full).or_raise()
 }
 
-fn resync_impl(id: i64) -> Result<i64> {
+fn resync_impl(id: i64, full: bool) -> Result<i64> {
     let binding = owned_binding(id)?;
     if binding.state == "inactive" {
         return Err(Error::new(
@@ -1137,6 +1141,10 @@ fn resync_impl(id: i64) -> Result<i64> {
         ));
     }
     AsExtension::run(|| {
+        if full {
+            Spi::run_with_args("UPDATE listsync.members SET verified = false WHERE binding_id = $1", &[id.into()])?;
+            Spi::run_with_args("UPDATE listsync.bindings SET remote = remote - 'prepared_at' WHERE id = $1", &[id.into()])?;
+        }
         let marked = mark_binding_dirty(id)?;
         crate::wake::request_wake();
         Ok(marked)

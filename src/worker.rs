@@ -38,9 +38,33 @@ pub fn shutdown_requested() -> bool {
     terminating || wake::exit_requested()
 }
 
-struct Child {
-    handle: DynamicBackgroundWorker,
-    started: Instant,
+/// What the launcher knows about one configured database.
+#[derive(Default)]
+struct Served {
+    worker: Option<DynamicBackgroundWorker>,
+    started: Option<Instant>,
+    /// Consecutive quick failures of its worker, for the backoff.
+    failures: u32,
+    not_before: Option<Instant>,
+    warned_missing: bool,
+}
+
+impl Served {
+    fn running(&self) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|w| matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)))
+    }
+
+    /// A worker that ran for a while and stopped starts again at once; one that keeps failing
+    /// backs off, up to a minute.
+    fn worker_stopped(&mut self, now: Instant) {
+        let ran_long = self.started.is_some_and(|t| now.duration_since(t) > Duration::from_secs(60));
+        self.failures = if ran_long { 0 } else { self.failures + 1 };
+        let delay = if self.failures == 0 { Duration::ZERO } else { Duration::from_secs(1 << self.failures.min(6)) };
+        self.not_before = Some(now + delay.min(Duration::from_secs(60)));
+        self.worker = None;
+    }
 }
 
 #[pg_guard]
@@ -49,89 +73,58 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     log!("pg_listsync launcher started");
-    let mut children: HashMap<String, Child> = HashMap::new();
-    let mut retry_at: HashMap<String, (Instant, u32)> = HashMap::new();
+    let mut served: HashMap<String, Served> = HashMap::new();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads postgresql.conf, as any backend does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let wanted = guc::databases();
-        children.retain(|database, child| {
+        served.retain(|database, state| {
             let keep = wanted.contains(database);
             if !keep {
                 log!("pg_listsync: no longer serving database \"{database}\"");
-                let _ = child.handle.pid().map(|pid| {
+                if let Some(Ok(pid)) = state.worker.as_ref().map(|w| w.pid()) {
                     // SAFETY: signalling our own child worker to stop.
-                    unsafe { libc::kill(pid, libc::SIGTERM) }
-                });
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
             }
             keep
         });
+        let now = Instant::now();
         for database in wanted {
-            if let Some(child) = children.get(&database) {
-                match child.handle.pid() {
-                    Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => continue,
-                    _ => {
-                        // A worker that ran for a while and stopped starts again at once; one
-                        // that keeps failing backs off up to a minute.
-                        let failures = if child.started.elapsed() > Duration::from_secs(60) {
-                            0
-                        } else {
-                            retry_at.get(&database).map_or(0, |r| r.1) + 1
-                        };
-                        let delay =
-                            Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
-                        retry_at.insert(
-                            database.clone(),
-                            (
-                                Instant::now() + if failures == 0 { Duration::ZERO } else { delay },
-                                failures,
-                            ),
-                        );
-                        children.remove(&database);
-                    }
-                }
+            let state = served.entry(database.clone()).or_default();
+            if state.running() {
+                continue;
             }
-            if retry_at
-                .get(&database)
-                .is_some_and(|(at, _)| *at > Instant::now())
-            {
+            if state.worker.is_some() {
+                state.worker_stopped(now);
+            }
+            if state.not_before.is_some_and(|t| t > now) {
                 continue;
             }
             match database_oid(&database) {
                 None => {
-                    if !retry_at.contains_key(&database) {
-                        warning!(
-                            "pg_listsync: database \"{database}\" named in listsync.database does not exist"
-                        );
+                    if !state.warned_missing {
+                        warning!("pg_listsync: database \"{database}\" named in listsync.database does not exist");
+                        state.warned_missing = true;
                     }
-                    retry_at.insert(
-                        database.clone(),
-                        (Instant::now() + Duration::from_secs(30), 0),
-                    );
+                    state.not_before = Some(now + Duration::from_secs(2));
                 }
                 Some(oid) if wake::suspended(oid, wake::now_ms()) => {}
-                Some(_) => match start_database_worker(&database) {
-                    Ok(handle) => {
-                        children.insert(
-                            database.clone(),
-                            Child {
-                                handle,
-                                started: Instant::now(),
-                            },
-                        );
+                Some(_) => {
+                    state.warned_missing = false;
+                    match start_database_worker(&database) {
+                        Ok(worker) => {
+                            state.worker = Some(worker);
+                            state.started = Some(now);
+                        }
+                        Err(()) => {
+                            warning!("pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)");
+                            state.not_before = Some(now + Duration::from_secs(10));
+                        }
                     }
-                    Err(()) => {
-                        warning!(
-                            "pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)"
-                        );
-                        retry_at.insert(
-                            database.clone(),
-                            (Instant::now() + Duration::from_secs(10), 0),
-                        );
-                    }
-                },
+                }
             }
         }
     }

@@ -201,7 +201,8 @@ fn recorded(binding: i64, addresses: &[String]) -> Result<HashMap<String, Record
     Spi::connect(|c| {
         let mut found = HashMap::new();
         for row in c.select(
-            "SELECT address, status, remote_id, fields FROM listsync.members WHERE binding_id = $1 AND address = ANY($2)",
+            "SELECT address, status, remote_id, fields, verified FROM listsync.members
+              WHERE binding_id = $1 AND address = ANY($2)",
             None,
             &[binding.into(), addresses.to_vec().into()],
         )? {
@@ -211,6 +212,7 @@ fn recorded(binding: i64, addresses: &[String]) -> Result<HashMap<String, Record
                     status: row.get(2)?.unwrap_or_default(),
                     remote_id: row.get(3)?,
                     fields: row.get::<JsonB>(4)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default(),
+                    verified: row.get(5)?.unwrap_or(true),
                 },
             );
         }
@@ -957,7 +959,7 @@ impl Book {
                  SELECT b, a, s, r, f, now() FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) AS u(b, a, s, r, f)
                  ON CONFLICT (binding_id, address) DO UPDATE
                     SET status = EXCLUDED.status, remote_id = coalesce(EXCLUDED.remote_id, m.remote_id),
-                        fields = EXCLUDED.fields, synced_at = now()",
+                        fields = EXCLUDED.fields, synced_at = now(), verified = true",
                 &[b.clone().into(), a.clone().into(), s.into(), r.into(), f.into()],
             )?;
             clear_dead_letters(b, a)?;

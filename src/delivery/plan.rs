@@ -14,6 +14,8 @@ pub struct Recorded {
     pub status: String,
     pub remote_id: Option<String>,
     pub fields: Map<String, Value>,
+    /// False when a full resync asked for the member to be sent again whatever we recorded.
+    pub verified: bool,
 }
 
 impl Recorded {
@@ -78,7 +80,7 @@ pub fn plan(
             "the address is {} at the provider; it is not re-subscribed",
             r.status
         )),
-        (Some(fields), Some(r)) if *fields == r.fields => Action::Nothing,
+        (Some(fields), Some(r)) if r.verified && *fields == r.fields => Action::Nothing,
         (Some(_), Some(_)) => Action::Update,
         (Some(_), None) => Action::Add,
         (None, Some(r)) if !r.is_member() => Action::Nothing,
@@ -102,6 +104,7 @@ mod unit {
             status: status.into(),
             remote_id: None,
             fields: fields(f),
+            verified: true,
         }
     }
 
@@ -156,6 +159,14 @@ mod unit {
             plan(None, None, false, false, OnLeave::Remove),
             Action::Nothing
         );
+    }
+
+    #[test]
+    fn a_full_resync_sends_members_again() {
+        let ann = fields(json!({"FNAME": "Ann"}));
+        let mut unverified = recorded("subscribed", json!({"FNAME": "Ann"}));
+        unverified.verified = false;
+        assert_eq!(plan(Some(&ann), Some(&unverified), false, false, OnLeave::Remove), Action::Update);
     }
 
     #[test]

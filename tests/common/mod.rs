@@ -1,0 +1,280 @@
+//! Integration-test harness: a scratch PostgreSQL 15 cluster per test with pg_listsync preloaded
+//! and its worker running, the provider emulator in-process, and small helpers.
+//!
+//! The extension must be installed (`cargo pgrx test` installs it before these tests run;
+//! `make install` otherwise). As root, PostgreSQL runs as the `postgres` user through sudo.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use postgres::{Client, NoTls};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub use listsync_emulator::{Emulator, Fault};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a PostgreSQL program as the user that owns the cluster.
+fn pg_command(program: &str) -> Command {
+    let path = format!("{BIN}/{program}");
+    if is_root() {
+        let mut command = Command::new("sudo");
+        command.args(["-u", "postgres", "--", &path]);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+fn check(output: std::io::Result<Output>, what: &str) -> Output {
+    let output = output.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+pub struct Cluster {
+    pub port: u16,
+    root: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Cluster {
+    /// A new cluster with `listsync.database = 'crm'`, the given extra settings, database
+    /// `crm` created and the extension installed in it.
+    pub fn start(name: &str, settings: &[&str]) -> Cluster {
+        assert!(
+            Path::new("/usr/share/postgresql/15/extension/pg_listsync.control").exists(),
+            "pg_listsync is not installed: run `make install` (or `cargo pgrx test`, which installs it first)"
+        );
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("create cluster directory");
+        if is_root() {
+            check(Command::new("chown").args(["-R", "postgres", root.to_str().unwrap()]).output(), "chown");
+        }
+        let data = root.join("data");
+        let log = root.join("log");
+        check(
+            pg_command("initdb")
+                .args(["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "--no-locale", "-E", "UTF8", "--no-sync"])
+                .output(),
+            "initdb",
+        );
+        let port = free_port();
+        let mut conf = vec![
+            format!("port = {port}"),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{}'", root.display()),
+            "shared_preload_libraries = 'pg_listsync'".into(),
+            "listsync.database = 'crm'".into(),
+            "listsync.allowed_insecure_hosts = '127.0.0.1'".into(),
+            "listsync.retry_base_delay = '50ms'".into(),
+            "listsync.retry_max_delay = '2s'".into(),
+            "listsync.http_timeout = '2s'".into(),
+            "max_prepared_transactions = 10".into(),
+            "fsync = off".into(),
+            "log_min_messages = 'log'".into(),
+        ];
+        conf.extend(settings.iter().map(|s| s.to_string()));
+        let auto = data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        write_as_owner(&auto, &text);
+        let cluster = Cluster { port, root, data, log };
+        cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+        let mut postgres = cluster.connect_to("postgres");
+        postgres.batch_execute("CREATE DATABASE crm").expect("create database crm");
+        cluster.connect().batch_execute("CREATE EXTENSION pg_listsync").expect("create extension");
+        cluster
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let mut command = pg_command("pg_ctl");
+        command.args(["-D", self.data.to_str().unwrap(), "-l", self.log.to_str().unwrap()]).args(args);
+        check(command.output(), &format!("pg_ctl {args:?}"));
+    }
+
+    pub fn connect_to(&self, database: &str) -> Client {
+        let url = format!("host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=10", self.port);
+        let mut last = None;
+        for _ in 0..100 {
+            match Client::connect(&url, NoTls) {
+                Ok(client) => return client,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("connect to {database}: {last:?}");
+    }
+
+    /// A connection to the `crm` database.
+    pub fn connect(&self) -> Client {
+        self.connect_to("crm")
+    }
+
+    /// Changes settings and reloads the configuration (SIGHUP).
+    pub fn reconfigure(&self, settings: &[(&str, &str)]) {
+        let mut client = self.connect();
+        for (name, value) in settings {
+            client.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'")).unwrap();
+        }
+        client.batch_execute("SELECT pg_reload_conf()").unwrap();
+        // The worker applies it at its next wake-up; nudge it.
+        std::thread::sleep(Duration::from_millis(200));
+        client.batch_execute("SELECT listsync.wake()").unwrap();
+    }
+
+    /// Stops the postmaster the hard way (as a power cut would) and starts it again.
+    pub fn crash_and_restart(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate"]);
+        self.pg_ctl(&["start", "-w", "-t", "60"]);
+    }
+
+    pub fn restart(&self) {
+        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60"]);
+    }
+
+    /// The pid of the worker serving `crm`, once it runs.
+    pub fn worker_pid(&self) -> Option<i32> {
+        let mut client = self.connect_to("postgres");
+        client
+            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'", &[])
+            .ok()
+            .flatten()
+            .map(|row| row.get(0))
+    }
+
+    pub fn wait_for_worker(&self) -> i32 {
+        let mut pid = None;
+        wait_for("the pg_listsync worker to run", Duration::from_secs(60), || {
+            pid = self.worker_pid();
+            pid.is_some()
+        });
+        pid.unwrap()
+    }
+
+    /// SIGKILLs the database worker (the postmaster then restarts every backend).
+    pub fn kill_worker(&self) -> bool {
+        match self.worker_pid() {
+            // SAFETY: signalling a process of our own test cluster.
+            Some(pid) => unsafe { libc::kill(pid, libc::SIGKILL) == 0 },
+            None => false,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn bin(program: &str) -> Command {
+        pg_command(program)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut command = pg_command("pg_ctl");
+        command.args(["-D", self.data.to_str().unwrap(), "stop", "-m", "immediate"]);
+        let _ = command.output();
+        if std::thread::panicking() {
+            eprintln!("--- server log ({}) ---\n{}", self.log.display(), tail(&self.log(), 80));
+        } else if std::env::var_os("KEEP_CLUSTERS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn write_as_owner(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write config");
+    if is_root() {
+        check(Command::new("chown").args(["postgres", path.to_str().unwrap()]).output(), "chown config");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Polls `condition` until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// The CRM schema most tests use.
+pub const CONTACTS: &str = "
+    CREATE TABLE contacts (
+        id serial PRIMARY KEY,
+        email text,
+        first_name text,
+        last_name text,
+        city text,
+        ltv numeric NOT NULL DEFAULT 0,
+        last_seen_at timestamptz,
+        is_deleted boolean NOT NULL DEFAULT false,
+        birthday date
+    );
+    CREATE INDEX contacts_address ON contacts (listsync.normalize_email(email));";
+
+/// Creates a Mailchimp connection `mc` to the emulator, audience `a1`.
+pub fn mailchimp_connection(client: &mut Client, emulator: &Emulator) {
+    client
+        .execute(
+            "SELECT listsync.create_connection('mc', 'mailchimp', jsonb_build_object('audience_id', 'a1', 'base_url', $1::text),
+                                               '{\"api_key\": \"0123456789abcdef-us21\"}')",
+            &[&emulator.base_url("mailchimp")],
+        )
+        .expect("create connection");
+}
+
+pub fn scalar<T: for<'a> postgres::types::FromSql<'a>>(client: &mut Client, sql: &str) -> T {
+    client.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// The binding's status row as JSON, for assertions and failure messages.
+pub fn status(client: &mut Client, binding: i64) -> serde_json::Value {
+    client
+        .query_one("SELECT to_jsonb(s) FROM listsync.status s WHERE binding = $1", &[&binding])
+        .map(|row| row.get::<_, serde_json::Value>(0))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+pub fn list_id(client: &mut Client, binding: i64) -> Option<String> {
+    client.query_one("SELECT list_id FROM listsync.bindings WHERE id = $1", &[&binding]).ok().and_then(|r| r.get(0))
+}
+
+/// Waits until the binding has nothing pending and its list id is known; returns the list id.
+pub fn wait_synced(client: &mut Client, binding: i64, timeout: Duration) -> String {
+    wait_for(&format!("binding {binding} to drain"), timeout, || {
+        let s = status(client, binding);
+        s["pending"] == 0 && s["list_id"].is_string()
+    });
+    list_id(client, binding).unwrap()
+}
