@@ -28,7 +28,14 @@ mod log;
 mod provider;
 mod server;
 
+pub mod esputnik;
+pub mod google_contacts;
 pub mod mailchimp;
+pub mod mailerlite;
+pub mod sendgrid;
+pub mod sendpulse;
+pub mod sendsay;
+pub mod unisender;
 pub mod webhook;
 
 use serde_json::{Map, Value};
@@ -49,7 +56,18 @@ use server::{Shared, Slot};
 
 /// The one place where providers are registered. Each serves `/<provider.name()>/...`.
 fn builtin_providers() -> Vec<Arc<dyn Provider>> {
-    vec![Arc::new(Mailchimp::new()), Arc::new(Webhook::new())]
+    vec![
+        Arc::new(Mailchimp::new()),
+        Arc::new(Webhook::new()),
+        Arc::new(google_contacts::GoogleContacts::new()),
+        Arc::new(mailerlite::MailerLite::new()),
+        Arc::new(unisender::Unisender::new()),
+        Arc::new(sendgrid::SendGrid::new()),
+        Arc::new(sendsay::Sendsay::new()),
+        Arc::new(sendpulse::SendPulse::new()),
+        Arc::new(esputnik::Esputnik::new("esputnik")),
+        Arc::new(esputnik::Esputnik::new("yespo")),
+    ]
 }
 
 /// A running emulator. Dropping it stops the server (connections close within ~200 ms).
@@ -145,6 +163,51 @@ impl Emulator {
     /// The webhook receiver: signature secret, received deliveries, resulting lists.
     pub fn webhook(&self) -> &Webhook {
         self.provider::<Webhook>()
+    }
+
+    /// The SendGrid fake: lists, contacts, custom fields, suppressions, import jobs.
+    pub fn sendgrid(&self) -> &sendgrid::SendGrid {
+        self.provider::<sendgrid::SendGrid>()
+    }
+
+    /// The Sendsay fake: groups, members, stop list, redirects.
+    pub fn sendsay(&self) -> &sendsay::Sendsay {
+        self.provider::<sendsay::Sendsay>()
+    }
+
+    /// The MailerLite fake: groups, subscribers, fields, batches, rate limits.
+    pub fn mailerlite(&self) -> &mailerlite::MailerLite {
+        self.provider::<mailerlite::MailerLite>()
+    }
+
+    /// The Google Contacts fake: OAuth2 tokens, contact groups, contacts with etags, the cap.
+    pub fn google_contacts(&self) -> &google_contacts::GoogleContacts {
+        self.provider::<google_contacts::GoogleContacts>()
+    }
+
+    /// The Unisender fake: lists, contacts and their statuses, fields, call limits.
+    pub fn unisender(&self) -> &unisender::Unisender {
+        self.provider::<unisender::Unisender>()
+    }
+
+    /// The SendPulse fake: OAuth tokens, mailing lists, address statuses, tags, rate limit.
+    pub fn sendpulse(&self) -> &sendpulse::SendPulse {
+        self.provider::<sendpulse::SendPulse>()
+    }
+
+    /// The eSputnik fake (`/esputnik/`): contacts, segments, imports, the unsubscribed list.
+    pub fn esputnik(&self) -> &esputnik::Esputnik {
+        // Registered twice (two brands), so found by prefix rather than by type.
+        (self.slot("esputnik").provider.as_ref() as &dyn std::any::Any)
+            .downcast_ref()
+            .expect("registered in builtin_providers()")
+    }
+
+    /// The Yespo fake (`/yespo/`): the eSputnik API under its other brand, with its own state.
+    pub fn yespo(&self) -> &esputnik::Esputnik {
+        (self.slot("yespo").provider.as_ref() as &dyn std::any::Any)
+            .downcast_ref()
+            .expect("registered in builtin_providers()")
     }
 
     /// The members of the list a binding stored as `list_id` at `provider`: lower-cased address

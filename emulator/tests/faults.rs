@@ -326,10 +326,10 @@ fn admin_api_controls_faults_state_and_logs() {
     );
     assert_eq!(admin.delete("/requests/mailchimp").status, 204);
     assert_eq!(admin.get("/requests/mailchimp").json(), json!([]));
-    assert_eq!(
-        admin.get("/providers").json()["providers"],
-        json!(["mailchimp", "webhook"])
-    );
+    let providers = admin.get("/providers").json()["providers"].clone();
+    for provider in ["mailchimp", "webhook"] {
+        assert!(providers.as_array().unwrap().contains(&json!(provider)), "{providers}");
+    }
     assert_eq!(admin.get("/state/nope").status, 404);
     assert_eq!(admin.post("/reset/mailchimp", &json!({})).status, 204);
     assert!(emulator.mailchimp().audience_ids().is_empty());

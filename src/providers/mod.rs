@@ -14,7 +14,14 @@ use std::time::Duration;
 
 #[cfg(test)]
 pub mod contract;
+pub mod esputnik;
+pub mod google_contacts;
 pub mod mailchimp;
+pub mod mailerlite;
+pub mod sendgrid;
+pub mod sendpulse;
+pub mod sendsay;
+pub mod unisender;
 pub mod webhook;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +254,18 @@ pub struct Spec {
     pub connect: fn(&Config) -> Box<dyn Provider>,
 }
 
-pub static SPECS: &[&Spec] = &[&mailchimp::SPEC, &webhook::SPEC];
+pub static SPECS: &[&Spec] = &[
+    &mailchimp::SPEC,
+    &webhook::SPEC,
+    &mailerlite::SPEC,
+    &unisender::SPEC,
+    &sendpulse::SPEC,
+    &esputnik::ESPUTNIK,
+    &esputnik::YESPO,
+    &sendgrid::SPEC,
+    &sendsay::SPEC,
+    &google_contacts::SPEC,
+];
 
 pub fn spec(provider: &str) -> Option<&'static Spec> {
     SPECS.iter().copied().find(|s| s.name == provider)

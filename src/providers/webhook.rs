@@ -67,6 +67,22 @@ struct Webhook {
     key: Vec<u8>,
 }
 
+/// A message id unique to each POST. Not derived from the content alone: the same change (say,
+/// "remove ann") can legitimately be sent again later, after she came back, and a receiver
+/// that drops duplicate ids would then ignore it. Redelivered batches are harmless anyway:
+/// every change says what the state should be, not what happened.
+fn message_id(body: &[u8]) -> String {
+    static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut digest = Sha256::new();
+    digest.update(body);
+    digest.update(std::process::id().to_le_bytes());
+    digest.update(SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    digest.update(nanos.to_le_bytes());
+    let hash = digest.finalize();
+    format!("msg_{}", hash.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 /// The Standard Webhooks signature header value for a message.
 pub fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
@@ -76,19 +92,10 @@ pub fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 impl Webhook {
-    /// POSTs a signed message; the id is derived from the content, so a retried batch carries
-    /// the same id and the receiver can drop the duplicate.
+    /// POSTs a signed message with a fresh id.
     fn post(&self, http: &mut Http, operation: &str, message: &Value) -> Result<Response> {
         let body = serde_json::to_vec(message).unwrap_or_default();
-        let digest = Sha256::digest(&body);
-        let id = format!(
-            "msg_{}",
-            digest
-                .iter()
-                .take(12)
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let id = message_id(&body);
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // not every test binary injects faults
 pub use listsync_emulator::{Emulator, Fault};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -277,4 +278,118 @@ pub fn wait_synced(client: &mut Client, binding: i64, timeout: Duration) -> Stri
         s["pending"] == 0 && s["list_id"].is_string()
     });
     list_id(client, binding).unwrap()
+}
+
+/// The convergence invariant (DESIGN.md semantics 1) for a binding over `contacts` whose
+/// filter is `predicate` and which maps `field` to `first_name`: the provider's list holds
+/// exactly the valid, unsuppressed addresses of matching rows (minus those the provider holds
+/// as unsubscribed), each with the first name of the row with the greatest id. Returns a
+/// description of every difference (empty when converged).
+pub fn convergence_differences(
+    db: &mut Client,
+    emulator: &Emulator,
+    provider: &str,
+    binding: i64,
+    predicate: &str,
+    field: &str,
+) -> Vec<String> {
+    let list = list_id(db, binding).unwrap_or_default();
+    let expected: std::collections::BTreeMap<String, Option<String>> = db
+        .query(
+            &format!(
+                "SELECT DISTINCT ON (a) a, first_name FROM (
+                     SELECT listsync.normalize_email(email) AS a, first_name, id FROM contacts WHERE {predicate}) r
+                  WHERE a IS NOT NULL
+                    AND a NOT IN (SELECT address FROM listsync.suppressions)
+                    AND a NOT IN (SELECT address FROM listsync.members WHERE binding_id = $1
+                                   AND status NOT IN ('subscribed', 'pending'))
+                  ORDER BY a, id DESC"
+            ),
+            &[&binding],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let actual = emulator.list_members(provider, &list);
+    let text = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let mut differences = Vec::new();
+    for (address, first_name) in &expected {
+        match actual.get(address) {
+            None => differences.push(format!("{provider}: {address} missing")),
+            Some(fields) if text(fields.get(field)) != first_name.clone().unwrap_or_default() => differences.push(format!(
+                "{provider}: {address} has {field} = {:?}, expected {first_name:?}",
+                fields.get(field)
+            )),
+            Some(_) => {}
+        }
+    }
+    for address in actual.keys().filter(|a| !expected.contains_key(*a)) {
+        differences.push(format!("{provider}: {address} should not be in the list"));
+    }
+    differences
+}
+
+/// Waits until every binding has drained, then asserts the invariant for each.
+pub fn assert_converged(db: &mut Client, emulator: &Emulator, cases: &[(&str, i64, &str, &str)], timeout: Duration) {
+    for (_, binding, _, _) in cases {
+        wait_synced(db, *binding, timeout);
+    }
+    let differences: Vec<String> = cases
+        .iter()
+        .flat_map(|(provider, binding, predicate, field)| convergence_differences(db, emulator, provider, *binding, predicate, field))
+        .collect();
+    assert!(differences.is_empty(), "not converged ({} differences):\n{}", differences.len(), differences.join("\n"));
+}
+
+/// A small deterministic generator (xorshift64*) so a failing workload can be replayed.
+pub struct Random(u64);
+
+impl Random {
+    pub fn new(seed: u64) -> Random {
+        Random(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The seed from `LISTSYNC_SEED`, or a fresh one; printed so a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("LISTSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(42)
+    });
+    eprintln!("randomized workload seed: {seed} (replay with LISTSYNC_SEED={seed})");
+    seed
+}
+
+/// A client that reconnects when the server restarted under it (crash tests).
+pub fn execute_retrying(cluster: &Cluster, db: &mut Client, sql: &str) {
+    for _ in 0..50 {
+        match db.batch_execute(sql) {
+            Ok(()) => return,
+            Err(e) if db.is_closed() || e.as_db_error().is_none() || e.code().is_some_and(|c| c.code().starts_with("57P")) => {
+                std::thread::sleep(Duration::from_millis(200));
+                *db = cluster.connect();
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
+    panic!("{sql}: the server did not come back");
 }

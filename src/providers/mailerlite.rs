@@ -1,0 +1,1214 @@
+//! MailerLite, the current API (`https://connect.mailerlite.com/api`, `Authorization: Bearer`).
+//!
+//! A binding's list is a group. MailerLite has no bulk subscriber endpoint with per-item
+//! results other than `POST /api/batch` (at most 50 sub-requests, answered in order), so each
+//! chunk of 50 members costs two calls: a batch of `GET /api/subscribers/{email}` to learn who
+//! exists and with which status, then a batch of `POST /api/subscribers` upserts. The upsert is
+//! non-destructive (omitted fields and groups stay) and changes a status only when one is sent,
+//! so `status` goes only with subscribers that do not exist yet; subscribers that are
+//! unsubscribed, bounced or junk are not written at all and come back as refusals.
+//!
+//! Limits: 120 requests per minute per account (429 with `Retry-After`), and a batch made only
+//! of subscriber upserts counts as an import (5 per minute, its own 429): backfills are paced by
+//! that second limit, which the engine honours through `Retry-After`.
+
+use super::{
+    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Outcome, Provider, Spec, chunks,
+};
+use crate::http::{
+    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
+};
+use serde_json::{Map, Value, json};
+
+pub static SPEC: Spec = Spec {
+    name: "mailerlite",
+    settings: &[],
+    secrets: &[("api_key", Need::Required)],
+    capabilities: Capabilities {
+        on_leave: &["remove", "unsubscribe", "delete", "keep"],
+        double_opt_in: true,
+        tags: false,
+    },
+    validate: super::no_extra_validation,
+    field_name,
+    connect,
+};
+
+/// Sub-requests per `POST /api/batch` (documented maximum).
+const BATCH: usize = 50;
+const DEFAULT_ROOT: &str = "https://connect.mailerlite.com";
+
+/// Field keys are MailerLite's slugs of field names: `name`, `last_name`, `z_i_p`, ...
+fn field_name(name: &str) -> std::result::Result<(), String> {
+    let valid = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(
+            "MailerLite fields are given by key: lower-case letters, digits and _ (like last_name)"
+                .into(),
+        )
+    }
+}
+
+fn connect(config: &Config) -> Box<dyn Provider> {
+    Box::new(MailerLite {
+        root: config.base_url(DEFAULT_ROOT),
+        token: config.secret("api_key").unwrap_or_default().to_string(),
+    })
+}
+
+struct MailerLite {
+    root: String,
+    token: String,
+}
+
+/// One request inside `POST /api/batch`; `path` starts with `api/`.
+struct Sub {
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+}
+
+impl Sub {
+    fn new(method: &'static str, path: String) -> Sub {
+        Sub {
+            method,
+            path,
+            body: None,
+        }
+    }
+
+    fn with_body(mut self, body: Value) -> Sub {
+        self.body = Some(body);
+        self
+    }
+}
+
+/// A sub-request's answer.
+struct SubAnswer {
+    code: u16,
+    body: Value,
+}
+
+impl SubAnswer {
+    fn ok(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+}
+
+/// What a lookup by address found.
+enum Found {
+    Subscriber {
+        id: String,
+        status: String,
+    },
+    Missing,
+    /// The lookup itself failed for this member.
+    Failed(Outcome),
+}
+
+impl MailerLite {
+    fn request(&self, method: Method, path: &str) -> Request {
+        Request::new(method, format!("{}/{path}", self.root))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("accept", "application/json")
+    }
+
+    /// Sends and classifies: 2xx → body; 401/403 → Auth; 408/429/5xx → Transient; 404 →
+    /// `None`; any other error → Rejected with MailerLite's words.
+    fn call(
+        &self,
+        http: &mut Http,
+        operation: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>> {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = http.send(operation, request)?;
+        response.check_common(response_message)?;
+        match response.status {
+            200..=299 => Ok(Some(response.json()?)),
+            404 => Ok(None),
+            status => Err(ProviderError::Rejected(format!(
+                "HTTP {status}: {}",
+                response_message(&response)
+            ))),
+        }
+    }
+
+    /// `POST /api/batch`: one answer per sub-request, in order.
+    fn batch(&self, http: &mut Http, operation: &str, subs: &[Sub]) -> Result<Vec<SubAnswer>> {
+        let requests: Vec<Value> = subs
+            .iter()
+            .map(|sub| {
+                let mut request = json!({"method": sub.method, "path": sub.path});
+                if let Some(body) = &sub.body {
+                    request["body"] = body.clone();
+                }
+                request
+            })
+            .collect();
+        let answer = self
+            .call(
+                http,
+                operation,
+                Method::Post,
+                "api/batch",
+                Some(&json!({"requests": requests})),
+            )?
+            .ok_or_else(|| {
+                ProviderError::Binding(format!(
+                    "no MailerLite batch endpoint at {}/api/batch (settings.base_url?)",
+                    self.root
+                ))
+            })?;
+        let responses = answer["responses"]
+            .as_array()
+            .filter(|r| r.len() == subs.len())
+            .ok_or_else(|| {
+                transient(format!(
+                    "MailerLite answered a batch of {} requests without one response each",
+                    subs.len()
+                ))
+            })?;
+        responses
+            .iter()
+            .map(|response| {
+                let code = response["code"].as_u64().unwrap_or(0) as u16;
+                // Sub-response bodies are objects, but tolerate them JSON-encoded as strings.
+                let body = match &response["body"] {
+                    Value::String(text) => {
+                        serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                    }
+                    other => other.clone(),
+                };
+                if code == 401 || code == 403 {
+                    return Err(ProviderError::Auth(format!(
+                        "HTTP {code}: {}",
+                        describe(&body)
+                    )));
+                }
+                Ok(SubAnswer { code, body })
+            })
+            .collect()
+    }
+
+    /// Who of `members` exists, by address (one batch of lookups).
+    fn lookup(&self, http: &mut Http, members: &[Member]) -> Result<Vec<Found>> {
+        let subs: Vec<Sub> = members
+            .iter()
+            .map(|m| Sub::new("GET", subscriber_path(&m.address)))
+            .collect();
+        let answers = self.batch(http, "look up subscribers", &subs)?;
+        Ok(answers
+            .iter()
+            .map(|answer| match answer.code {
+                200 => match (
+                    answer.body["data"]["id"].as_str(),
+                    answer.body["data"]["status"].as_str(),
+                ) {
+                    (Some(id), Some(status)) => Found::Subscriber {
+                        id: id.to_string(),
+                        status: status.to_string(),
+                    },
+                    _ => Found::Failed(Outcome::Retry {
+                        message:
+                            "MailerLite answered a lookup without the subscriber's id and status"
+                                .into(),
+                        retry_after: None,
+                    }),
+                },
+                404 => Found::Missing,
+                _ => Found::Failed(item_failure(answer)),
+            })
+            .collect())
+    }
+
+    /// Applies `subs(id)` to each member's subscriber (the recorded id, or looked up by
+    /// address): a member that does not exist, or whose requests all succeed or find nothing,
+    /// is removed.
+    fn for_each_subscriber(
+        &self,
+        http: &mut Http,
+        operation: &str,
+        members: &[Member],
+        per_member: usize,
+        subs: impl Fn(&str) -> Vec<Sub>,
+    ) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH / per_member) {
+            let unknown: Vec<Member> = batch
+                .iter()
+                .filter(|m| m.remote_id.is_none())
+                .cloned()
+                .collect();
+            let mut found = if unknown.is_empty() {
+                Vec::new()
+            } else {
+                self.lookup(http, &unknown)?
+            }
+            .into_iter();
+            let mut slots: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+            let mut requests = Vec::new();
+            let mut owners = Vec::new();
+            for (i, member) in batch.iter().enumerate() {
+                let id = match &member.remote_id {
+                    Some(id) => id.clone(),
+                    None => match found.next() {
+                        Some(Found::Subscriber { id, .. }) => id,
+                        Some(Found::Failed(outcome)) => {
+                            slots.push(Some(outcome));
+                            continue;
+                        }
+                        Some(Found::Missing) | None => {
+                            slots.push(Some(Outcome::Removed));
+                            continue;
+                        }
+                    },
+                };
+                for sub in subs(&id) {
+                    requests.push(sub);
+                    owners.push(i);
+                }
+                slots.push(None);
+            }
+            if !requests.is_empty() {
+                let answers = self.batch(http, operation, &requests)?;
+                for (i, answer) in owners.into_iter().zip(&answers) {
+                    if slots[i].is_none() && !(answer.ok() || answer.code == 404) {
+                        slots[i] = Some(item_failure(answer));
+                    }
+                }
+            }
+            outcomes.extend(slots.into_iter().map(|s| s.unwrap_or(Outcome::Removed)));
+        }
+        Ok(outcomes)
+    }
+
+    /// Field keys of the account → their types (`text`, `number`, `date`).
+    fn field_types(&self, http: &mut Http) -> Result<Map<String, Value>> {
+        let mut types = Map::new();
+        for page in 1.. {
+            let answer = self
+                .call(
+                    http,
+                    "list fields",
+                    Method::Get,
+                    &format!("api/fields?limit=100&page={page}"),
+                    None,
+                )?
+                .ok_or_else(|| self.no_api())?;
+            for field in answer["data"].as_array().into_iter().flatten() {
+                if let Some(key) = field["key"].as_str() {
+                    types.insert(key.to_string(), field["type"].clone());
+                }
+            }
+            if last_page(&answer, page) {
+                break;
+            }
+        }
+        Ok(types)
+    }
+
+    /// The id of the group named exactly `name`, if there is one (`filter[name]` matches
+    /// partially).
+    fn find_group(&self, http: &mut Http, name: &str) -> Result<Option<String>> {
+        for page in 1.. {
+            let path = format!(
+                "api/groups?{}={}&limit=100&page={page}",
+                percent_encode("filter[name]"),
+                percent_encode(name)
+            );
+            let answer = self
+                .call(http, "find group", Method::Get, &path, None)?
+                .ok_or_else(|| self.no_api())?;
+            let exact = answer["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["name"].as_str() == Some(name));
+            if let Some(group) = exact {
+                return Ok(group_id(group));
+            }
+            if last_page(&answer, page) {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    fn create_group(&self, http: &mut Http, name: &str) -> Result<String> {
+        let created = self
+            .call(
+                http,
+                "create group",
+                Method::Post,
+                "api/groups",
+                Some(&json!({"name": name})),
+            )
+            .map_err(|e| match e {
+                ProviderError::Rejected(message) => ProviderError::Binding(format!(
+                    "MailerLite refused to create group \"{name}\": {message}"
+                )),
+                other => other,
+            })?
+            .ok_or_else(|| self.no_api())?;
+        group_id(&created["data"]).ok_or_else(|| {
+            transient(format!(
+                "MailerLite created group \"{name}\" without telling its id"
+            ))
+        })
+    }
+
+    fn no_api(&self) -> ProviderError {
+        ProviderError::Binding(format!(
+            "no MailerLite API at {}/api (settings.base_url?)",
+            self.root
+        ))
+    }
+}
+
+fn subscriber_path(id_or_email: &str) -> String {
+    format!("api/subscribers/{}", percent_encode(id_or_email))
+}
+
+fn group_id(group: &Value) -> Option<String> {
+    match &group["id"] {
+        Value::String(id) => Some(id.clone()),
+        Value::Number(id) => Some(id.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether a Laravel paginator answer is the last page.
+fn last_page(answer: &Value, page: u64) -> bool {
+    let empty = answer["data"].as_array().is_none_or(Vec::is_empty);
+    empty
+        || answer["meta"]["last_page"]
+            .as_u64()
+            .is_none_or(|last| page >= last)
+}
+
+fn list_group(binding: &Binding) -> Result<&str> {
+    binding.list_id.as_deref().ok_or_else(|| {
+        ProviderError::Binding(format!(
+            "binding {} has no MailerLite group yet",
+            binding.id
+        ))
+    })
+}
+
+/// MailerLite's error words: `message`, plus the per-field `errors` of a 422.
+fn describe(body: &Value) -> String {
+    let mut text = match &body["message"] {
+        Value::String(message) => message.clone(),
+        Value::Null => body.to_string(),
+        other => other.to_string(),
+    };
+    for (field, messages) in body["errors"].as_object().into_iter().flatten() {
+        let messages: Vec<&str> = messages
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        text.push_str(&format!(" [{field}: {}]", messages.join(" ")));
+    }
+    text
+}
+
+fn response_message(response: &Response) -> String {
+    match serde_json::from_slice::<Value>(&response.body) {
+        Ok(body) if body.is_object() => describe(&body),
+        _ => response.text_excerpt(),
+    }
+}
+
+/// A failed sub-request as one member's outcome: throttling and server errors are retried,
+/// the rest (422 validation, ...) is MailerLite's final word.
+fn item_failure(answer: &SubAnswer) -> Outcome {
+    let message = format!("HTTP {}: {}", answer.code, describe(&answer.body));
+    match answer.code {
+        0 | 408 | 425 | 429 | 500..=599 => Outcome::Retry {
+            message,
+            retry_after: None,
+        },
+        _ => Outcome::Failed { message },
+    }
+}
+
+fn consent(status: &str) -> Option<ConsentStatus> {
+    match status {
+        "unsubscribed" => Some(ConsentStatus::Unsubscribed),
+        "bounced" => Some(ConsentStatus::Bounced),
+        "junk" => Some(ConsentStatus::Complained),
+        _ => None,
+    }
+}
+
+fn refused(status: &str) -> Option<Outcome> {
+    consent(status).map(|consent| Outcome::Refused {
+        status: consent,
+        message: format!("the subscriber is {status} at MailerLite"),
+    })
+}
+
+/// The outcome an upserted subscriber (`data` of the answer) stands for.
+fn upserted(subscriber: &Value) -> Outcome {
+    let status = subscriber["status"].as_str().unwrap_or("active");
+    refused(status).unwrap_or_else(|| Outcome::Member {
+        status: if status == "unconfirmed" {
+            MemberStatus::Pending
+        } else {
+            MemberStatus::Subscribed
+        },
+        remote_id: group_id(subscriber),
+    })
+}
+
+/// Values as MailerLite's field types want them: numbers for `number`, `YYYY-MM-DD` for
+/// `date`, text otherwise; `null` clears a field.
+fn field_value(value: &Value, kind: Option<&str>) -> Value {
+    match (kind, value) {
+        (_, Value::Null) => Value::Null,
+        (Some("number"), Value::Number(_)) => value.clone(),
+        (Some("number"), Value::Bool(b)) => json!(u8::from(*b)),
+        (Some("number"), Value::String(text)) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| value.clone()),
+        (Some("date"), Value::String(text)) if text.len() >= 10 && text.as_bytes()[4] == b'-' => {
+            Value::String(text[..10].to_string())
+        }
+        (_, Value::String(_)) => value.clone(),
+        (_, other) => Value::String(other.to_string()),
+    }
+}
+
+impl Provider for MailerLite {
+    fn limits(&self) -> Limits {
+        Limits {
+            upsert_batch: BATCH,
+            remove_batch: BATCH,
+            // 120 requests per minute per account.
+            rate: Some(RateLimit {
+                per_second: 2.0,
+                burst: 10.0,
+            }),
+        }
+    }
+
+    fn check(&mut self, http: &mut Http) -> Result<Value> {
+        let count = self
+            .call(
+                http,
+                "count subscribers",
+                Method::Get,
+                "api/subscribers?limit=0",
+                None,
+            )?
+            .ok_or_else(|| self.no_api())?;
+        Ok(json!({"provider": "mailerlite", "subscribers": count["total"]}))
+    }
+
+    fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
+        let types = self.field_types(http)?;
+        if let Some(missing) = binding.fields.iter().find(|f| !types.contains_key(*f)) {
+            let known: Vec<&str> = types.keys().map(String::as_str).collect();
+            return Err(ProviderError::Binding(format!(
+                "field {missing} does not exist at MailerLite (fields: {})",
+                known.join(", ")
+            )));
+        }
+        let group = match &binding.list_id {
+            Some(id) => {
+                let path = format!("api/groups/{}/subscribers?limit=1", percent_encode(id));
+                if self
+                    .call(http, "check group", Method::Get, &path, None)?
+                    .is_none()
+                {
+                    return Err(ProviderError::Binding(format!(
+                        "group {id} does not exist at MailerLite"
+                    )));
+                }
+                id.clone()
+            }
+            None => match self.find_group(http, &binding.list_name)? {
+                Some(id) => id,
+                None => self.create_group(http, &binding.list_name)?,
+            },
+        };
+        binding.list_id = Some(group);
+        binding
+            .remote
+            .insert("field_types".into(), Value::Object(types));
+        Ok(())
+    }
+
+    fn upsert(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let group = list_group(binding)?;
+        let types = binding.remote.get("field_types").and_then(Value::as_object);
+        let status_if_new = match binding.new_member_status {
+            MemberStatus::Subscribed => "active",
+            MemberStatus::Pending => "unconfirmed",
+        };
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            let found = self.lookup(http, batch)?;
+            let mut slots: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+            let mut writes = Vec::new();
+            let mut owners = Vec::new();
+            for (i, (member, found)) in batch.iter().zip(found).enumerate() {
+                let status = match found {
+                    Found::Failed(outcome) => {
+                        slots.push(Some(outcome));
+                        continue;
+                    }
+                    Found::Subscriber { status, .. } => match refused(&status) {
+                        Some(refusal) => {
+                            slots.push(Some(refusal));
+                            continue;
+                        }
+                        None => None,
+                    },
+                    Found::Missing => Some(status_if_new),
+                };
+                let fields: Map<String, Value> = member
+                    .fields
+                    .iter()
+                    .map(|(key, value)| {
+                        let kind = types.and_then(|t| t.get(key)).and_then(Value::as_str);
+                        (key.clone(), field_value(value, kind))
+                    })
+                    .collect();
+                let mut body =
+                    json!({"email": member.address, "fields": fields, "groups": [group]});
+                if let Some(status) = status {
+                    body["status"] = json!(status);
+                }
+                writes.push(Sub::new("POST", "api/subscribers".into()).with_body(body));
+                owners.push(i);
+                slots.push(None);
+            }
+            if !writes.is_empty() {
+                let answers = self.batch(http, "upsert subscribers", &writes)?;
+                for (i, answer) in owners.into_iter().zip(&answers) {
+                    slots[i] = Some(if answer.ok() {
+                        upserted(&answer.body["data"])
+                    } else {
+                        item_failure(answer)
+                    });
+                }
+            }
+            outcomes.extend(slots.into_iter().map(|slot| {
+                slot.unwrap_or_else(|| Outcome::Retry {
+                    message: "MailerLite did not answer for this subscriber".into(),
+                    retry_after: None,
+                })
+            }));
+        }
+        Ok(outcomes)
+    }
+
+    fn remove(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let group = list_group(binding)?.to_string();
+        let unassign =
+            move |id: &str| Sub::new("DELETE", format!("{}/groups/{group}", subscriber_path(id)));
+        match binding.on_leave {
+            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
+            OnLeave::Remove => {
+                self.for_each_subscriber(http, "remove from group", members, 1, |id| {
+                    vec![unassign(id)]
+                })
+            }
+            OnLeave::Unsubscribe => {
+                self.for_each_subscriber(http, "unsubscribe subscribers", members, 2, |id| {
+                    vec![
+                        Sub::new("PUT", subscriber_path(id))
+                            .with_body(json!({"status": "unsubscribed"})),
+                        unassign(id),
+                    ]
+                })
+            }
+            OnLeave::Delete => {
+                self.for_each_subscriber(http, "delete subscribers", members, 1, |id| {
+                    vec![Sub::new("DELETE", subscriber_path(id))]
+                })
+            }
+            OnLeave::Archive => Err(ProviderError::Binding(
+                "MailerLite has no archive; use on_leave remove, unsubscribe, delete or keep"
+                    .into(),
+            )),
+        }
+    }
+
+    fn erase(
+        &mut self,
+        http: &mut Http,
+        _binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        self.for_each_subscriber(http, "forget subscribers", members, 1, |id| {
+            vec![Sub::new("POST", format!("{}/forget", subscriber_path(id)))]
+        })
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn field_keys_are_checked() {
+        assert!(field_name("last_name").is_ok());
+        assert!(field_name("z_i_p").is_ok());
+        assert!(field_name("Last Name").is_err());
+        assert!(field_name("FNAME").is_err());
+    }
+
+    #[test]
+    fn values_follow_field_types() {
+        assert_eq!(field_value(&json!("42"), Some("number")), json!(42.0));
+        assert_eq!(field_value(&json!(true), Some("number")), json!(1));
+        assert_eq!(
+            field_value(&json!("2024-05-01 10:00:00+00"), Some("date")),
+            json!("2024-05-01")
+        );
+        assert_eq!(field_value(&json!(5), Some("text")), json!("5"));
+        assert_eq!(field_value(&Value::Null, Some("text")), Value::Null);
+        assert_eq!(field_value(&json!("many"), Some("number")), json!("many"));
+    }
+
+    #[test]
+    fn errors_carry_laravel_field_messages() {
+        let body = json!({"message": "The given data was invalid.",
+                          "errors": {"email": ["The email must be a valid email address."]}});
+        assert_eq!(
+            describe(&body),
+            "The given data was invalid. [email: The email must be a valid email address.]"
+        );
+    }
+
+    #[test]
+    fn sub_request_failures_are_classified() {
+        let answer = |code| SubAnswer {
+            code,
+            body: json!({"message": "x"}),
+        };
+        assert!(matches!(item_failure(&answer(422)), Outcome::Failed { .. }));
+        assert!(matches!(item_failure(&answer(429)), Outcome::Retry { .. }));
+        assert!(matches!(item_failure(&answer(503)), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn consent_statuses_are_refused() {
+        for (status, consent) in [
+            ("unsubscribed", ConsentStatus::Unsubscribed),
+            ("bounced", ConsentStatus::Bounced),
+            ("junk", ConsentStatus::Complained),
+        ] {
+            assert!(
+                matches!(upserted(&json!({"id": "1", "status": status})), Outcome::Refused { status: s, .. } if s == consent)
+            );
+        }
+        assert_eq!(
+            upserted(&json!({"id": "7", "status": "unconfirmed"})),
+            Outcome::Member {
+                status: MemberStatus::Pending,
+                remote_id: Some("7".into())
+            }
+        );
+    }
+
+    #[test]
+    fn paging_stops_at_the_last_page() {
+        assert!(last_page(&json!({"data": [], "meta": {"last_page": 3}}), 1));
+        assert!(!last_page(
+            &json!({"data": [1], "meta": {"last_page": 3}}),
+            2
+        ));
+        assert!(last_page(
+            &json!({"data": [1], "meta": {"last_page": 3}}),
+            3
+        ));
+    }
+}
+
+#[cfg(test)]
+mod fake {
+    use super::*;
+    use crate::http::HttpConfig;
+    use listsync_emulator::{Emulator, Fault};
+    use std::time::Duration;
+
+    const TOKEN: &str = "ml-token";
+
+    fn http() -> Http {
+        Http::new(
+            HttpConfig {
+                timeout: Duration::from_secs(5),
+                allowed_insecure_hosts: vec!["127.0.0.1".into()],
+            },
+            None,
+        )
+    }
+
+    fn provider(emulator: &Emulator, token: &str) -> Box<dyn Provider> {
+        connect(&Config {
+            settings: serde_json::from_value(json!({"base_url": emulator.base_url("mailerlite")}))
+                .unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": token})).unwrap(),
+        })
+    }
+
+    fn setup() -> (Emulator, Http, Box<dyn Provider>) {
+        let emulator = Emulator::start();
+        emulator.mailerlite().set_api_key(TOKEN);
+        let provider = provider(&emulator, TOKEN);
+        (emulator, http(), provider)
+    }
+
+    fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
+        Binding {
+            id: 1,
+            filter: "vip".into(),
+            list_id: None,
+            list_name: "vip (crm)".into(),
+            tags: vec![],
+            fields: vec!["name".into(), "score".into()],
+            on_leave,
+            new_member_status: status,
+            remote: Map::new(),
+        }
+    }
+
+    fn member(address: &str, name: &str, score: i64) -> Member {
+        Member {
+            address: address.into(),
+            fields: serde_json::from_value(json!({"name": name, "score": score.to_string()}))
+                .unwrap(),
+            remote_id: None,
+        }
+    }
+
+    fn gone(address: &str, remote_id: Option<String>) -> Member {
+        Member {
+            address: address.into(),
+            fields: Map::new(),
+            remote_id,
+        }
+    }
+
+    /// A prepared binding with `ann` and `bob` upserted; returns their outcomes.
+    fn prepared(
+        emulator: &Emulator,
+        http: &mut Http,
+        provider: &mut Box<dyn Provider>,
+        on_leave: OnLeave,
+    ) -> (Binding, Vec<Outcome>) {
+        emulator.mailerlite().add_field("score", "number");
+        let mut binding = binding(on_leave, MemberStatus::Subscribed);
+        provider.prepare(http, &mut binding).expect("prepare");
+        let outcomes = provider
+            .upsert(
+                http,
+                &binding,
+                &[
+                    member("ann@example.com", "Ann", 10),
+                    member("bob@example.com", "Bob", 20),
+                ],
+            )
+            .expect("upsert");
+        (binding, outcomes)
+    }
+
+    fn remote_id(outcome: &Outcome) -> Option<String> {
+        match outcome {
+            Outcome::Member { remote_id, .. } => remote_id.clone(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn prepare_creates_the_group_once_and_checks_fields() {
+        let (emulator, mut http, mut provider) = setup();
+        emulator.mailerlite().add_field("score", "number");
+        let mut first = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        provider.prepare(&mut http, &mut first).unwrap();
+        let mut again = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        provider.prepare(&mut http, &mut again).unwrap();
+        assert_eq!(first.list_id, again.list_id, "an existing group is reused");
+        let groups = emulator.mailerlite().groups();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].name, "vip (crm)");
+        assert_eq!(first.remote["field_types"]["score"], "number");
+
+        let mut given = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        given.list_id = first.list_id.clone();
+        provider.prepare(&mut http, &mut given).unwrap();
+        given.list_id = Some("404404".into());
+        let e = provider.prepare(&mut http, &mut given).unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Binding(m) if m.contains("404404")),
+            "{e:?}"
+        );
+
+        let mut unknown = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        unknown.fields.push("shoe_size".into());
+        let e = provider.prepare(&mut http, &mut unknown).unwrap_err();
+        assert!(
+            matches!(&e, ProviderError::Binding(m) if m.contains("shoe_size")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn upsert_adds_to_the_group_with_typed_fields_then_updates() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        assert!(
+            outcomes.iter().all(|o| matches!(
+                o,
+                Outcome::Member {
+                    status: MemberStatus::Subscribed,
+                    remote_id: Some(_)
+                }
+            )),
+            "{outcomes:?}"
+        );
+        let group = binding.list_id.clone().unwrap();
+        let members = emulator.list_members("mailerlite", &group);
+        assert_eq!(members.len(), 2);
+        assert_eq!(members["ann@example.com"]["name"], "Ann");
+        assert_eq!(members["ann@example.com"]["score"], json!(10.0));
+
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &binding,
+                &[member("ann@example.com", "Anne", 11)],
+            )
+            .unwrap();
+        assert!(matches!(outcomes[0], Outcome::Member { .. }));
+        let ann = emulator.mailerlite().subscriber("ann@example.com").unwrap();
+        assert_eq!(ann.fields["name"], "Anne");
+        assert_eq!(ann.fields["score"], json!(11.0));
+        assert_eq!(ann.status, "active");
+    }
+
+    #[test]
+    fn pending_binding_uses_unconfirmed_for_new_subscribers_only() {
+        let (emulator, mut http, mut provider) = setup();
+        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        binding.new_member_status = MemberStatus::Pending;
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &binding,
+                &[
+                    member("ann@example.com", "Ann", 10),
+                    member("cid@example.com", "Cid", 30),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Member {
+                status: MemberStatus::Subscribed,
+                ..
+            }
+        ));
+        assert!(matches!(
+            outcomes[1],
+            Outcome::Member {
+                status: MemberStatus::Pending,
+                ..
+            }
+        ));
+        let ml = emulator.mailerlite();
+        assert_eq!(ml.subscriber("ann@example.com").unwrap().status, "active");
+        assert_eq!(
+            ml.subscriber("cid@example.com").unwrap().status,
+            "unconfirmed"
+        );
+        assert_eq!(ml.confirmation_emails(), vec!["cid@example.com"]);
+    }
+
+    #[test]
+    fn consent_states_are_never_overridden() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let ml = emulator.mailerlite();
+        let outside = ml.create_group("elsewhere");
+        for (address, status) in [
+            ("ann@example.com", "unsubscribed"),
+            ("bob@example.com", "bounced"),
+        ] {
+            assert!(ml.set_status(address, status));
+        }
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &binding,
+                &[
+                    member("ann@example.com", "Ann", 1),
+                    member("bob@example.com", "Bob", 2),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Refused {
+                status: ConsentStatus::Unsubscribed,
+                ..
+            }
+        ));
+        assert!(matches!(
+            outcomes[1],
+            Outcome::Refused {
+                status: ConsentStatus::Bounced,
+                ..
+            }
+        ));
+        assert_eq!(
+            ml.subscriber("ann@example.com").unwrap().fields["name"],
+            "Ann"
+        );
+
+        // A junk address that was never in the group is not added to it either.
+        let mut spam = member("spam@example.com", "S", 0);
+        spam.fields.clear();
+        let mut other = binding.clone();
+        other.list_id = Some(outside.clone());
+        provider.upsert(&mut http, &other, &[spam.clone()]).unwrap();
+        assert!(ml.set_status("spam@example.com", "junk"));
+        let outcomes = provider.upsert(&mut http, &binding, &[spam]).unwrap();
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Refused {
+                status: ConsentStatus::Complained,
+                ..
+            }
+        ));
+        let group = binding.list_id.as_deref().unwrap();
+        assert!(!ml.group_members(group).contains_key("spam@example.com"));
+        assert!(ml.resubscribed().is_empty());
+    }
+
+    #[test]
+    fn per_item_errors_do_not_fail_the_batch() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        emulator
+            .mailerlite()
+            .reject_address("bad@example.com", "This address is blocked.");
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &binding,
+                &[
+                    member("bad@example.com", "Bad", 1),
+                    member("cid@example.com", "Cid", 2),
+                ],
+            )
+            .unwrap();
+        assert!(
+            matches!(&outcomes[0], Outcome::Failed { message } if message.contains("blocked")),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[1], Outcome::Member { .. }));
+    }
+
+    #[test]
+    fn remove_unsubscribe_and_delete() {
+        for on_leave in [OnLeave::Remove, OnLeave::Unsubscribe, OnLeave::Delete] {
+            let (emulator, mut http, mut provider) = setup();
+            let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, on_leave);
+            // Ann with the recorded id, Bob looked up by address, Zed unknown to MailerLite.
+            let leaving = [
+                gone("ann@example.com", remote_id(&outcomes[0])),
+                gone("bob@example.com", None),
+                gone("zed@example.com", None),
+            ];
+            let outcomes = provider.remove(&mut http, &binding, &leaving).unwrap();
+            assert_eq!(outcomes, vec![Outcome::Removed; 3], "{on_leave:?}");
+            let group = binding.list_id.as_deref().unwrap();
+            assert!(emulator.list_members("mailerlite", group).is_empty());
+            let ml = emulator.mailerlite();
+            match on_leave {
+                OnLeave::Remove => {
+                    assert_eq!(ml.subscriber("ann@example.com").unwrap().status, "active")
+                }
+                OnLeave::Unsubscribe => {
+                    assert_eq!(
+                        ml.subscriber("bob@example.com").unwrap().status,
+                        "unsubscribed"
+                    );
+                    assert!(ml.group_members(group).is_empty());
+                }
+                _ => assert_eq!(ml.deleted(), vec!["ann@example.com", "bob@example.com"]),
+            }
+        }
+    }
+
+    #[test]
+    fn keep_calls_nothing_and_archive_is_refused() {
+        let (emulator, mut http, mut provider) = setup();
+        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Keep);
+        emulator.clear_requests("mailerlite");
+        let outcomes = provider
+            .remove(&mut http, &binding, &[gone("ann@example.com", None)])
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Removed]);
+        assert!(emulator.requests("mailerlite").is_empty());
+        binding.on_leave = OnLeave::Archive;
+        assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
+        assert!(matches!(
+            provider.remove(&mut http, &binding, &[gone("ann@example.com", None)]),
+            Err(ProviderError::Binding(_))
+        ));
+    }
+
+    #[test]
+    fn erase_forgets_subscribers() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let outcomes = provider
+            .erase(
+                &mut http,
+                &binding,
+                &[
+                    gone("ann@example.com", remote_id(&outcomes[0])),
+                    gone("bob@example.com", None),
+                ],
+            )
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Removed; 2]);
+        let ml = emulator.mailerlite();
+        assert_eq!(ml.forgotten(), vec!["ann@example.com", "bob@example.com"]);
+        assert!(ml.subscribers().is_empty());
+    }
+
+    #[test]
+    fn email_change_moves_membership() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        provider
+            .remove(
+                &mut http,
+                &binding,
+                &[gone("ann@example.com", remote_id(&outcomes[0]))],
+            )
+            .unwrap();
+        provider
+            .upsert(
+                &mut http,
+                &binding,
+                &[member("ann@new.example.com", "Ann", 10)],
+            )
+            .unwrap();
+        let members = emulator.list_members("mailerlite", binding.list_id.as_deref().unwrap());
+        assert_eq!(
+            members.keys().collect::<Vec<_>>(),
+            vec!["ann@new.example.com", "bob@example.com"]
+        );
+    }
+
+    #[test]
+    fn large_batches_are_split_to_fifty_requests() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let many: Vec<Member> = (0..120)
+            .map(|i| member(&format!("u{i}@example.com"), "U", i))
+            .collect();
+        let outcomes = provider.upsert(&mut http, &binding, &many).unwrap();
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Member { .. })));
+        let group = binding.list_id.as_deref().unwrap();
+        assert_eq!(emulator.list_members("mailerlite", group).len(), 122);
+        let leaving: Vec<Member> = many.iter().map(|m| gone(&m.address, None)).collect();
+        let mut unsubscribing = binding.clone();
+        unsubscribing.on_leave = OnLeave::Unsubscribe;
+        let outcomes = provider
+            .remove(&mut http, &unsubscribing, &leaving)
+            .unwrap();
+        assert_eq!(outcomes.len(), 120);
+        assert!(outcomes.iter().all(|o| *o == Outcome::Removed));
+        assert_eq!(emulator.list_members("mailerlite", group).len(), 2);
+    }
+
+    #[test]
+    fn wrong_token_is_an_authentication_error() {
+        let (emulator, mut http, _) = setup();
+        let mut wrong = provider(&emulator, "not-the-token");
+        assert!(matches!(
+            wrong.check(&mut http),
+            Err(ProviderError::Auth(_))
+        ));
+        let mut b = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        b.list_id = Some("1".into());
+        assert!(matches!(
+            wrong.upsert(&mut http, &b, &[member("a@example.com", "A", 1)]),
+            Err(ProviderError::Auth(_))
+        ));
+        let mut right = provider(&emulator, TOKEN);
+        assert_eq!(right.check(&mut http).unwrap()["subscribers"], 0);
+    }
+
+    #[test]
+    fn throttling_outages_and_broken_answers_are_transient() {
+        let (emulator, mut http, mut provider) = setup();
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let faults = emulator.faults("mailerlite");
+        let batch = [member("ann@example.com", "Ann", 1)];
+
+        faults.push(Fault::too_many_requests(Some(3)));
+        match provider.upsert(&mut http, &binding, &batch) {
+            Err(ProviderError::Transient { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(3)))
+            }
+            other => panic!("{other:?}"),
+        }
+        faults.push(Fault::status(500));
+        assert!(matches!(
+            provider.upsert(&mut http, &binding, &batch),
+            Err(ProviderError::Transient { .. })
+        ));
+        faults.push(Fault::MalformedJson);
+        assert!(matches!(
+            provider.upsert(&mut http, &binding, &batch),
+            Err(ProviderError::Transient { .. })
+        ));
+
+        emulator.mailerlite().set_import_limit(Some(1));
+        let fresh = |i: usize| [member(&format!("new{i}@example.com"), "N", 1)];
+        provider.upsert(&mut http, &binding, &fresh(1)).unwrap();
+        match provider.upsert(&mut http, &binding, &fresh(2)) {
+            Err(ProviderError::Transient {
+                message,
+                retry_after: Some(_),
+            }) => assert!(message.contains("import"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

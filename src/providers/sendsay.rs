@@ -1,0 +1,1150 @@
+//! Sendsay (JSON action API).
+//!
+//! Every call is a POST of `{"action": ...}` to one endpoint,
+//! `/general/api/v100/json/<account>`, authenticated with `Authorization: sendsay apikey=<key>`.
+//! Sendsay answers HTTP 200 whatever happened: failures are `{"errors": [{"id", "explain"}]}`
+//! in the body, and an account served by another cluster answers `{"REDIRECT": "<path>"}`,
+//! which the adapter follows (at most 10 times) and keeps for later calls.
+//!
+//! A binding's list is a group of type `list` (found by name or created with `group.create`).
+//! Members are written with `member.set` inside one `batch` per chunk of members; membership is
+//! the `-group.<id>` key of `datakey` and mapped fields are `anketa.question` keys
+//! (`base.firstName`, `custom.city`). Before adding anyone the adapter reads, in one more
+//! batch, the stop list and each member's `member.lockremove`, and refuses stop-listed and
+//! unsubscribed addresses instead of adding them: Sendsay itself would accept the addition.
+
+use super::{
+    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Outcome, Provider, Spec, chunks,
+};
+use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+
+pub static SPEC: Spec = Spec {
+    name: "sendsay",
+    settings: &[("account", Need::Required)],
+    secrets: &[("api_key", Need::Required)],
+    capabilities: Capabilities {
+        on_leave: &["remove", "unsubscribe", "delete", "keep"],
+        double_opt_in: true,
+        tags: false,
+    },
+    validate,
+    field_name,
+    connect,
+};
+
+/// Members per `batch` call. Sendsay documents no count limit for `batch` (only 400 MB per
+/// request); 500 keeps one call well inside the HTTP timeout.
+const BATCH: usize = 500;
+/// Redirects followed for one call; Sendsay's own clients stop at 10.
+const MAX_REDIRECTS: usize = 10;
+
+fn validate(config: &Config) -> std::result::Result<(), String> {
+    let account = config.setting("account").unwrap_or_default();
+    if account
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Ok(())
+    } else {
+        Err("settings.account must be the Sendsay account code (your main login), letters, digits, _, - and .".into())
+    }
+}
+
+/// `anketa.question` (`base.firstName`, `custom.q12`); the system questionnaire `member` and
+/// the `-group` keys belong to the sync.
+fn field_name(name: &str) -> std::result::Result<(), String> {
+    let word = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    match name.split_once('.') {
+        Some((anketa, quest))
+            if word(anketa) && word(quest) && !anketa.starts_with('-') && anketa != "member" =>
+        {
+            Ok(())
+        }
+        _ => Err("Sendsay fields are questionnaire keys anketa.question, like base.firstName or custom.city (not member.* or -group.*)".into()),
+    }
+}
+
+fn connect(config: &Config) -> Box<dyn Provider> {
+    Box::new(Sendsay {
+        root: config.base_url("https://api.sendsay.ru"),
+        account: config.setting("account").unwrap_or_default().to_string(),
+        api_key: config.secret("api_key").unwrap_or_default().to_string(),
+        redirect: None,
+    })
+}
+
+struct Sendsay {
+    root: String,
+    account: String,
+    api_key: String,
+    /// The path a `REDIRECT` sent us to, kept for later calls as Sendsay's clients do.
+    redirect: Option<String>,
+}
+
+/// One failed action, as Sendsay words it.
+#[derive(Debug, Clone, PartialEq)]
+struct ApiError {
+    ids: Vec<String>,
+    text: String,
+}
+
+impl ApiError {
+    fn from_errors(errors: &Value) -> Option<ApiError> {
+        let items = match errors {
+            Value::Array(items) if !items.is_empty() => items.clone(),
+            Value::Object(_) => vec![errors.clone()],
+            _ => return None,
+        };
+        let ids = items
+            .iter()
+            .map(|e| e["id"].as_str().unwrap_or("error").to_string())
+            .collect();
+        let text = items
+            .iter()
+            .map(|e| {
+                let id = e["id"].as_str().unwrap_or("error");
+                match &e["explain"] {
+                    Value::Null => id.to_string(),
+                    Value::String(s) => format!("{id}: {s}"),
+                    other => format!("{id}: {other}"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some(ApiError { ids, text })
+    }
+
+    /// The errors of an answer (`errors`, or the older single `error`).
+    fn of(answer: &Value) -> Option<ApiError> {
+        ApiError::from_errors(&answer["errors"]).or_else(|| ApiError::from_errors(&answer["error"]))
+    }
+
+    fn any(&self, test: impl Fn(&str) -> bool) -> bool {
+        self.ids.iter().any(|id| test(id))
+    }
+
+    fn is_auth(&self) -> bool {
+        self.any(|id| {
+            id.starts_with("error/auth")
+                || id.contains("too_many_auth")
+                || id.contains("access_denied")
+        })
+    }
+
+    /// Sendsay's reference does not list which errors are temporary; these words are how
+    /// overload and internal failures are named.
+    fn is_transient(&self) -> bool {
+        self.any(|id| {
+            [
+                "internal",
+                "temporar",
+                "timeout",
+                "too_many_requests",
+                "try_later",
+                "unavailable",
+                "overload",
+            ]
+            .iter()
+            .any(|word| id.contains(word))
+        })
+    }
+
+    fn is_missing(&self) -> bool {
+        self.any(|id| id.contains("not_found") || id.contains("not_exist"))
+    }
+
+    fn into_error(self) -> ProviderError {
+        if self.is_auth() {
+            ProviderError::Auth(self.text)
+        } else if self.is_transient() {
+            ProviderError::Transient {
+                message: self.text,
+                retry_after: None,
+            }
+        } else {
+            ProviderError::Rejected(self.text)
+        }
+    }
+
+    /// A per-member failure: retried when temporary, a dead letter otherwise.
+    fn outcome(&self) -> Outcome {
+        if self.is_transient() {
+            Outcome::Retry {
+                message: self.text.clone(),
+                retry_after: None,
+            }
+        } else {
+            Outcome::Failed {
+                message: self.text.clone(),
+            }
+        }
+    }
+}
+
+/// A datakey value: Sendsay stores text and numbers as given; an absent value clears the
+/// answer.
+fn datakey_value(value: &Value) -> Value {
+    match value {
+        Value::Null => json!(""),
+        Value::String(_) | Value::Number(_) => value.clone(),
+        Value::Bool(b) => json!(if *b { 1 } else { 0 }),
+        other => json!(other.to_string()),
+    }
+}
+
+/// The member object of an answer: `obj`, nested once more inside `batch` results.
+fn member_object(answer: &Value) -> &Value {
+    let obj = &answer["obj"];
+    if obj["obj"].is_object() {
+        &obj["obj"]
+    } else {
+        obj
+    }
+}
+
+fn present(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::Bool(b) => *b,
+        _ => true,
+    }
+}
+
+impl Sendsay {
+    /// One action; follows `REDIRECT`s, and turns errors in the body into errors.
+    fn call(&mut self, http: &mut Http, operation: &str, body: &Value) -> Result<Value> {
+        let mut path = self
+            .redirect
+            .clone()
+            .unwrap_or_else(|| format!("/general/api/v100/json/{}", self.account));
+        for _ in 0..=MAX_REDIRECTS {
+            let request = Request::new(Method::Post, format!("{}{path}", self.root))
+                .header("authorization", format!("sendsay apikey={}", self.api_key))
+                .json(body);
+            let response = http.send(operation, request)?;
+            let described = |r: &crate::http::Response| {
+                serde_json::from_slice::<Value>(&r.body)
+                    .ok()
+                    .and_then(|v| ApiError::of(&v))
+                    .map_or_else(|| r.text_excerpt(), |e| e.text)
+            };
+            response.check_common(described)?;
+            if !response.is_success() {
+                return Err(ProviderError::Rejected(format!(
+                    "HTTP {}: {}",
+                    response.status,
+                    described(&response)
+                )));
+            }
+            let answer = response.json()?;
+            if let Some(target) = answer["REDIRECT"].as_str() {
+                // Only a path on the same host: the API key must not follow a redirect
+                // elsewhere.
+                if !target.starts_with('/') || target.starts_with("//") {
+                    return Err(ProviderError::Rejected(format!(
+                        "Sendsay redirected to \"{target}\", which is not a path on {}",
+                        self.root
+                    )));
+                }
+                path = target.to_string();
+                self.redirect = Some(path.clone());
+                continue;
+            }
+            if let Some(error) = ApiError::of(&answer) {
+                return Err(error.into_error());
+            }
+            return Ok(answer);
+        }
+        Err(ProviderError::Transient {
+            message: format!("Sendsay redirected more than {MAX_REDIRECTS} times"),
+            retry_after: None,
+        })
+    }
+
+    /// Runs `actions` in one `batch` (all of them, whatever fails): one result per action.
+    fn batch(
+        &mut self,
+        http: &mut Http,
+        operation: &str,
+        actions: Vec<Value>,
+    ) -> Result<Vec<std::result::Result<Value, ApiError>>> {
+        let count = actions.len();
+        let answer = self.call(
+            http,
+            operation,
+            &json!({"action": "batch", "stop_on_error": 0, "do": actions}),
+        )?;
+        let results = answer["result"].as_array().cloned().unwrap_or_default();
+        if results.len() != count {
+            return Err(ProviderError::Transient {
+                message: format!(
+                    "Sendsay answered {} results for a batch of {count} actions",
+                    results.len()
+                ),
+                retry_after: None,
+            });
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| match ApiError::of(&r) {
+                Some(error) => Err(error),
+                None => Ok(r),
+            })
+            .collect())
+    }
+
+    fn group(binding: &Binding) -> Result<&str> {
+        binding.list_id.as_deref().ok_or_else(|| {
+            ProviderError::Binding(format!("binding {} has no Sendsay group yet", binding.id))
+        })
+    }
+
+    /// Sets `-group.<group>` to 0 for each member that exists. Members Sendsay cannot show are
+    /// not written: `member.set` would create them.
+    fn leave_group(
+        &mut self,
+        http: &mut Http,
+        group: &str,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let reads = members
+            .iter()
+            .map(|m| json!({"action": "member.get", "email": m.address, "addr_type": "email"}))
+            .collect();
+        let existing: Vec<bool> = self
+            .batch(http, "read members", reads)?
+            .iter()
+            .map(|read| read.is_ok())
+            .collect();
+        let writes: Vec<Value> = members
+            .iter()
+            .zip(&existing)
+            .filter(|(_, exists)| **exists)
+            .map(|(m, _)| {
+                json!({
+                    "action": "member.set",
+                    "email": m.address,
+                    "addr_type": "email",
+                    "if_exists": "overwrite",
+                    "datakey": [[format!("-group.{group}"), "set", 0]],
+                })
+            })
+            .collect();
+        let mut written = if writes.is_empty() {
+            Vec::new()
+        } else {
+            self.batch(http, "remove from group", writes)?
+        }
+        .into_iter();
+        Ok(existing
+            .into_iter()
+            .map(|exists| match exists.then(|| written.next()).flatten() {
+                None | Some(Ok(_)) => Outcome::Removed,
+                Some(Err(error)) if error.is_missing() => Outcome::Removed,
+                Some(Err(error)) => error.outcome(),
+            })
+            .collect())
+    }
+
+    fn delete(
+        &mut self,
+        http: &mut Http,
+        operation: &str,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        self.call(
+            http,
+            operation,
+            &json!({"action": "member.delete", "addr_type": "email", "list": addresses}),
+        )?;
+        Ok(members.iter().map(|_| Outcome::Removed).collect())
+    }
+}
+
+impl Provider for Sendsay {
+    fn limits(&self) -> Limits {
+        // Sendsay's reference publishes no rate; integrators report 80 requests/s per account.
+        // Batching makes a handful of calls per thousand members, so a quarter of that is
+        // plenty and leaves room for the account's other integrations.
+        Limits {
+            upsert_batch: BATCH,
+            remove_batch: BATCH,
+            rate: Some(RateLimit {
+                per_second: 20.0,
+                burst: 20.0,
+            }),
+        }
+    }
+
+    fn check(&mut self, http: &mut Http) -> Result<Value> {
+        let answer = self.call(
+            http,
+            "account settings",
+            &json!({"action": "sys.settings.get", "list": ["about.id", "member.hard.limit", "member.hard.rest"]}),
+        )?;
+        let settings = &answer["list"];
+        Ok(json!({
+            "provider": "sendsay",
+            "account": settings["about.id"],
+            "member_limit": settings["member.hard.limit"],
+            "members_left": settings["member.hard.rest"],
+        }))
+    }
+
+    fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
+        let answer = self.call(
+            http,
+            "list groups",
+            &json!({"action": "group.get", "id": ["*"]}),
+        )?;
+        let groups = answer["list"].as_array().cloned().unwrap_or_default();
+        let id_of = |g: &Value| match &g["id"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let group = match &binding.list_id {
+            Some(id) => {
+                let group = groups
+                    .iter()
+                    .find(|g| id_of(g).as_deref() == Some(id.as_str()))
+                    .ok_or_else(|| {
+                        ProviderError::Binding(format!("group {id} does not exist at Sendsay"))
+                    })?;
+                if group["type"].as_str().is_some_and(|t| t != "list") {
+                    return Err(ProviderError::Binding(format!(
+                        "Sendsay group {id} is a {} group, whose members Sendsay computes; bind to a list group",
+                        group["type"].as_str().unwrap_or("filter")
+                    )));
+                }
+                id.clone()
+            }
+            None => {
+                let existing = groups.iter().find(|g| {
+                    g["name"].as_str() == Some(binding.list_name.as_str())
+                        && g["type"].as_str().is_none_or(|t| t == "list")
+                });
+                match existing.and_then(id_of) {
+                    Some(id) => id,
+                    None => {
+                        let created = self.call(
+                            http,
+                            "create group",
+                            &json!({"action": "group.create", "name": binding.list_name, "type": "list", "addr_type": "email"}),
+                        )?;
+                        id_of(&created).ok_or_else(|| {
+                            ProviderError::Rejected(format!(
+                                "Sendsay returned no id for group \"{}\"",
+                                binding.list_name
+                            ))
+                        })?
+                    }
+                }
+            }
+        };
+        binding.list_id = Some(group);
+        Ok(())
+    }
+
+    fn upsert(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let group = Self::group(binding)?.to_string();
+        let confirm = i32::from(binding.new_member_status == MemberStatus::Pending);
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
+            let mut reads = vec![json!({"action": "stoplist.get", "list": addresses})];
+            reads.extend(
+                addresses
+                    .iter()
+                    .map(|a| json!({"action": "member.get", "email": a, "addr_type": "email"})),
+            );
+            let mut read = self.batch(http, "read consent", reads)?.into_iter();
+            let stopped: HashSet<String> = match read.next() {
+                Some(Ok(answer)) => answer["list"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_lowercase)
+                    .collect(),
+                Some(Err(error)) => return Err(error.into_error()),
+                None => HashSet::new(),
+            };
+            let mut refused: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+            for (member, existing) in batch.iter().zip(read) {
+                // A member Sendsay cannot show is new (or invalid, which member.set will say).
+                let unsubscribed = existing
+                    .as_ref()
+                    .is_ok_and(|a| present(&member_object(a)["member"]["lockremove"]));
+                refused.push(if stopped.contains(&member.address.to_lowercase()) {
+                    Some(Outcome::Refused {
+                        status: ConsentStatus::Cleaned,
+                        message:
+                            "the address is in Sendsay's stop list (bounced, complained or blocked)"
+                                .into(),
+                    })
+                } else if unsubscribed {
+                    Some(Outcome::Refused {
+                        status: ConsentStatus::Unsubscribed,
+                        message: "the member unsubscribed at Sendsay (member.lockremove)".into(),
+                    })
+                } else {
+                    None
+                });
+            }
+            let writes: Vec<Value> = batch
+                .iter()
+                .zip(&refused)
+                .filter(|(_, r)| r.is_none())
+                .map(|(m, _)| {
+                    let mut datakey = vec![json!([format!("-group.{group}"), "set", 1])];
+                    datakey.extend(
+                        m.fields
+                            .iter()
+                            .map(|(key, value)| json!([key, "set", datakey_value(value)])),
+                    );
+                    json!({
+                        "action": "member.set",
+                        "email": m.address,
+                        "addr_type": "email",
+                        "if_exists": "overwrite",
+                        "newbie.confirm": confirm,
+                        "return_fresh_obj": 1,
+                        "datakey": datakey,
+                    })
+                })
+                .collect();
+            let mut written = if writes.is_empty() {
+                Vec::new()
+            } else {
+                self.batch(http, "upsert members", writes)?
+            }
+            .into_iter();
+            for outcome in refused {
+                outcomes.push(match outcome {
+                    Some(refusal) => refusal,
+                    None => match written.next() {
+                        Some(Ok(answer)) => {
+                            let member = &member_object(&answer)["member"];
+                            Outcome::Member {
+                                status: if present(&member["lockconfirm"]) {
+                                    MemberStatus::Pending
+                                } else {
+                                    MemberStatus::Subscribed
+                                },
+                                remote_id: match &member["id"] {
+                                    Value::Number(n) => Some(n.to_string()),
+                                    Value::String(s) => Some(s.clone()),
+                                    _ => None,
+                                },
+                            }
+                        }
+                        Some(Err(error)) => error.outcome(),
+                        None => Outcome::Retry {
+                            message: "Sendsay did not report this member".into(),
+                            retry_after: None,
+                        },
+                    },
+                });
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn remove(
+        &mut self,
+        http: &mut Http,
+        binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let group = Self::group(binding)?.to_string();
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            match binding.on_leave {
+                OnLeave::Keep => outcomes.extend(batch.iter().map(|_| Outcome::Removed)),
+                OnLeave::Archive => {
+                    return Err(ProviderError::Binding(
+                        "Sendsay has no archived members: use on_leave remove, unsubscribe, delete or keep".into(),
+                    ));
+                }
+                OnLeave::Remove => outcomes.extend(self.leave_group(http, &group, batch)?),
+                OnLeave::Unsubscribe => {
+                    let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
+                    self.call(
+                        http,
+                        "stop-list members",
+                        &json!({"action": "stoplist.add", "list": addresses}),
+                    )?;
+                    outcomes.extend(self.leave_group(http, &group, batch)?);
+                }
+                OnLeave::Delete => outcomes.extend(self.delete(http, "delete members", batch)?),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Sendsay's reference has no separate erasure call: `member.delete` removes the member
+    /// with all its questionnaire data. The stop list is kept, so an erased address that had
+    /// been blocked stays blocked.
+    fn erase(
+        &mut self,
+        http: &mut Http,
+        _binding: &Binding,
+        members: &[Member],
+    ) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(members.len());
+        for batch in chunks(members, BATCH) {
+            outcomes.extend(self.delete(http, "erase members", batch)?);
+        }
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn field_names_are_questionnaire_keys() {
+        assert!(field_name("base.firstName").is_ok());
+        assert!(field_name("custom.q12").is_ok());
+        assert!(field_name("firstName").is_err());
+        assert!(field_name("member.lockremove").is_err());
+        assert!(field_name("-group.pl1").is_err());
+        assert!(field_name("base.").is_err());
+    }
+
+    #[test]
+    fn the_account_is_a_path_segment() {
+        let config = |account: &str| Config {
+            settings: serde_json::from_value(json!({"account": account})).unwrap(),
+            secrets: Default::default(),
+        };
+        assert!(validate(&config("acme_shop")).is_ok());
+        assert!(validate(&config("acme/../x")).is_err());
+    }
+
+    #[test]
+    fn errors_are_classified_by_id() {
+        let error = |id: &str| {
+            ApiError::of(&json!({"errors": [{"id": id, "explain": "why"}]})).expect("an error")
+        };
+        assert!(matches!(
+            error("error/auth/failed").into_error(),
+            ProviderError::Auth(m) if m == "error/auth/failed: why"
+        ));
+        assert!(matches!(
+            error("error/internal").into_error(),
+            ProviderError::Transient { .. }
+        ));
+        assert!(matches!(
+            error("error/member/email_invalid").into_error(),
+            ProviderError::Rejected(_)
+        ));
+        assert!(matches!(
+            error("error/internal").outcome(),
+            Outcome::Retry { .. }
+        ));
+        assert!(error("error/member/not_found").is_missing());
+        assert!(ApiError::of(&json!({"error": {"id": "x/y"}})).is_some());
+        assert!(ApiError::of(&json!({"list": []})).is_none());
+    }
+
+    #[test]
+    fn values_and_answers_are_read_leniently() {
+        assert_eq!(datakey_value(&Value::Null), json!(""));
+        assert_eq!(datakey_value(&json!(true)), json!(1));
+        assert_eq!(datakey_value(&json!(42)), json!(42));
+        let nested = json!({"obj": {"obj": {"member": {"id": 5}}}});
+        assert_eq!(member_object(&nested)["member"]["id"], 5);
+        let flat = json!({"obj": {"member": {"id": 6}}});
+        assert_eq!(member_object(&flat)["member"]["id"], 6);
+        assert!(present(&json!("2024-01-01 10:00:00")));
+        assert!(!present(&json!("")));
+        assert!(!present(&Value::Null));
+    }
+}
+
+#[cfg(test)]
+mod fake {
+    use super::*;
+    use crate::http::HttpConfig;
+    use listsync_emulator::{Emulator, Fault};
+    use std::time::Duration;
+
+    fn http() -> Http {
+        Http::new(
+            HttpConfig {
+                timeout: Duration::from_secs(2),
+                allowed_insecure_hosts: vec!["127.0.0.1".into()],
+            },
+            None,
+        )
+    }
+
+    fn provider(emulator: &Emulator) -> Box<dyn Provider> {
+        connect(&Config {
+            settings: serde_json::from_value(
+                json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
+            )
+            .unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": "ss-test-key"})).unwrap(),
+        })
+    }
+
+    fn binding(on_leave: OnLeave) -> Binding {
+        Binding {
+            id: 3,
+            filter: "vip".into(),
+            list_id: None,
+            list_name: "vip (crm)".into(),
+            tags: vec![],
+            fields: vec!["base.firstName".into(), "custom.city".into()],
+            on_leave,
+            new_member_status: MemberStatus::Subscribed,
+            remote: Default::default(),
+        }
+    }
+
+    fn member(address: &str, fields: Value) -> Member {
+        Member {
+            address: address.into(),
+            fields: serde_json::from_value(fields).unwrap(),
+            remote_id: None,
+        }
+    }
+
+    fn prepared(
+        emulator: &Emulator,
+        http: &mut Http,
+        on_leave: OnLeave,
+    ) -> (Box<dyn Provider>, Binding) {
+        let mut provider = provider(emulator);
+        let mut binding = binding(on_leave);
+        provider.prepare(http, &mut binding).expect("prepare");
+        (provider, binding)
+    }
+
+    fn is_member(outcome: &Outcome) -> bool {
+        matches!(
+            outcome,
+            Outcome::Member {
+                status: MemberStatus::Subscribed,
+                remote_id: Some(_)
+            }
+        )
+    }
+
+    #[test]
+    fn prepare_creates_the_group_once_and_checks_given_ones() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let group = bound.list_id.clone().unwrap();
+        let groups = emulator.sendsay().groups();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(
+            (groups[0].id.as_str(), groups[0].name.as_str()),
+            (group.as_str(), "vip (crm)")
+        );
+
+        let mut again = binding(OnLeave::Remove);
+        provider.prepare(&mut http, &mut again).unwrap();
+        assert_eq!(again.list_id, Some(group.clone()));
+        assert_eq!(emulator.sendsay().groups().len(), 1);
+
+        again.list_id = Some("nosuch".into());
+        assert!(matches!(
+            provider.prepare(&mut http, &mut again),
+            Err(ProviderError::Binding(m)) if m.contains("does not exist")
+        ));
+        again.list_id = Some(emulator.sendsay().create_filter_group("computed"));
+        assert!(matches!(
+            provider.prepare(&mut http, &mut again),
+            Err(ProviderError::Binding(m)) if m.contains("filter")
+        ));
+    }
+
+    #[test]
+    fn upsert_adds_members_updates_fields_and_honours_double_opt_in() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, mut bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let group = bound.list_id.clone().unwrap();
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[
+                    member(
+                        "ann@example.com",
+                        json!({"base.firstName": "Ann", "custom.city": "Moscow"}),
+                    ),
+                    member(
+                        "bob@example.com",
+                        json!({"base.firstName": "Bob", "custom.city": null}),
+                    ),
+                ],
+            )
+            .unwrap();
+        assert!(outcomes.iter().all(is_member), "{outcomes:?}");
+        let members = emulator.list_members("sendsay", &group);
+        assert_eq!(members["ann@example.com"]["base.firstName"], "Ann");
+        assert_eq!(members["ann@example.com"]["custom.city"], "Moscow");
+        assert_eq!(members["bob@example.com"]["custom.city"], "");
+
+        provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[member(
+                    "ann@example.com",
+                    json!({"base.firstName": "Anne", "custom.city": "Moscow"}),
+                )],
+            )
+            .unwrap();
+        assert_eq!(
+            emulator.list_members("sendsay", &group)["ann@example.com"]["base.firstName"],
+            "Anne"
+        );
+
+        bound.new_member_status = MemberStatus::Pending;
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[
+                    member("cid@example.com", json!({})),
+                    member("ann@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Member {
+                status: MemberStatus::Pending,
+                ..
+            }
+        ));
+        assert!(
+            is_member(&outcomes[1]),
+            "an existing member keeps its consent: {outcomes:?}"
+        );
+        assert!(
+            emulator
+                .sendsay()
+                .member("cid@example.com")
+                .unwrap()
+                .lockconfirm
+        );
+    }
+
+    #[test]
+    fn each_on_leave_does_what_it_says() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, mut bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let group = bound.list_id.clone().unwrap();
+        let everyone: Vec<Member> = ["ann", "bob", "cid", "dan"]
+            .iter()
+            .map(|n| member(&format!("{n}@example.com"), json!({"base.firstName": n})))
+            .collect();
+        assert!(
+            provider
+                .upsert(&mut http, &bound, &everyone)
+                .unwrap()
+                .iter()
+                .all(is_member)
+        );
+        let ss = emulator.sendsay();
+
+        let outcomes = provider
+            .remove(
+                &mut http,
+                &bound,
+                &[
+                    member("ann@example.com", json!({})),
+                    member("nobody@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
+        assert!(
+            ss.member("ann@example.com")
+                .is_some_and(|m| m.groups.is_empty())
+        );
+        assert!(ss.member("nobody@example.com").is_none());
+
+        bound.on_leave = OnLeave::Unsubscribe;
+        assert_eq!(
+            provider
+                .remove(&mut http, &bound, &[member("bob@example.com", json!({}))])
+                .unwrap(),
+            vec![Outcome::Removed]
+        );
+        assert!(ss.stoplist().contains("bob@example.com"));
+        assert!(!ss.group_members(&group).contains_key("bob@example.com"));
+        let again = provider
+            .upsert(&mut http, &bound, &[member("bob@example.com", json!({}))])
+            .unwrap();
+        assert!(matches!(
+            again[0],
+            Outcome::Refused {
+                status: ConsentStatus::Cleaned,
+                ..
+            }
+        ));
+
+        bound.on_leave = OnLeave::Delete;
+        assert_eq!(
+            provider
+                .remove(&mut http, &bound, &[member("cid@example.com", json!({}))])
+                .unwrap(),
+            vec![Outcome::Removed]
+        );
+        assert!(ss.member("cid@example.com").is_none());
+
+        bound.on_leave = OnLeave::Keep;
+        emulator.clear_requests("sendsay");
+        assert_eq!(
+            provider
+                .remove(&mut http, &bound, &[member("dan@example.com", json!({}))])
+                .unwrap(),
+            vec![Outcome::Removed]
+        );
+        assert!(emulator.requests("sendsay").is_empty());
+
+        bound.on_leave = OnLeave::Archive;
+        assert!(matches!(
+            provider.remove(&mut http, &bound, &[member("dan@example.com", json!({}))]),
+            Err(ProviderError::Binding(_))
+        ));
+        assert!(ss.locked_additions().is_empty());
+    }
+
+    #[test]
+    fn unsubscribed_and_stop_listed_addresses_are_refused_and_never_added() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let group = bound.list_id.clone().unwrap();
+        let ss = emulator.sendsay();
+        ss.set_status("u@example.com", "unsubscribed");
+        ss.set_status("b@example.com", "bounced");
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[
+                    member("u@example.com", json!({})),
+                    member("b@example.com", json!({})),
+                    member("ok@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(
+            outcomes[0],
+            Outcome::Refused {
+                status: ConsentStatus::Unsubscribed,
+                ..
+            }
+        ));
+        assert!(matches!(
+            outcomes[1],
+            Outcome::Refused {
+                status: ConsentStatus::Cleaned,
+                ..
+            }
+        ));
+        assert!(is_member(&outcomes[2]));
+        assert!(ss.locked_additions().is_empty());
+        assert_eq!(emulator.list_members("sendsay", &group).len(), 1);
+    }
+
+    #[test]
+    fn per_item_errors_fail_or_retry_only_their_member() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let ss = emulator.sendsay();
+        ss.reject_address(
+            "bad@example.com",
+            "error/member/blocked",
+            "blocked by the account",
+        );
+        ss.reject_address("busy@example.com", "error/internal", "try again");
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[
+                    member("bad@example.com", json!({})),
+                    member("busy@example.com", json!({})),
+                    member("odd@example.c0m", json!({})),
+                    member("ok@example.com", json!({"nosuch.q": 1})),
+                    member("fine@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert!(
+            matches!(&outcomes[0], Outcome::Failed { message } if message.contains("blocked by the account"))
+        );
+        assert!(matches!(&outcomes[1], Outcome::Retry { .. }));
+        assert!(matches!(&outcomes[2], Outcome::Failed { .. }));
+        assert!(
+            matches!(&outcomes[3], Outcome::Failed { message } if message.contains("nosuch.q"))
+        );
+        assert!(is_member(&outcomes[4]));
+    }
+
+    #[test]
+    fn a_wrong_key_in_a_200_answer_is_an_authentication_failure() {
+        let emulator = Emulator::start();
+        emulator.sendsay().set_api_key("ss-other");
+        let mut http = http();
+        match provider(&emulator).check(&mut http) {
+            Err(ProviderError::Auth(message)) => {
+                assert!(message.contains("error/auth/failed"), "{message}");
+                assert!(!message.contains("ss-test-key"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redirects_are_followed_remembered_and_bounded() {
+        let emulator = Emulator::start();
+        let ss = emulator.sendsay();
+        ss.set_redirect(Some("clu7"));
+        let mut http = http();
+        let mut provider = provider(&emulator);
+        let checked = provider.check(&mut http).unwrap();
+        assert_eq!(checked["account"], "acme");
+        emulator.clear_requests("sendsay");
+        provider.check(&mut http).unwrap();
+        let paths: Vec<String> = emulator
+            .requests("sendsay")
+            .iter()
+            .map(|r| r.path.clone())
+            .collect();
+        assert_eq!(paths, vec!["/clu7/general/api/v100/json/acme"]);
+
+        ss.set_redirect_loop(true);
+        assert!(matches!(
+            provider.check(&mut http),
+            Err(ProviderError::Transient { message, .. }) if message.contains("redirected")
+        ));
+    }
+
+    #[test]
+    fn throttling_outages_and_garbage_are_transient() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let mut provider = provider(&emulator);
+        let faults = emulator.faults("sendsay");
+        faults.push(Fault::too_many_requests(Some(3)));
+        assert!(matches!(
+            provider.check(&mut http),
+            Err(ProviderError::Transient { retry_after: Some(after), .. }) if after == Duration::from_secs(3)
+        ));
+        for fault in [Fault::status(500), Fault::status(503), Fault::MalformedJson] {
+            faults.push(fault);
+            assert!(matches!(
+                provider.check(&mut http),
+                Err(ProviderError::Transient { .. })
+            ));
+        }
+        assert!(provider.check(&mut http).is_ok());
+    }
+
+    #[test]
+    fn an_email_change_moves_membership() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let group = bound.list_id.clone().unwrap();
+        provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[member("old@example.com", json!({"base.firstName": "Ann"}))],
+            )
+            .unwrap();
+        provider
+            .remove(&mut http, &bound, &[member("old@example.com", json!({}))])
+            .unwrap();
+        provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[member("new@example.com", json!({"base.firstName": "Ann"}))],
+            )
+            .unwrap();
+        let members = emulator.list_members("sendsay", &group);
+        assert_eq!(members.keys().collect::<Vec<_>>(), vec!["new@example.com"]);
+    }
+
+    #[test]
+    fn erase_deletes_members_with_their_data() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[member("ann@example.com", json!({"base.firstName": "Ann"}))],
+            )
+            .unwrap();
+        let outcomes = provider
+            .erase(
+                &mut http,
+                &bound,
+                &[
+                    member("ann@example.com", json!({})),
+                    member("ghost@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
+        assert!(emulator.sendsay().member("ann@example.com").is_none());
+        assert_eq!(emulator.sendsay().deleted(), vec!["ann@example.com"]);
+    }
+
+    #[test]
+    fn the_account_member_limit_fails_new_members_only() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        emulator.sendsay().set_member_limit(1);
+        let outcomes = provider
+            .upsert(
+                &mut http,
+                &bound,
+                &[
+                    member("ann@example.com", json!({})),
+                    member("bob@example.com", json!({})),
+                ],
+            )
+            .unwrap();
+        assert!(is_member(&outcomes[0]));
+        assert!(matches!(&outcomes[1], Outcome::Failed { message } if message.contains("limit")));
+        let checked = provider.check(&mut http).unwrap();
+        assert_eq!(checked["members_left"], 0);
+    }
+}
