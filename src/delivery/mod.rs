@@ -473,6 +473,7 @@ impl Engine {
             for item in &mut items {
                 item.planned = planned.remove(&item.address);
             }
+            record_intent(id, target.binding.new_member_status, &items)?;
             work.push(Work {
                 id,
                 target,
@@ -488,29 +489,53 @@ impl Engine {
     }
 
     /// Phase 2, outside any transaction.
+    /// Connections are served in parallel, one thread each (no PostgreSQL call happens in
+    /// them), so a slow or throttled provider does not hold up the others; within a
+    /// connection, calls stay sequential, as provider limits expect.
     pub fn deliver(&mut self, cycle: &mut Cycle) {
-        let mut failed_connections: HashMap<i64, String> = HashMap::new();
+        let mut by_connection: HashMap<i64, Vec<&mut Work>> = HashMap::new();
         for work in &mut cycle.work {
-            if let Some(reason) = failed_connections.get(&work.target.connection.id) {
-                work.stop = Some(Stop::Auth(reason.clone()));
-                continue;
-            }
-            let runtime = match self.runtime(&work.target.connection) {
-                Ok(r) => r,
+            by_connection.entry(work.target.connection.id).or_default().push(work);
+        }
+        let mut jobs = Vec::new();
+        for (connection, works) in by_connection {
+            match self.take_runtime(&works[0].target.connection) {
+                Ok(runtime) => jobs.push((connection, runtime, works)),
                 Err(reason) => {
-                    work.stop = Some(Stop::Binding(reason));
-                    continue;
+                    for work in works {
+                        work.stop = Some(Stop::Binding(reason.clone()));
+                    }
                 }
-            };
-            deliver_work(runtime, work);
-            work.calls = runtime.http.drain_records();
-            if let Some(Stop::Auth(reason)) = &work.stop {
-                failed_connections.insert(work.target.connection.id, reason.clone());
-            }
-            if crate::worker::shutdown_requested() {
-                break;
             }
         }
+        std::thread::scope(|scope| {
+            let running: Vec<_> = jobs
+                .into_iter()
+                .map(|(connection, mut runtime, works)| {
+                    let handle = scope.spawn(move || {
+                        block_signals();
+                        deliver_connection(&mut runtime, works);
+                        runtime
+                    });
+                    (connection, handle)
+                })
+                .collect();
+            for (connection, handle) in running {
+                match handle.join() {
+                    Ok(runtime) => {
+                        self.runtimes.insert(connection, runtime);
+                    }
+                    // The pairs of a panicked delivery have no outcome and are released.
+                    Err(_) => warning!("pg_listsync: delivery for connection {connection} panicked"),
+                }
+            }
+        });
+    }
+
+    /// The connection's provider client, out of the cache for the duration of a delivery.
+    fn take_runtime(&mut self, connection: &Connection) -> std::result::Result<Runtime, String> {
+        self.runtime(connection)?;
+        Ok(self.runtimes.remove(&connection.id).expect("built above"))
     }
 
     fn runtime(&mut self, connection: &Connection) -> std::result::Result<&mut Runtime, String> {
@@ -651,6 +676,10 @@ impl Engine {
                 }
                 Outcome::Failed { message } => {
                     last_error = Some(format!("{}: {message}", item.address));
+                    if planned.action == Action::Add {
+                        // Refused for good: the provider did not take it, there is nothing to undo.
+                        book.gone(id, &item.address);
+                    }
                     book.dead(id, &item.address, operation, item.attempts + 1, message);
                 }
                 Outcome::Retry {
@@ -721,6 +750,32 @@ impl Engine {
     }
 }
 
+/// Before an add or update is sent, its member is recorded as unverified (committed with the
+/// claim): if the call's outcome is never learnt — a lost response, a timeout after the provider
+/// applied it, the worker killed mid-call — the next look at the pair sees a member that may
+/// be at the provider, and sends what makes it right (the update again, or the removal),
+/// instead of assuming nothing was sent.
+fn record_intent(binding: i64, new_member_status: MemberStatus, items: &[Item]) -> Result<()> {
+    let mut addresses = Vec::new();
+    let mut fields = Vec::new();
+    for planned in items.iter().filter_map(|i| i.planned.as_ref()) {
+        if matches!(planned.action, Action::Add | Action::Update) {
+            addresses.push(planned.address.clone());
+            fields.push(JsonB(Value::Object(planned.fields.clone())));
+        }
+    }
+    if addresses.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "INSERT INTO listsync.members AS m (binding_id, address, status, fields, verified)
+         SELECT $1, a, $2, f, false FROM unnest($3::text[], $4::jsonb[]) AS u(a, f)
+         ON CONFLICT (binding_id, address) DO UPDATE SET verified = false",
+        &[binding.into(), new_member_status.as_str().into(), addresses.into(), fields.into()],
+    )?;
+    Ok(())
+}
+
 /// Marks the addresses whose membership differs between the filter (now) and the provider
 /// (as recorded): what a time-dependent filter changes without any write (semantics 8).
 pub fn mark_membership_drift(binding: i64) -> Result<i64> {
@@ -750,6 +805,44 @@ pub fn mark_membership_drift(binding: i64) -> Result<i64> {
         &[binding.into(), wanted.into()],
     )?
     .unwrap_or(0))
+}
+
+/// Serves one connection's bindings in turn. An authentication failure stops the connection's
+/// remaining bindings too.
+fn deliver_connection(runtime: &mut Runtime, works: Vec<&mut Work>) {
+    let mut refused: Option<String> = None;
+    for work in works {
+        if let Some(reason) = &refused {
+            work.stop = Some(Stop::Auth(reason.clone()));
+            continue;
+        }
+        deliver_work(runtime, work);
+        work.calls = runtime.http.drain_records();
+        if let Some(Stop::Auth(reason)) = &work.stop {
+            refused = Some(reason.clone());
+        }
+        if terminating() {
+            return;
+        }
+    }
+}
+
+/// SIGTERM arrived. Reads only the flag the signal handler sets: delivery threads must not
+/// call into PostgreSQL.
+fn terminating() -> bool {
+    // SAFETY: a read of a sig_atomic_t set by the signal handler.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Delivery threads leave signals to the worker's main thread, where PostgreSQL's handlers
+/// expect to run.
+fn block_signals() {
+    // SAFETY: builds a full signal set and blocks it for the calling thread only.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
 }
 
 /// Sends one binding's planned pairs.
@@ -823,7 +916,7 @@ fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
                     }
                 }
             }
-            if crate::worker::shutdown_requested() {
+            if terminating() {
                 return;
             }
         }

@@ -2718,6 +2718,107 @@ mod fake {
         ));
     }
 
+    /// What the delivery engine does, in small: level-based changes of a pool of addresses,
+    /// delivered in batches, retried while the provider says so, with a fifth of the requests
+    /// failing (429s, 5xx, timeouts, resets, broken bodies) and a write per round applied but
+    /// its answer lost. The label must end up holding exactly the wanted addresses with their
+    /// names, and no address may be duplicated.
+    #[test]
+    fn random_changes_under_faults_converge() {
+        let (emulator, mut s) = setup(OnLeave::Remove);
+        let faults = emulator.faults("google_contacts");
+        faults.set_timeout(Duration::from_millis(20));
+        faults.set_random(0.2, 11);
+        let mut seed: u64 = 7;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut wanted: BTreeMap<String, String> = BTreeMap::new();
+        let mut recorded: BTreeMap<String, String> = BTreeMap::new();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        for round in 0..12 {
+            let lost = [
+                "batchCreateContacts",
+                "members:modify",
+                "batchUpdateContacts",
+            ][round % 3];
+            faults.push(Fault::LostResponse.on_path(lost));
+            for _ in 0..15 {
+                let address = format!("p{}@example.com", next(40));
+                if next(4) == 0 {
+                    wanted.remove(&address);
+                } else {
+                    wanted.insert(address.clone(), format!("Name {round}-{}", next(3)));
+                }
+                dirty.insert(address);
+            }
+            for _attempt in 0..60 {
+                if dirty.is_empty() {
+                    break;
+                }
+                let joining: Vec<Member> = dirty
+                    .iter()
+                    .filter_map(|a| {
+                        let name = wanted.get(a)?;
+                        Some(member(
+                            a,
+                            json!({"given_name": name}),
+                            recorded.get(a).map(String::as_str),
+                        ))
+                    })
+                    .collect();
+                let leaving: Vec<Member> = dirty
+                    .iter()
+                    .filter(|a| !wanted.contains_key(*a))
+                    .map(|a| member(a, json!({}), recorded.get(a).map(String::as_str)))
+                    .collect();
+                if let Ok(outcomes) = s.provider.upsert(&mut s.http, &s.binding, &joining) {
+                    for (m, outcome) in joining.iter().zip(outcomes) {
+                        match outcome {
+                            Outcome::Member {
+                                remote_id: Some(id),
+                                ..
+                            } => {
+                                recorded.insert(m.address.clone(), id);
+                                dirty.remove(&m.address);
+                            }
+                            Outcome::Retry { .. } => {}
+                            other => panic!("{}: {other:?}", m.address),
+                        }
+                    }
+                }
+                if let Ok(outcomes) = s.provider.remove(&mut s.http, &s.binding, &leaving) {
+                    for (m, outcome) in leaving.iter().zip(outcomes) {
+                        assert_eq!(outcome, Outcome::Removed, "{}", m.address);
+                        recorded.remove(&m.address);
+                        dirty.remove(&m.address);
+                    }
+                }
+            }
+            assert!(
+                dirty.is_empty(),
+                "round {round}: still dirty after retries: {dirty:?}"
+            );
+            let held: BTreeMap<String, String> = list(&emulator, &s.binding)
+                .into_iter()
+                .map(|(a, f)| (a, f["given_name"].as_str().unwrap_or("").to_string()))
+                .collect();
+            assert_eq!(held, wanted, "round {round}");
+        }
+        faults.clear();
+        let gc = emulator.google_contacts();
+        for n in 0..40 {
+            let address = format!("p{n}@example.com");
+            assert!(
+                gc.people_with_email(&address).len() <= 1,
+                "{address} duplicated"
+            );
+        }
+    }
+
     #[test]
     fn throttling_outages_and_broken_answers_are_transient() {
         let emulator = Emulator::start();
