@@ -1142,8 +1142,14 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
     }
     AsExtension::run(|| {
         if full {
-            Spi::run_with_args("UPDATE listsync.members SET verified = false WHERE binding_id = $1", &[id.into()])?;
-            Spi::run_with_args("UPDATE listsync.bindings SET remote = remote - 'prepared_at' WHERE id = $1", &[id.into()])?;
+            Spi::run_with_args(
+                "UPDATE listsync.members SET verified = false WHERE binding_id = $1",
+                &[id.into()],
+            )?;
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET remote = remote - 'prepared_at' WHERE id = $1",
+                &[id.into()],
+            )?;
         }
         let marked = mark_binding_dirty(id)?;
         crate::wake::request_wake();

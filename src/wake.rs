@@ -64,10 +64,10 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     match event {
         // After ProcArrayEndTransaction: the worker's next snapshot sees the commit.
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.with(|w| w.replace(false)) {
-                wake_now();
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_AT_COMMIT.with(|w| w.replace(false)) =>
+        {
+            wake_now()
         }
         // PREPARE and COMMIT PREPARED do not wake: the worker's polling tick covers them.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {

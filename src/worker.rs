@@ -59,9 +59,15 @@ impl Served {
     /// A worker that ran for a while and stopped starts again at once; one that keeps failing
     /// backs off, up to a minute.
     fn worker_stopped(&mut self, now: Instant) {
-        let ran_long = self.started.is_some_and(|t| now.duration_since(t) > Duration::from_secs(60));
+        let ran_long = self
+            .started
+            .is_some_and(|t| now.duration_since(t) > Duration::from_secs(60));
         self.failures = if ran_long { 0 } else { self.failures + 1 };
-        let delay = if self.failures == 0 { Duration::ZERO } else { Duration::from_secs(1 << self.failures.min(6)) };
+        let delay = if self.failures == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1 << self.failures.min(6))
+        };
         self.not_before = Some(now + delay.min(Duration::from_secs(60)));
         self.worker = None;
     }
@@ -106,7 +112,9 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
             match database_oid(&database) {
                 None => {
                     if !state.warned_missing {
-                        warning!("pg_listsync: database \"{database}\" named in listsync.database does not exist");
+                        warning!(
+                            "pg_listsync: database \"{database}\" named in listsync.database does not exist"
+                        );
                         state.warned_missing = true;
                     }
                     state.not_before = Some(now + Duration::from_secs(2));
@@ -120,7 +128,9 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
                             state.started = Some(now);
                         }
                         Err(()) => {
-                            warning!("pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)");
+                            warning!(
+                                "pg_listsync: could not start a worker for database \"{database}\" (max_worker_processes?)"
+                            );
                             state.not_before = Some(now + Duration::from_secs(10));
                         }
                     }
@@ -137,7 +147,7 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
 /// Looks the database up by a heap scan of pg_database: a worker connected to no database
 /// cannot use catalog indexes (as PostgreSQL's autovacuum launcher, it scans the heap).
 fn database_oid(name: &str) -> Option<u32> {
-    let oid = BackgroundWorker::transaction(|| {
+    BackgroundWorker::transaction(|| {
         // SAFETY: a catalog heap scan inside a transaction; each tuple's data is a
         // FormData_pg_database, valid until the next heap_getnext.
         unsafe {
@@ -164,8 +174,7 @@ fn database_oid(name: &str) -> Option<u32> {
             pg_sys::table_close(relation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
             found
         }
-    });
-    oid
+    })
 }
 
 fn start_database_worker(database: &str) -> Result<DynamicBackgroundWorker, ()> {

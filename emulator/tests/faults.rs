@@ -328,7 +328,10 @@ fn admin_api_controls_faults_state_and_logs() {
     assert_eq!(admin.get("/requests/mailchimp").json(), json!([]));
     let providers = admin.get("/providers").json()["providers"].clone();
     for provider in ["mailchimp", "webhook"] {
-        assert!(providers.as_array().unwrap().contains(&json!(provider)), "{providers}");
+        assert!(
+            providers.as_array().unwrap().contains(&json!(provider)),
+            "{providers}"
+        );
     }
     assert_eq!(admin.get("/state/nope").status, 404);
     assert_eq!(admin.post("/reset/mailchimp", &json!({})).status, 204);

@@ -211,7 +211,10 @@ fn recorded(binding: i64, addresses: &[String]) -> Result<HashMap<String, Record
                 Recorded {
                     status: row.get(2)?.unwrap_or_default(),
                     remote_id: row.get(3)?,
-                    fields: row.get::<JsonB>(4)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default(),
+                    fields: row
+                        .get::<JsonB>(4)?
+                        .and_then(|j| j.0.as_object().cloned())
+                        .unwrap_or_default(),
                     verified: row.get(5)?.unwrap_or(true),
                 },
             );
@@ -495,7 +498,10 @@ impl Engine {
     pub fn deliver(&mut self, cycle: &mut Cycle) {
         let mut by_connection: HashMap<i64, Vec<&mut Work>> = HashMap::new();
         for work in &mut cycle.work {
-            by_connection.entry(work.target.connection.id).or_default().push(work);
+            by_connection
+                .entry(work.target.connection.id)
+                .or_default()
+                .push(work);
         }
         let mut jobs = Vec::new();
         for (connection, works) in by_connection {
@@ -526,7 +532,9 @@ impl Engine {
                         self.runtimes.insert(connection, runtime);
                     }
                     // The pairs of a panicked delivery have no outcome and are released.
-                    Err(_) => warning!("pg_listsync: delivery for connection {connection} panicked"),
+                    Err(_) => {
+                        warning!("pg_listsync: delivery for connection {connection} panicked")
+                    }
                 }
             }
         });
@@ -771,7 +779,12 @@ fn record_intent(binding: i64, new_member_status: MemberStatus, items: &[Item]) 
         "INSERT INTO listsync.members AS m (binding_id, address, status, fields, verified)
          SELECT $1, a, $2, f, false FROM unnest($3::text[], $4::jsonb[]) AS u(a, f)
          ON CONFLICT (binding_id, address) DO UPDATE SET verified = false",
-        &[binding.into(), new_member_status.as_str().into(), addresses.into(), fields.into()],
+        &[
+            binding.into(),
+            new_member_status.as_str().into(),
+            addresses.into(),
+            fields.into(),
+        ],
     )?;
     Ok(())
 }
@@ -980,21 +993,49 @@ fn stop_or_retry(work: &mut Work, error: ProviderError, batch: Option<&[usize]>)
     false
 }
 
+/// (binding, address) columns for set-based statements.
+#[derive(Default)]
+struct Pairs {
+    bindings: Vec<i64>,
+    addresses: Vec<String>,
+}
+
+impl Pairs {
+    fn push(&mut self, binding: i64, address: impl Into<String>) {
+        self.bindings.push(binding);
+        self.addresses.push(address.into());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bindings.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct MemberWrites {
+    pairs: Pairs,
+    statuses: Vec<String>,
+    remote_ids: Vec<Option<String>>,
+    fields: Vec<JsonB>,
+}
+
+#[derive(Default)]
+struct DeadLetters {
+    pairs: Pairs,
+    operations: Vec<String>,
+    attempts: Vec<i32>,
+    errors: Vec<String>,
+}
+
 /// The writes of `record`, gathered per kind and applied with one statement each.
 #[derive(Default)]
 struct Book {
-    members: (
-        Vec<i64>,
-        Vec<String>,
-        Vec<String>,
-        Vec<Option<String>>,
-        Vec<JsonB>,
-    ),
-    gone: (Vec<i64>, Vec<String>),
-    dead: (Vec<i64>, Vec<String>, Vec<String>, Vec<i32>, Vec<String>),
-    complete: (Vec<i64>, Vec<String>, Vec<i64>),
-    retry: (Vec<i64>, Vec<String>, Vec<i64>, Vec<String>),
-    release: (Vec<i64>, Vec<String>),
+    members: MemberWrites,
+    gone: Pairs,
+    dead: DeadLetters,
+    complete: (Pairs, Vec<i64>),
+    retry: (Pairs, Vec<i64>, Vec<String>),
+    release: Pairs,
 }
 
 impl Book {
@@ -1006,88 +1047,100 @@ impl Book {
         remote_id: Option<String>,
         fields: Map<String, Value>,
     ) {
-        self.members.0.push(binding);
-        self.members.1.push(address.to_string());
-        self.members.2.push(status.to_string());
-        self.members.3.push(remote_id);
-        self.members.4.push(JsonB(Value::Object(fields)));
+        self.members.pairs.push(binding, address);
+        self.members.statuses.push(status.to_string());
+        self.members.remote_ids.push(remote_id);
+        self.members.fields.push(JsonB(Value::Object(fields)));
     }
 
     fn gone(&mut self, binding: i64, address: &str) {
-        self.gone.0.push(binding);
-        self.gone.1.push(address.to_string());
+        self.gone.push(binding, address);
     }
 
     fn dead(&mut self, binding: i64, address: &str, operation: &str, attempts: i32, error: String) {
-        self.dead.0.push(binding);
-        self.dead.1.push(address.to_string());
-        self.dead.2.push(operation.to_string());
-        self.dead.3.push(attempts);
-        self.dead.4.push(error);
+        self.dead.pairs.push(binding, address);
+        self.dead.operations.push(operation.to_string());
+        self.dead.attempts.push(attempts);
+        self.dead.errors.push(error);
     }
 
     fn complete(&mut self, binding: i64, address: String, generation: i64) {
-        self.complete.0.push(binding);
-        self.complete.1.push(address);
-        self.complete.2.push(generation);
+        self.complete.0.push(binding, address);
+        self.complete.1.push(generation);
     }
 
     fn retry(&mut self, binding: i64, address: String, delay: Duration, error: String) {
-        self.retry.0.push(binding);
-        self.retry.1.push(address);
-        self.retry.2.push(delay.as_millis() as i64);
-        self.retry.3.push(error);
+        self.retry.0.push(binding, address);
+        self.retry.1.push(delay.as_millis() as i64);
+        self.retry.2.push(error);
     }
 
     fn release(&mut self, binding: i64, address: String) {
-        self.release.0.push(binding);
-        self.release.1.push(address);
+        self.release.push(binding, address);
     }
 
     fn write(self) -> Result<()> {
-        let (b, a, s, r, f) = self.members;
-        if !b.is_empty() {
+        let members = self.members;
+        if !members.pairs.is_empty() {
+            let Pairs {
+                bindings,
+                addresses,
+            } = members.pairs;
             Spi::run_with_args(
                 "INSERT INTO listsync.members AS m (binding_id, address, status, remote_id, fields, synced_at)
                  SELECT b, a, s, r, f, now() FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) AS u(b, a, s, r, f)
                  ON CONFLICT (binding_id, address) DO UPDATE
                     SET status = EXCLUDED.status, remote_id = coalesce(EXCLUDED.remote_id, m.remote_id),
                         fields = EXCLUDED.fields, synced_at = now(), verified = true",
-                &[b.clone().into(), a.clone().into(), s.into(), r.into(), f.into()],
+                &[
+                    bindings.clone().into(),
+                    addresses.clone().into(),
+                    members.statuses.into(),
+                    members.remote_ids.into(),
+                    members.fields.into(),
+                ],
             )?;
-            clear_dead_letters(b, a)?;
+            clear_dead_letters(bindings, addresses)?;
         }
-        let (b, a) = self.gone;
-        if !b.is_empty() {
+        if !self.gone.is_empty() {
+            let Pairs {
+                bindings,
+                addresses,
+            } = self.gone;
             Spi::run_with_args(
                 "DELETE FROM listsync.members m USING unnest($1::int8[], $2::text[]) AS u(b, a)
                   WHERE m.binding_id = u.b AND m.address = u.a",
-                &[b.clone().into(), a.clone().into()],
+                &[bindings.clone().into(), addresses.clone().into()],
             )?;
             Spi::run_with_args(
                 "DELETE FROM listsync.erasures e USING unnest($1::int8[], $2::text[]) AS u(b, a)
                   WHERE e.binding_id = u.b AND e.address = u.a",
-                &[b.clone().into(), a.clone().into()],
+                &[bindings.clone().into(), addresses.clone().into()],
             )?;
-            clear_dead_letters(b, a)?;
+            clear_dead_letters(bindings, addresses)?;
         }
-        let (b, a, o, n, e) = self.dead;
-        if !b.is_empty() {
+        let dead = self.dead;
+        if !dead.pairs.is_empty() {
             Spi::run_with_args(
                 "INSERT INTO listsync.dead_letter_items AS d (binding_id, address, operation, attempts, error)
                  SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int4[], $5::text[])
                  ON CONFLICT (binding_id, address) DO UPDATE
                     SET operation = EXCLUDED.operation, attempts = d.attempts + EXCLUDED.attempts,
                         error = EXCLUDED.error, last_failed_at = now()",
-                &[b.into(), a.into(), o.into(), n.into(), e.into()],
+                &[
+                    dead.pairs.bindings.into(),
+                    dead.pairs.addresses.into(),
+                    dead.operations.into(),
+                    dead.attempts.into(),
+                    dead.errors.into(),
+                ],
             )?;
         }
-        let (b, a, g) = self.complete;
-        outbox::complete(b, a, g)?;
-        let (b, a, d, e) = self.retry;
-        outbox::reschedule(b, a, d, e)?;
-        let (b, a) = self.release;
-        outbox::release(b, a)?;
+        let (pairs, generations) = self.complete;
+        outbox::complete(pairs.bindings, pairs.addresses, generations)?;
+        let (pairs, delays, errors) = self.retry;
+        outbox::reschedule(pairs.bindings, pairs.addresses, delays, errors)?;
+        outbox::release(self.release.bindings, self.release.addresses)?;
         Ok(())
     }
 }

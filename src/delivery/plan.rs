@@ -166,7 +166,10 @@ mod unit {
         let ann = fields(json!({"FNAME": "Ann"}));
         let mut unverified = recorded("subscribed", json!({"FNAME": "Ann"}));
         unverified.verified = false;
-        assert_eq!(plan(Some(&ann), Some(&unverified), false, false, OnLeave::Remove), Action::Update);
+        assert_eq!(
+            plan(Some(&ann), Some(&unverified), false, false, OnLeave::Remove),
+            Action::Update
+        );
     }
 
     #[test]

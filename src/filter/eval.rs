@@ -80,6 +80,12 @@ impl Evaluator {
     }
 }
 
+impl Default for Evaluator {
+    fn default() -> Self {
+        Evaluator::new()
+    }
+}
+
 impl Drop for Evaluator {
     fn drop(&mut self) {
         // SAFETY: frees the executor state and then the context that contains it; nothing

@@ -341,10 +341,10 @@ fn check_keys(
     }
     for (key, need) in declared {
         if *need == Need::Required
-            && !given
+            && given
                 .get(*key)
                 .and_then(Value::as_str)
-                .is_some_and(|v| !v.trim().is_empty())
+                .is_none_or(|v| v.trim().is_empty())
         {
             return Err(format!("missing required key {what}.{key}"));
         }

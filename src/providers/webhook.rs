@@ -76,11 +76,23 @@ fn message_id(body: &[u8]) -> String {
     let mut digest = Sha256::new();
     digest.update(body);
     digest.update(std::process::id().to_le_bytes());
-    digest.update(SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    digest.update(
+        SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     digest.update(nanos.to_le_bytes());
     let hash = digest.finalize();
-    format!("msg_{}", hash.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "msg_{}",
+        hash.iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// The Standard Webhooks signature header value for a message.

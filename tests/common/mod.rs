@@ -58,17 +58,34 @@ impl Cluster {
             Path::new("/usr/share/postgresql/15/extension/pg_listsync.control").exists(),
             "pg_listsync is not installed: run `make install` (or `cargo pgrx test`, which installs it first)"
         );
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create cluster directory");
         if is_root() {
-            check(Command::new("chown").args(["-R", "postgres", root.to_str().unwrap()]).output(), "chown");
+            check(
+                Command::new("chown")
+                    .args(["-R", "postgres", root.to_str().unwrap()])
+                    .output(),
+                "chown",
+            );
         }
         let data = root.join("data");
         let log = root.join("log");
         check(
             pg_command("initdb")
-                .args(["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "--no-locale", "-E", "UTF8", "--no-sync"])
+                .args([
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "--no-locale",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ])
                 .output(),
             "initdb",
         );
@@ -93,22 +110,42 @@ impl Cluster {
         text.push_str(&conf.join("\n"));
         text.push('\n');
         write_as_owner(&auto, &text);
-        let cluster = Cluster { port, root, data, log };
+        let cluster = Cluster {
+            port,
+            root,
+            data,
+            log,
+        };
         cluster.pg_ctl(&["start", "-w", "-t", "60"]);
         let mut postgres = cluster.connect_to("postgres");
-        postgres.batch_execute("CREATE DATABASE crm").expect("create database crm");
-        cluster.connect().batch_execute("CREATE EXTENSION pg_listsync").expect("create extension");
+        postgres
+            .batch_execute("CREATE DATABASE crm")
+            .expect("create database crm");
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION pg_listsync")
+            .expect("create extension");
         cluster
     }
 
     fn pg_ctl(&self, args: &[&str]) {
         let mut command = pg_command("pg_ctl");
-        command.args(["-D", self.data.to_str().unwrap(), "-l", self.log.to_str().unwrap()]).args(args);
+        command
+            .args([
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                self.log.to_str().unwrap(),
+            ])
+            .args(args);
         check(command.output(), &format!("pg_ctl {args:?}"));
     }
 
     pub fn connect_to(&self, database: &str) -> Client {
-        let url = format!("host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=10", self.port);
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=10",
+            self.port
+        );
         let mut last = None;
         for _ in 0..100 {
             match Client::connect(&url, NoTls) {
@@ -129,7 +166,9 @@ impl Cluster {
     pub fn reconfigure(&self, settings: &[(&str, &str)]) {
         let mut client = self.connect();
         for (name, value) in settings {
-            client.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'")).unwrap();
+            client
+                .batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+                .unwrap();
         }
         client.batch_execute("SELECT pg_reload_conf()").unwrap();
         // The worker applies it at its next wake-up; nudge it.
@@ -151,7 +190,10 @@ impl Cluster {
     pub fn worker_pid(&self) -> Option<i32> {
         let mut client = self.connect_to("postgres");
         client
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'", &[])
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'",
+                &[],
+            )
             .ok()
             .flatten()
             .map(|row| row.get(0))
@@ -159,10 +201,14 @@ impl Cluster {
 
     pub fn wait_for_worker(&self) -> i32 {
         let mut pid = None;
-        wait_for("the pg_listsync worker to run", Duration::from_secs(60), || {
-            pid = self.worker_pid();
-            pid.is_some()
-        });
+        wait_for(
+            "the pg_listsync worker to run",
+            Duration::from_secs(60),
+            || {
+                pid = self.worker_pid();
+                pid.is_some()
+            },
+        );
         pid.unwrap()
     }
 
@@ -194,7 +240,11 @@ impl Drop for Cluster {
         command.args(["-D", self.data.to_str().unwrap(), "stop", "-m", "immediate"]);
         let _ = command.output();
         if std::thread::panicking() {
-            eprintln!("--- server log ({}) ---\n{}", self.log.display(), tail(&self.log(), 80));
+            eprintln!(
+                "--- server log ({}) ---\n{}",
+                self.log.display(),
+                tail(&self.log(), 80)
+            );
         } else if std::env::var_os("KEEP_CLUSTERS").is_none() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
@@ -209,12 +259,20 @@ fn tail(text: &str, lines: usize) -> String {
 fn write_as_owner(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write config");
     if is_root() {
-        check(Command::new("chown").args(["postgres", path.to_str().unwrap()]).output(), "chown config");
+        check(
+            Command::new("chown")
+                .args(["postgres", path.to_str().unwrap()])
+                .output(),
+            "chown config",
+        );
     }
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Polls `condition` until it holds; panics naming `what` after `timeout`.
@@ -256,19 +314,31 @@ pub fn mailchimp_connection(client: &mut Client, emulator: &Emulator) {
 }
 
 pub fn scalar<T: for<'a> postgres::types::FromSql<'a>>(client: &mut Client, sql: &str) -> T {
-    client.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    client
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// The binding's status row as JSON, for assertions and failure messages.
 pub fn status(client: &mut Client, binding: i64) -> serde_json::Value {
     client
-        .query_one("SELECT to_jsonb(s) FROM listsync.status s WHERE binding = $1", &[&binding])
+        .query_one(
+            "SELECT to_jsonb(s) FROM listsync.status s WHERE binding = $1",
+            &[&binding],
+        )
         .map(|row| row.get::<_, serde_json::Value>(0))
         .unwrap_or(serde_json::Value::Null)
 }
 
 pub fn list_id(client: &mut Client, binding: i64) -> Option<String> {
-    client.query_one("SELECT list_id FROM listsync.bindings WHERE id = $1", &[&binding]).ok().and_then(|r| r.get(0))
+    client
+        .query_one(
+            "SELECT list_id FROM listsync.bindings WHERE id = $1",
+            &[&binding],
+        )
+        .ok()
+        .and_then(|r| r.get(0))
 }
 
 /// Waits until the binding has nothing pending and its list id is known; returns the list id.
@@ -321,10 +391,12 @@ pub fn convergence_differences(
     for (address, first_name) in &expected {
         match actual.get(address) {
             None => differences.push(format!("{provider}: {address} missing")),
-            Some(fields) if text(fields.get(field)) != first_name.clone().unwrap_or_default() => differences.push(format!(
-                "{provider}: {address} has {field} = {:?}, expected {first_name:?}",
-                fields.get(field)
-            )),
+            Some(fields) if text(fields.get(field)) != first_name.clone().unwrap_or_default() => {
+                differences.push(format!(
+                    "{provider}: {address} has {field} = {:?}, expected {first_name:?}",
+                    fields.get(field)
+                ))
+            }
             Some(_) => {}
         }
     }
@@ -335,15 +407,27 @@ pub fn convergence_differences(
 }
 
 /// Waits until every binding has drained, then asserts the invariant for each.
-pub fn assert_converged(db: &mut Client, emulator: &Emulator, cases: &[(&str, i64, &str, &str)], timeout: Duration) {
+pub fn assert_converged(
+    db: &mut Client,
+    emulator: &Emulator,
+    cases: &[(&str, i64, &str, &str)],
+    timeout: Duration,
+) {
     for (_, binding, _, _) in cases {
         wait_synced(db, *binding, timeout);
     }
     let differences: Vec<String> = cases
         .iter()
-        .flat_map(|(provider, binding, predicate, field)| convergence_differences(db, emulator, provider, *binding, predicate, field))
+        .flat_map(|(provider, binding, predicate, field)| {
+            convergence_differences(db, emulator, provider, *binding, predicate, field)
+        })
         .collect();
-    assert!(differences.is_empty(), "not converged ({} differences):\n{}", differences.len(), differences.join("\n"));
+    assert!(
+        differences.is_empty(),
+        "not converged ({} differences):\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
 }
 
 /// A small deterministic generator (xorshift64*) so a failing workload can be replayed.
@@ -372,9 +456,15 @@ impl Random {
 
 /// The seed from `LISTSYNC_SEED`, or a fresh one; printed so a failure can be replayed.
 pub fn seed() -> u64 {
-    let seed = std::env::var("LISTSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(42)
-    });
+    let seed = std::env::var("LISTSYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(42)
+        });
     eprintln!("randomized workload seed: {seed} (replay with LISTSYNC_SEED={seed})");
     seed
 }
@@ -384,7 +474,11 @@ pub fn execute_retrying(cluster: &Cluster, db: &mut Client, sql: &str) {
     for _ in 0..50 {
         match db.batch_execute(sql) {
             Ok(()) => return,
-            Err(e) if db.is_closed() || e.as_db_error().is_none() || e.code().is_some_and(|c| c.code().starts_with("57P")) => {
+            Err(e)
+                if db.is_closed()
+                    || e.as_db_error().is_none()
+                    || e.code().is_some_and(|c| c.code().starts_with("57P")) =>
+            {
                 std::thread::sleep(Duration::from_millis(200));
                 *db = cluster.connect();
             }
