@@ -106,9 +106,12 @@ fn set_latch(procno: i32) {
 }
 
 /// Registers the calling database worker; returns whether it got a slot.
-pub fn register_worker() -> bool {
+/// Registers the calling database worker. Returns `Registration::Duplicate` when another live
+/// worker already serves the database (a restarted launcher does not know its predecessor's
+/// workers), `Unregistered` when shared memory has no room (the worker then works by polling).
+pub fn register_worker() -> Registration {
     if !preloaded() {
-        return false;
+        return Registration::Unregistered;
     }
     // SAFETY: reading the worker's own backend globals.
     let (database, pid, procno) = unsafe {
@@ -119,12 +122,15 @@ pub fn register_worker() -> bool {
         )
     };
     let mut registry = REGISTRY.exclusive();
+    if registry.slots.iter().any(|s| s.database == database && s.pid != 0 && s.pid != pid) {
+        return Registration::Duplicate;
+    }
     let index = registry
         .slots
         .iter()
         .position(|s| s.database == database && s.pid == 0)
         .or_else(|| registry.slots.iter().position(|s| s.database == 0));
-    let Some(index) = index else { return false };
+    let Some(index) = index else { return Registration::Unregistered };
     registry.slots[index] = WorkerSlot {
         database,
         pid,
@@ -135,7 +141,19 @@ pub fn register_worker() -> bool {
     drop(registry);
     // SAFETY: registers a callback run when this process exits (FATAL or normal exit).
     unsafe { pg_sys::on_proc_exit(Some(unregister_worker), pg_sys::Datum::from(0)) };
-    true
+    Registration::Registered
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    Registered,
+    Unregistered,
+    Duplicate,
+}
+
+/// Whether a live worker already serves `database`.
+pub fn served(database: u32) -> bool {
+    preloaded() && REGISTRY.share().slots.iter().any(|s| s.database == database && s.pid != 0)
 }
 
 #[pg_guard]

@@ -119,7 +119,7 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
                     }
                     state.not_before = Some(now + Duration::from_secs(2));
                 }
-                Some(oid) if wake::suspended(oid, wake::now_ms()) => {}
+                Some(oid) if wake::suspended(oid, wake::now_ms()) || wake::served(oid) => {}
                 Some(_) => {
                     state.warned_missing = false;
                     match start_database_worker(&database) {
@@ -197,7 +197,10 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    wake::register_worker();
+    if wake::register_worker() == wake::Registration::Duplicate {
+        log!("pg_listsync: database \"{database}\" already has a worker");
+        return;
+    }
     log!("pg_listsync worker serving database \"{database}\"");
 
     let mut engine = Engine::new();

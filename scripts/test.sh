@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of pg_listsync (after scripts/setup.sh):
+#  - unit tests and in-database #[pg_test]s, then the integration tests in tests/ (scratch
+#    clusters with the worker running, the provider emulator, faults, crashes, the randomized
+#    convergence workload), then Prism contract tests — all through `cargo pgrx test`, which
+#    first installs the extension into the system PostgreSQL 15;
+#  - the provider emulator's own tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Outside the checkout: PostgreSQL runs as the postgres user, which must reach the directory.
+pgdata=/tmp/listsync-pgrx-test
+mkdir -p "$pgdata"
+runas=()
+if [ "$(id -u)" = 0 ]; then
+    chown postgres "$pgdata"
+    runas=(--runas postgres)
+fi
+
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+status=0
+cargo pgrx test pg15 "${runas[@]}" --pgdata "$pgdata" || status=$?
+cargo test -p listsync-emulator || status=$?
+if [ "$status" = 0 ]; then echo "make test: all tests passed"; else echo "make test: FAILED"; fi
+exit "$status"
