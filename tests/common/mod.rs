@@ -58,10 +58,13 @@ impl Cluster {
             Path::new("/usr/share/postgresql/15/extension/pg_listsync.control").exists(),
             "pg_listsync is not installed: run `make install` (or `cargo pgrx test`, which installs it first)"
         );
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{name}-{}", std::process::id()));
+        // Under the system temp directory, not the checkout: the postgres user must be able to
+        // reach it even when the checkout lives in a private home directory.
+        let base = std::env::temp_dir().join("listsync-it");
+        let root = base.join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create cluster directory");
+        let _ = std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
         if is_root() {
             check(
                 Command::new("chown")
