@@ -13,7 +13,10 @@ PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-client-$PG_MAJOR
-          clang libclang-dev build-essential pkg-config sudo nodejs npm)
+          clang libclang-dev build-essential pkg-config sudo curl)
+# Node.js may come from elsewhere than Debian (its npm conflicts with Debian's): only install
+# Debian's when there is none.
+command -v npm >/dev/null || packages+=(nodejs npm)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -26,6 +26,9 @@ pub(crate) fn handle(shared: &Shared, req: &Request) -> Response {
         ("GET", ["state", name]) => {
             slot(name).map(|s| Response::json(200, &s.provider.state_json()))
         }
+        ("GET", ["lists", name, list]) => {
+            slot(name).map(|s| Response::json(200, &json!(s.provider.list_members(list))))
+        }
         ("GET", ["faults", name]) => slot(name).map(|s| Response::json(200, &s.faults.describe())),
         ("POST", ["faults", name]) => slot(name).and_then(|s| configure_faults(s, req)),
         ("GET", ["requests", name]) => slot(name).map(|s| {

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -47,6 +48,9 @@ pub struct WebhookDelivery {
     pub duplicate: bool,
     /// The HTTP status answered.
     pub status: u16,
+    /// When the receiver got the request (the whole request read, before it was processed):
+    /// the end of a commit → provider latency measurement (`make bench`).
+    pub received_at: SystemTime,
 }
 
 /// One change the receiver applied (or, for `on_leave: keep`, deliberately did not).
@@ -153,6 +157,8 @@ impl Provider for Webhook {
     }
 
     fn handle(&self, req: &Request) -> Response {
+        // Taken first, before waiting for the state lock, so it is the arrival time.
+        let received_at = SystemTime::now();
         if req.method != "POST" {
             return error(405, "the webhook receiver only accepts POST");
         }
@@ -177,6 +183,7 @@ impl Provider for Webhook {
             signature_valid: matches!(verdict, Some(Ok(()))),
             duplicate: false,
             status: 0,
+            received_at,
         };
 
         let response = if let Some(Err(reason)) = verdict {
@@ -205,6 +212,7 @@ impl Provider for Webhook {
             "deliveries": st.deliveries.iter().map(|d| json!({
                 "id": d.id, "timestamp": d.timestamp, "path": d.path, "signature_valid": d.signature_valid,
                 "duplicate": d.duplicate, "status": d.status, "body": d.body,
+                "received_at_ms": d.received_at.duration_since(UNIX_EPOCH).map(|t| t.as_secs_f64() * 1000.0).unwrap_or(0.0),
             })).collect::<Vec<_>>(),
         })
     }
