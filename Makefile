@@ -4,7 +4,7 @@
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 TEST_PGDATA ?= $(CURDIR)/target/test-pgdata
 
-.PHONY: setup demo test unit-test pg-test integration-test contract-test lint bench install install-release clean-clusters
+.PHONY: setup demo test lint bench install install-release
 
 setup:
 	@scripts/setup.sh

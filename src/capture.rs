@@ -491,7 +491,11 @@ pub fn flush_pending() -> crate::error::Result<()> {
         return Ok(());
     }
     let (bindings, addresses): (Vec<i64>, Vec<String>) = pairs.into_keys().unzip();
-    AsExtension::run(|| crate::outbox::mark(bindings, addresses))?;
+    // Only the user switches (the statement is schema-qualified and planned once): this runs
+    // after every statement that dirtied something.
+    crate::privilege::as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), || {
+        crate::outbox::mark(bindings, addresses)
+    })?;
     crate::wake::request_wake();
     Ok(())
 }
@@ -499,6 +503,14 @@ pub fn flush_pending() -> crate::error::Result<()> {
 /// Installs, updates or removes the capture triggers of `relid` to match its bindings: the
 /// column list of the row trigger is every column a binding's views read.
 pub fn sync_triggers(relid: pg_sys::Oid) -> crate::error::Result<()> {
+    let exists = crate::query::optional::<i32>(
+        "SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1",
+        &[relid.into()],
+    )?;
+    if exists.is_none() {
+        // The table was dropped (and its triggers with it).
+        return Ok(());
+    }
     let table = crate::catalog::relation_name(relid);
     let columns: Option<Vec<String>> = Spi::get_one_with_args(
         "SELECT array_agg(DISTINCT pg_catalog.quote_ident(a.attname::text))
@@ -513,12 +525,14 @@ pub fn sync_triggers(relid: pg_sys::Oid) -> crate::error::Result<()> {
           WHERE b.source = $1::regclass AND b.state <> 'inactive'",
         &[relid.into()],
     )?;
-    for trigger in [
-        "listsync_capture",
-        "listsync_capture_flush",
-        "listsync_capture_truncate",
-    ] {
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"))?;
+    let installed: Vec<String> = Spi::get_one_with_args(
+        "SELECT coalesce(array_agg(tgname::text), '{}') FROM pg_catalog.pg_trigger
+          WHERE tgrelid = $1 AND tgname IN ('listsync_capture', 'listsync_capture_flush', 'listsync_capture_truncate')",
+        &[relid.into()],
+    )?
+    .unwrap_or_default();
+    for trigger in installed {
+        Spi::run(&format!("DROP TRIGGER {trigger} ON {table}"))?;
     }
     if let Some(columns) = columns.filter(|c| !c.is_empty()) {
         let events = format!("INSERT OR DELETE OR UPDATE OF {}", columns.join(", "));

@@ -9,7 +9,7 @@
 //! and pg_dump recreates them from their definition. The capture trigger reads its predicates
 //! from these views' rules, and the worker reads desired state through them.
 
-use crate::error::{Error, Kind, OrRaise, Result};
+use crate::error::{Error, Kind, OrRaise, Result, required};
 use crate::filter::compile::compile_predicate;
 use crate::filter::conditions::{self, ColumnKind, escape_literal, quote_identifier};
 use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
@@ -171,12 +171,15 @@ impl Table {
 
 #[pg_extern]
 fn create_connection(
-    name: &str,
-    provider: &str,
-    settings: default!(JsonB, "'{}'"),
-    secrets: default!(JsonB, "'{}'"),
+    name: Option<&str>,
+    provider: Option<&str>,
+    settings: default!(Option<JsonB>, "'{}'"),
+    secrets: default!(Option<JsonB>, "'{}'"),
 ) -> i64 {
-    create_connection_impl(name, provider, settings.0, secrets.0).or_raise()
+    let (name, provider) = (required(name, "name"), required(provider, "provider"));
+    let settings = settings.map_or(Value::Null, |j| j.0);
+    let secrets = secrets.map_or(Value::Null, |j| j.0);
+    create_connection_impl(name, provider, settings, secrets).or_raise()
 }
 
 fn create_connection_impl(
@@ -220,10 +223,11 @@ fn create_connection_impl(
 /// state, so that the bindings stopped by an authentication failure can resume.
 #[pg_extern]
 fn alter_connection(
-    name: &str,
+    name: Option<&str>,
     settings: default!(Option<JsonB>, "NULL"),
     secrets: default!(Option<JsonB>, "NULL"),
 ) {
+    let name = required(name, "name");
     alter_connection_impl(name, settings.map(|j| j.0), secrets.map(|j| j.0)).or_raise()
 }
 
@@ -276,8 +280,8 @@ fn alter_connection_impl(
 }
 
 #[pg_extern]
-fn drop_connection(name: &str) {
-    drop_connection_impl(name).or_raise()
+fn drop_connection(name: Option<&str>) {
+    drop_connection_impl(required(name, "name")).or_raise()
 }
 
 fn drop_connection_impl(name: &str) -> Result<()> {
@@ -310,8 +314,8 @@ fn drop_connection_impl(name: &str) -> Result<()> {
 }
 
 #[pg_extern]
-fn test_connection(name: &str) -> JsonB {
-    JsonB(test_connection_impl(name).or_raise())
+fn test_connection(name: Option<&str>) -> JsonB {
+    JsonB(test_connection_impl(required(name, "name")).or_raise())
 }
 
 fn test_connection_impl(name: &str) -> Result<Value> {
@@ -409,11 +413,16 @@ impl Definition {
 
 #[pg_extern]
 fn create_filter(
-    name: &str,
-    source: PgRelation,
-    predicate: &str,
-    email_column: default!(&str, "'email'"),
+    name: Option<&str>,
+    source: Option<PgRelation>,
+    predicate: Option<&str>,
+    email_column: default!(Option<&str>, "'email'"),
 ) -> i64 {
+    let (name, source) = (required(name, "name"), required(source, "source"));
+    let (predicate, email_column) = (
+        required(predicate, "predicate"),
+        required(email_column, "email_column"),
+    );
     create_filter_impl(
         name,
         source.oid(),
@@ -425,11 +434,16 @@ fn create_filter(
 
 #[pg_extern(name = "create_filter")]
 fn create_filter_from_conditions(
-    name: &str,
-    source: PgRelation,
-    conditions: JsonB,
-    email_column: default!(&str, "'email'"),
+    name: Option<&str>,
+    source: Option<PgRelation>,
+    conditions: Option<JsonB>,
+    email_column: default!(Option<&str>, "'email'"),
 ) -> i64 {
+    let (name, source) = (required(name, "name"), required(source, "source"));
+    let (conditions, email_column) = (
+        required(conditions, "conditions"),
+        required(email_column, "email_column"),
+    );
     create_filter_impl(
         name,
         source.oid(),
@@ -545,12 +559,14 @@ fn grant_view_to(view: &str, role: pg_sys::Oid) -> Result<()> {
 }
 
 #[pg_extern]
-fn alter_filter(name: &str, predicate: &str) {
+fn alter_filter(name: Option<&str>, predicate: Option<&str>) {
+    let (name, predicate) = (required(name, "name"), required(predicate, "predicate"));
     alter_filter_impl(name, Definition::Sql(predicate.to_string())).or_raise()
 }
 
 #[pg_extern(name = "alter_filter")]
-fn alter_filter_from_conditions(name: &str, conditions: JsonB) {
+fn alter_filter_from_conditions(name: Option<&str>, conditions: Option<JsonB>) {
+    let (name, conditions) = (required(name, "name"), required(conditions, "conditions"));
     alter_filter_impl(name, Definition::Conditions(conditions.0)).or_raise()
 }
 
@@ -601,8 +617,8 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
 }
 
 #[pg_extern]
-fn drop_filter(name: &str) {
-    drop_filter_impl(name).or_raise()
+fn drop_filter(name: Option<&str>) {
+    drop_filter_impl(required(name, "name")).or_raise()
 }
 
 fn drop_filter_impl(name: &str) -> Result<()> {
@@ -638,8 +654,8 @@ fn deactivate_binding(binding: i64, reason: &str) -> Result<()> {
 }
 
 #[pg_extern]
-fn preview_filter(name: &str, sample: default!(i32, 20)) -> JsonB {
-    JsonB(preview_filter_impl(name, sample).or_raise())
+fn preview_filter(name: Option<&str>, sample: default!(Option<i32>, 20)) -> JsonB {
+    JsonB(preview_filter_impl(required(name, "name"), required(sample, "sample")).or_raise())
 }
 
 fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
@@ -649,6 +665,7 @@ fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
         )));
     }
     let filter = AsExtension::run(|| load_filter(name))?;
+    require_owner(&format!("filter \"{name}\""), filter.owner)?;
     let view = filter_view(name);
     let table_name = relation_name(filter.source);
     // Read as the filter's owner: what they may see is what would be synced.
@@ -722,15 +739,27 @@ const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
 #[allow(clippy::too_many_arguments)]
 #[pg_extern]
 fn bind_filter_to_list(
-    filter: &str,
-    connection: &str,
+    filter: Option<&str>,
+    connection: Option<&str>,
     list: default!(Option<&str>, "NULL"),
-    fields: default!(JsonB, "'{}'"),
-    tags: default!(Vec<String>, "'{}'"),
-    on_leave: default!(&str, "'remove'"),
-    new_member_status: default!(&str, "'subscribed'"),
-    backfill: default!(bool, true),
+    fields: default!(Option<JsonB>, "'{}'"),
+    tags: default!(Option<Vec<Option<String>>>, "'{}'"),
+    on_leave: default!(Option<&str>, "'remove'"),
+    new_member_status: default!(Option<&str>, "'subscribed'"),
+    backfill: default!(Option<bool>, true),
 ) -> i64 {
+    let (filter, connection) = (
+        required(filter, "filter"),
+        required(connection, "connection"),
+    );
+    let fields = required(fields, "fields");
+    let tags: Vec<String> = required(tags, "tags")
+        .into_iter()
+        .map(|t| required(t, "a tag"))
+        .collect();
+    let on_leave = required(on_leave, "on_leave");
+    let new_member_status = required(new_member_status, "new_member_status");
+    let backfill = required(backfill, "backfill");
     let request = BindRequest {
         filter,
         connection,
@@ -1061,12 +1090,14 @@ fn owned_binding(id: i64) -> Result<BindingRow> {
 }
 
 #[pg_extern]
-fn pause_binding(id: i64) {
+fn pause_binding(id: Option<i64>) {
+    let id = required(id, "id");
     set_binding_state(id, "paused").or_raise()
 }
 
 #[pg_extern]
-fn resume_binding(id: i64) {
+fn resume_binding(id: Option<i64>) {
+    let id = required(id, "id");
     set_binding_state(id, "active").or_raise()
 }
 
@@ -1103,7 +1134,8 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
 }
 
 #[pg_extern]
-fn unbind(id: i64) {
+fn unbind(id: Option<i64>) {
+    let id = required(id, "id");
     unbind_impl(id).or_raise()
 }
 
@@ -1128,8 +1160,8 @@ fn unbind_impl(id: i64) -> Result<()> {
 /// recorded state says they are right (repairs changes made by hand at the provider), and the
 /// list is set up again.
 #[pg_extern]
-fn resync(id: i64, full: default!(bool, false)) -> i64 {
-    resync_impl(id, full).or_raise()
+fn resync(id: Option<i64>, full: default!(Option<bool>, false)) -> i64 {
+    resync_impl(required(id, "id"), required(full, "full")).or_raise()
 }
 
 fn resync_impl(id: i64, full: bool) -> Result<i64> {
@@ -1159,7 +1191,7 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
 
 #[pg_extern]
 fn dry_run(
-    id: i64,
+    id: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -1169,6 +1201,7 @@ fn dry_run(
         name!(reason, Option<String>),
     ),
 > {
+    let id = required(id, "id");
     let binding = owned_binding(id).or_raise();
     if binding.state == "inactive" {
         Error::new(
@@ -1187,13 +1220,13 @@ fn dry_run(
 /// Addresses never to be sent anywhere (semantics 6). Every binding holding the address is
 /// marked dirty, so the provider side follows (by the binding's `on_leave`).
 #[pg_extern]
-fn suppress(address: &str, reason: default!(Option<&str>, "NULL")) {
-    suppression(address, reason, true).or_raise()
+fn suppress(address: Option<&str>, reason: default!(Option<&str>, "NULL")) {
+    suppression(required(address, "address"), reason, true).or_raise()
 }
 
 #[pg_extern]
-fn unsuppress(address: &str) {
-    suppression(address, None, false).or_raise()
+fn unsuppress(address: Option<&str>) {
+    suppression(required(address, "address"), None, false).or_raise()
 }
 
 fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
@@ -1232,8 +1265,8 @@ fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
 /// GDPR erasure: suppresses the address everywhere and erases it at the provider of every
 /// binding that ever delivered it. Returns the number of bindings asked to erase it.
 #[pg_extern]
-fn forget(address: &str) -> i64 {
-    forget_impl(address).or_raise()
+fn forget(address: Option<&str>) -> i64 {
+    forget_impl(required(address, "address")).or_raise()
 }
 
 fn forget_impl(address: &str) -> Result<i64> {
@@ -1299,8 +1332,9 @@ fn retry_dead_letters_impl(binding: Option<i64>) -> Result<i64> {
 /// The rows a binding's filter matches whose email is NULL or not an address.
 #[pg_extern]
 fn skipped_rows(
-    binding: i64,
+    binding: Option<i64>,
 ) -> TableIterator<'static, (name!(row_key, JsonB), name!(email, Option<String>))> {
+    let binding = required(binding, "binding");
     let row = owned_binding(binding).or_raise();
     let view = binding_view(binding);
     let rows = privilege::as_role(row.owner, || {

@@ -27,6 +27,7 @@ pub enum Kind {
     ProviderUnavailable,
     ProviderRejected,
     Internal,
+    NullValueNotAllowed,
     /// PostgreSQL's own error, re-raised with our context: its SQLSTATE is kept.
     Postgres(PgSqlErrorCode),
 }
@@ -51,6 +52,7 @@ impl Kind {
             Kind::ProviderUnavailable => ERRCODE_CONNECTION_FAILURE,
             Kind::ProviderRejected => ERRCODE_FDW_ERROR,
             Kind::Internal => ERRCODE_INTERNAL_ERROR,
+            Kind::NullValueNotAllowed => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             Kind::Postgres(code) => code,
         }
     }
@@ -142,6 +144,18 @@ impl From<pgrx::spi::Error> for Error {
     fn from(e: pgrx::spi::Error) -> Self {
         Error::internal(format!("SPI: {e}"))
     }
+}
+
+/// An argument of a public function that must not be NULL. The functions are not STRICT, so
+/// that a NULL gets this error instead of a silent NULL result.
+pub fn required<T>(value: Option<T>, argument: &str) -> T {
+    value.unwrap_or_else(|| {
+        Error::new(
+            Kind::NullValueNotAllowed,
+            format!("{argument} must not be NULL"),
+        )
+        .raise()
+    })
 }
 
 /// Unwraps a result in a `#[pg_extern]` function, raising the error as a PostgreSQL ERROR.

@@ -10,7 +10,10 @@
 //! order, so a large backfill does not delay real-time changes.
 
 use crate::error::Result;
+use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use std::cell::RefCell;
 
 /// The conflict clause of every marking statement (the outbox aliased `o`). Schema-qualified:
 /// it also runs with the writer's search_path.
@@ -20,17 +23,34 @@ pub const ON_CONFLICT_DIRTY: &str = "ON CONFLICT (binding_id, address) DO UPDATE
 /// `not_before` of pairs marked in bulk (backfill, resync, reconcile).
 pub const BULK_PRIORITY: &str = "'epoch'::timestamptz";
 
-/// Marks pairs dirty in the order captured by the trigger.
+thread_local! {
+    /// The marking statement, planned once per backend: it runs at the end of every statement
+    /// that dirtied something.
+    static MARK: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+/// Marks pairs dirty, as captured by the trigger.
 pub fn mark(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
-    Spi::run_with_args(
-        &format!(
-            "INSERT INTO listsync.outbox AS o (binding_id, address)
-             SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[]))
-             {ON_CONFLICT_DIRTY}"
-        ),
-        &[bindings.into(), addresses.into()],
-    )?;
-    Ok(())
+    Spi::connect_mut(|client| {
+        MARK.with(|mark| {
+            let mut mark = mark.borrow_mut();
+            if mark.is_none() {
+                let sql = format!(
+                    "INSERT INTO listsync.outbox AS o (binding_id, address)
+                     SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2))
+                     {ON_CONFLICT_DIRTY}"
+                );
+                let types = [
+                    PgOid::from(pg_sys::INT8ARRAYOID),
+                    PgOid::from(pg_sys::TEXTARRAYOID),
+                ];
+                *mark = Some(client.prepare_mut(sql.as_str(), &types)?.keep());
+            }
+            let statement = mark.as_ref().expect("prepared above");
+            client.update(statement, None, &[bindings.into(), addresses.into()])?;
+            Ok(())
+        })
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +93,13 @@ pub fn claim(limit: i64, lease_s: i32) -> Result<Vec<Claimed>> {
         }
         Ok(claimed)
     })
+}
+
+/// Gives back every lease: called when a database's (only) worker starts, any lease left is
+/// one a crashed worker held.
+pub fn release_all_leases() -> Result<()> {
+    Spi::run("UPDATE listsync.outbox SET lease_until = NULL WHERE lease_until IS NOT NULL")?;
+    Ok(())
 }
 
 /// Removes delivered pairs whose generation did not move meanwhile; a pair re-marked since its

@@ -958,6 +958,61 @@ mod tests {
     }
 
     #[pg_test]
+    fn null_arguments_are_errors_not_silent_nulls() {
+        contacts();
+        use PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED;
+        expect_error(
+            "SELECT listsync.create_filter(NULL, 'contacts', 'true')",
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "name must not be NULL",
+        );
+        expect_error(
+            "SELECT listsync.create_filter('f', 'contacts', NULL::text)",
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "predicate must not be NULL",
+        );
+        expect_error(
+            "SELECT listsync.create_connection('x', NULL)",
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "provider must not be NULL",
+        );
+        expect_error(
+            "SELECT listsync.resync(NULL)",
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "id must not be NULL",
+        );
+        run("SELECT listsync.create_filter('vip', 'contacts', 'true')");
+        expect_error(
+            "SELECT listsync.bind_filter_to_list('vip', 'hook', tags => ARRAY['a', NULL])",
+            ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "a tag must not be NULL",
+        );
+    }
+
+    #[pg_test]
+    fn only_the_owner_previews_a_filter() {
+        contacts();
+        run("SELECT listsync.create_filter('vip', 'contacts', 'true')");
+        run("CREATE ROLE listsync_test_other NOLOGIN");
+        run("GRANT listsync_test_other TO current_user");
+        run("SET LOCAL ROLE listsync_test_other");
+        expect_error(
+            "SELECT listsync.preview_filter('vip')",
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "must be owner of filter \"vip\"",
+        );
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn a_binding_whose_table_was_dropped_can_be_unbound() {
+        let b = vip_binding();
+        run("DROP TABLE contacts CASCADE");
+        run(&format!("SELECT listsync.unbind({b})"));
+        assert_eq!(count("SELECT count(*) FROM listsync.bindings"), 0);
+    }
+
+    #[pg_test]
     fn connection_settings_are_validated_naming_the_key() {
         use PgSqlErrorCode::*;
         expect_error(

@@ -122,7 +122,11 @@ pub fn register_worker() -> Registration {
         )
     };
     let mut registry = REGISTRY.exclusive();
-    if registry.slots.iter().any(|s| s.database == database && s.pid != 0 && s.pid != pid) {
+    if registry
+        .slots
+        .iter()
+        .any(|s| s.database == database && s.pid != 0 && s.pid != pid)
+    {
         return Registration::Duplicate;
     }
     let index = registry
@@ -130,7 +134,9 @@ pub fn register_worker() -> Registration {
         .iter()
         .position(|s| s.database == database && s.pid == 0)
         .or_else(|| registry.slots.iter().position(|s| s.database == 0));
-    let Some(index) = index else { return Registration::Unregistered };
+    let Some(index) = index else {
+        return Registration::Unregistered;
+    };
     registry.slots[index] = WorkerSlot {
         database,
         pid,
@@ -153,7 +159,12 @@ pub enum Registration {
 
 /// Whether a live worker already serves `database`.
 pub fn served(database: u32) -> bool {
-    preloaded() && REGISTRY.share().slots.iter().any(|s| s.database == database && s.pid != 0)
+    preloaded()
+        && REGISTRY
+            .share()
+            .slots
+            .iter()
+            .any(|s| s.database == database && s.pid != 0)
 }
 
 #[pg_guard]

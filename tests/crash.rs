@@ -15,8 +15,14 @@ fn setup(name: &str) -> (Cluster, Emulator, postgres::Client, i64) {
     let mut db = cluster.connect();
     db.batch_execute(CONTACTS).unwrap();
     mailchimp_connection(&mut db, &emulator);
-    db.batch_execute(&format!("SELECT listsync.create_filter('vip', 'contacts', $${PREDICATE}$$)")).unwrap();
-    let binding: i64 = scalar(&mut db, r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"FNAME": "first_name"}')"#);
+    db.batch_execute(&format!(
+        "SELECT listsync.create_filter('vip', 'contacts', $${PREDICATE}$$)"
+    ))
+    .unwrap();
+    let binding: i64 = scalar(
+        &mut db,
+        r#"SELECT listsync.bind_filter_to_list('vip', 'mc', fields => '{"FNAME": "first_name"}')"#,
+    );
     wait_synced(&mut db, binding, Duration::from_secs(60));
     (cluster, emulator, db, binding)
 }
@@ -35,7 +41,9 @@ fn sigkill_of_the_worker_mid_delivery_loses_nothing() {
     let (cluster, emulator, mut db, binding) = setup("sigkill");
     // Slow the provider down so that kills land in the middle of calls.
     emulator.faults("mailchimp").set_random(0.3, 11);
-    emulator.faults("mailchimp").set_timeout(Duration::from_millis(300));
+    emulator
+        .faults("mailchimp")
+        .set_timeout(Duration::from_millis(300));
     backlog(&cluster, &mut db);
     let mut kills = 0;
     for _ in 0..8 {
@@ -45,27 +53,52 @@ fn sigkill_of_the_worker_mid_delivery_loses_nothing() {
         }
         cluster.wait_for_worker();
         db = cluster.connect();
-        execute_retrying(&cluster, &mut db, "UPDATE contacts SET first_name = first_name || '+' WHERE id % 97 = 0");
+        execute_retrying(
+            &cluster,
+            &mut db,
+            "UPDATE contacts SET first_name = first_name || '+' WHERE id % 97 = 0",
+        );
     }
     assert!(kills >= 5, "the worker was killed {kills} times");
     emulator.faults("mailchimp").clear();
     db = cluster.connect();
-    assert_converged(&mut db, &emulator, &[("mailchimp", binding, PREDICATE, "FNAME")], Duration::from_secs(300));
+    assert_converged(
+        &mut db,
+        &emulator,
+        &[("mailchimp", binding, PREDICATE, "FNAME")],
+        Duration::from_secs(300),
+    );
 }
 
 #[test]
 fn immediate_shutdown_mid_drain_loses_nothing() {
     let (cluster, emulator, mut db, binding) = setup("immediate");
     backlog(&cluster, &mut db);
-    execute_retrying(&cluster, &mut db, "UPDATE contacts SET is_deleted = true WHERE id % 7 = 0");
+    execute_retrying(
+        &cluster,
+        &mut db,
+        "UPDATE contacts SET is_deleted = true WHERE id % 7 = 0",
+    );
     std::thread::sleep(Duration::from_millis(300));
     cluster.crash_and_restart();
     db = cluster.connect();
-    execute_retrying(&cluster, &mut db, "UPDATE contacts SET first_name = 'after-crash' WHERE id % 11 = 0");
+    execute_retrying(
+        &cluster,
+        &mut db,
+        "UPDATE contacts SET first_name = 'after-crash' WHERE id % 11 = 0",
+    );
     cluster.crash_and_restart();
     db = cluster.connect();
-    assert_converged(&mut db, &emulator, &[("mailchimp", binding, PREDICATE, "FNAME")], Duration::from_secs(300));
-    assert!(cluster.log().contains("database system was interrupted"), "the server really crashed");
+    assert_converged(
+        &mut db,
+        &emulator,
+        &[("mailchimp", binding, PREDICATE, "FNAME")],
+        Duration::from_secs(300),
+    );
+    assert!(
+        cluster.log().contains("database system was interrupted"),
+        "the server really crashed"
+    );
 }
 
 #[test]
@@ -73,21 +106,48 @@ fn a_terminated_worker_is_started_again() {
     let (cluster, emulator, mut db, binding) = setup("terminate");
     let first = cluster.wait_for_worker();
     let mut postgres = cluster.connect_to("postgres");
-    postgres.execute("SELECT pg_terminate_backend($1)", &[&first]).unwrap();
-    wait_for("a new worker", Duration::from_secs(60), || cluster.worker_pid().is_some_and(|pid| pid != first));
-    execute_retrying(&cluster, &mut db, "INSERT INTO contacts (email, first_name, ltv) VALUES ('t@x.io', 'T', 5000)");
-    assert_converged(&mut db, &emulator, &[("mailchimp", binding, PREDICATE, "FNAME")], Duration::from_secs(60));
+    postgres
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .unwrap();
+    wait_for("a new worker", Duration::from_secs(60), || {
+        cluster.worker_pid().is_some_and(|pid| pid != first)
+    });
+    execute_retrying(
+        &cluster,
+        &mut db,
+        "INSERT INTO contacts (email, first_name, ltv) VALUES ('t@x.io', 'T', 5000)",
+    );
+    assert_converged(
+        &mut db,
+        &emulator,
+        &[("mailchimp", binding, PREDICATE, "FNAME")],
+        Duration::from_secs(60),
+    );
     // The launcher too: the postmaster restarts it, and it restarts nothing twice.
-    let launcher: i32 = scalar(&mut postgres, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync launcher'");
-    postgres.execute("SELECT pg_terminate_backend($1)", &[&launcher]).unwrap();
+    let launcher: i32 = scalar(
+        &mut postgres,
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync launcher'",
+    );
+    postgres
+        .execute("SELECT pg_terminate_backend($1)", &[&launcher])
+        .unwrap();
     wait_for("a new launcher", Duration::from_secs(60), || {
         postgres
-            .query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync launcher'", &[])
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_listsync launcher'",
+                &[],
+            )
             .ok()
             .flatten()
             .is_some_and(|r| r.get::<_, i32>(0) != launcher)
     });
     std::thread::sleep(Duration::from_secs(2));
-    let workers: i64 = scalar(&mut postgres, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'");
-    assert_eq!(workers, 1, "one worker per database, whatever the launcher's restarts");
+    let workers: i64 = scalar(
+        &mut postgres,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'",
+    );
+    assert_eq!(
+        workers, 1,
+        "one worker per database, whatever the launcher's restarts"
+    );
 }

@@ -219,3 +219,34 @@ fn authentication_failure_stops_the_connection_until_fixed() {
     assert_eq!(status(&mut db, binding)["state"], "active");
     assert_eq!(emulator.list_members("mailchimp", &list).len(), 5);
 }
+
+#[test]
+fn a_binding_that_cannot_read_its_rows_stops_alone() {
+    let (_cluster, emulator, mut db, good, list) = setup("stops_alone");
+    // A mapped expression that fails on some rows (division by zero when ltv = 7000).
+    db.batch_execute(
+        r#"SELECT listsync.create_filter('fragile', 'contacts', 'ltv > 1000');
+           SELECT listsync.bind_filter_to_list('fragile', 'mc', fields => '{"FNAME": "(100 / (ltv - 7000))::text"}');"#,
+    )
+    .unwrap();
+    let fragile: i64 = scalar(
+        &mut db,
+        "SELECT id FROM listsync.bindings WHERE filter_name = 'fragile'",
+    );
+    db.batch_execute("INSERT INTO contacts (email, first_name, ltv) VALUES ('zero@x.io', 'Z', 7000), ('fine@x.io', 'F', 5000)").unwrap();
+    wait_for("the fragile binding to stop", T, || {
+        status(&mut db, fragile)["state"] == "error"
+    });
+    let reason = status(&mut db, fragile)["state_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("division by zero"), "{reason}");
+    wait_synced(&mut db, good, T);
+    assert!(
+        emulator
+            .list_members("mailchimp", &list)
+            .contains_key("fine@x.io"),
+        "the other binding went on"
+    );
+}

@@ -17,8 +17,12 @@ fn webhook_setup(name: &str, settings: &[&str]) -> (Cluster, Emulator, postgres:
     let mut db = cluster.connect();
     db.batch_execute(CONTACTS).unwrap();
     create_webhook(&mut db, &emulator, "hook");
-    db.batch_execute("SELECT listsync.create_filter('vip', 'contacts', $$ ltv > 1000 $$)").unwrap();
-    let binding: i64 = scalar(&mut db, "SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{\"name\": \"first_name\"}')");
+    db.batch_execute("SELECT listsync.create_filter('vip', 'contacts', $$ ltv > 1000 $$)")
+        .unwrap();
+    let binding: i64 = scalar(
+        &mut db,
+        "SELECT listsync.bind_filter_to_list('vip', 'hook', fields => '{\"name\": \"first_name\"}')",
+    );
     (cluster, emulator, db, binding)
 }
 
@@ -32,7 +36,14 @@ fn create_webhook(db: &mut postgres::Client, emulator: &Emulator, name: &str) {
 }
 
 fn pending(db: &mut postgres::Client) -> Vec<String> {
-    db.query("SELECT address FROM listsync.outbox WHERE address <> '' ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    db.query(
+        "SELECT address FROM listsync.outbox WHERE address <> '' ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 #[test]
@@ -40,9 +51,16 @@ fn rolled_back_work_leaves_nothing_and_committed_work_everything() {
     let (_cluster, _emulator, mut db, binding) = webhook_setup("rollback", &[]);
     wait_synced(&mut db, binding, T);
     // Paused: the worker leaves the outbox alone, so we can look at it.
-    db.execute("SELECT listsync.pause_binding($1)", &[&binding]).unwrap();
-    db.batch_execute("BEGIN; INSERT INTO contacts (email, ltv) VALUES ('rolled@x.io', 5000); ROLLBACK;").unwrap();
-    assert!(pending(&mut db).is_empty(), "a rolled-back transaction left nothing");
+    db.execute("SELECT listsync.pause_binding($1)", &[&binding])
+        .unwrap();
+    db.batch_execute(
+        "BEGIN; INSERT INTO contacts (email, ltv) VALUES ('rolled@x.io', 5000); ROLLBACK;",
+    )
+    .unwrap();
+    assert!(
+        pending(&mut db).is_empty(),
+        "a rolled-back transaction left nothing"
+    );
     db.batch_execute(
         "BEGIN;
          INSERT INTO contacts (email, ltv) VALUES ('kept@x.io', 5000);
@@ -62,7 +80,8 @@ fn rolled_back_work_leaves_nothing_and_committed_work_everything() {
          INSERT INTO contacts (id, email, ltv) VALUES (1000, 'dup1@x.io', 5000), (1000, 'dup2@x.io', 5000);",
     )
     .unwrap_err();
-    db.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT;").unwrap();
+    db.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT;")
+        .unwrap();
     assert_eq!(pending(&mut db), vec!["after@x.io", "kept@x.io"]);
 }
 
@@ -70,9 +89,16 @@ fn rolled_back_work_leaves_nothing_and_committed_work_everything() {
 fn copy_of_ten_thousand_rows_is_captured_and_delivered() {
     let (_cluster, emulator, mut db, binding) = webhook_setup("copy", &[]);
     let list = wait_synced(&mut db, binding, T);
-    let mut writer = db.copy_in("COPY contacts (email, first_name, ltv) FROM STDIN").unwrap();
+    let mut writer = db
+        .copy_in("COPY contacts (email, first_name, ltv) FROM STDIN")
+        .unwrap();
     for i in 0..10_000 {
-        writeln!(writer, "copy{i}@x.io\tC{i}\t{}", if i % 4 == 0 { 10 } else { 5000 }).unwrap();
+        writeln!(
+            writer,
+            "copy{i}@x.io\tC{i}\t{}",
+            if i % 4 == 0 { 10 } else { 5000 }
+        )
+        .unwrap();
     }
     writer.finish().unwrap();
     wait_synced(&mut db, binding, Duration::from_secs(180));
@@ -83,13 +109,23 @@ fn copy_of_ten_thousand_rows_is_captured_and_delivered() {
 
 #[test]
 fn prepared_transactions_are_delivered_by_the_polling_fallback() {
-    let (_cluster, emulator, mut db, binding) = webhook_setup("twophase", &["listsync.poll_interval = '500ms'"]);
+    let (_cluster, emulator, mut db, binding) =
+        webhook_setup("twophase", &["listsync.poll_interval = '500ms'"]);
     let list = wait_synced(&mut db, binding, T);
     db.batch_execute("BEGIN; INSERT INTO contacts (email, ltv) VALUES ('2pc@x.io', 5000); PREPARE TRANSACTION 'crm-1';").unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!emulator.list_members("webhook", &list).contains_key("2pc@x.io"), "not before COMMIT PREPARED");
+    assert!(
+        !emulator
+            .list_members("webhook", &list)
+            .contains_key("2pc@x.io"),
+        "not before COMMIT PREPARED"
+    );
     db.batch_execute("COMMIT PREPARED 'crm-1'").unwrap();
-    wait_for("the prepared transaction's change", T, || emulator.list_members("webhook", &list).contains_key("2pc@x.io"));
+    wait_for("the prepared transaction's change", T, || {
+        emulator
+            .list_members("webhook", &list)
+            .contains_key("2pc@x.io")
+    });
 }
 
 #[test]
@@ -99,43 +135,93 @@ fn drop_database_and_drop_extension_work_with_the_worker_attached() {
     cluster.wait_for_worker();
     // DROP EXTENSION: bindings' views and triggers depend on it, so CASCADE; the worker holds
     // no lock that would block it.
-    db.batch_execute("DROP EXTENSION pg_listsync CASCADE").unwrap();
-    db.batch_execute("INSERT INTO contacts (email, ltv) VALUES ('after-drop@x.io', 5000)").unwrap();
-    let triggers: i64 = scalar(&mut db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync%'");
+    db.batch_execute("DROP EXTENSION pg_listsync CASCADE")
+        .unwrap();
+    db.batch_execute("INSERT INTO contacts (email, ltv) VALUES ('after-drop@x.io', 5000)")
+        .unwrap();
+    let triggers: i64 = scalar(
+        &mut db,
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'listsync%'",
+    );
     assert_eq!(triggers, 0);
     db.batch_execute("CREATE EXTENSION pg_listsync").unwrap();
     create_webhook(&mut db, &emulator, "hook");
-    db.batch_execute("SELECT listsync.create_filter('again', 'contacts', $$ ltv > 1000 $$)").unwrap();
-    let again: i64 = scalar(&mut db, "SELECT listsync.bind_filter_to_list('again', 'hook')");
+    db.batch_execute("SELECT listsync.create_filter('again', 'contacts', $$ ltv > 1000 $$)")
+        .unwrap();
+    let again: i64 = scalar(
+        &mut db,
+        "SELECT listsync.bind_filter_to_list('again', 'hook')",
+    );
     let list = wait_synced(&mut db, again, T);
-    assert!(emulator.list_members("webhook", &list).contains_key("after-drop@x.io"), "the worker picked the new extension up");
+    assert!(
+        emulator
+            .list_members("webhook", &list)
+            .contains_key("after-drop@x.io"),
+        "the worker picked the new extension up"
+    );
     drop(db);
     // DROP DATABASE asks the connected worker to leave first.
     let mut postgres = cluster.connect_to("postgres");
     postgres.batch_execute("DROP DATABASE crm").unwrap();
-    assert!(cluster.log().contains("pg_listsync worker for database \"crm\" stopping"));
+    assert!(
+        cluster
+            .log()
+            .contains("pg_listsync worker for database \"crm\" stopping")
+    );
     postgres.batch_execute("CREATE DATABASE crm").unwrap();
-    wait_for("a worker for the re-created database", T, || cluster.worker_pid().is_some());
+    wait_for("a worker for the re-created database", T, || {
+        cluster.worker_pid().is_some()
+    });
 }
 
 #[test]
 fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
     let (cluster, emulator, mut db, binding) = webhook_setup("dump", &[]);
-    db.batch_execute("INSERT INTO contacts (email, first_name, ltv) VALUES ('d@x.io', 'D', 5000)").unwrap();
+    db.batch_execute("INSERT INTO contacts (email, first_name, ltv) VALUES ('d@x.io', 'D', 5000)")
+        .unwrap();
     wait_synced(&mut db, binding, T);
     let dump = cluster.dir().join("crm.dump");
     let output = Cluster::bin("pg_dump")
-        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-Fc", "-f", dump.to_str().unwrap(), "crm"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "-Fc",
+            "-f",
+            dump.to_str().unwrap(),
+            "crm",
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "pg_dump: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let mut postgres = cluster.connect_to("postgres");
     postgres.batch_execute("CREATE DATABASE restored").unwrap();
     let output = Cluster::bin("pg_restore")
-        .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "restored", dump.to_str().unwrap()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "restored",
+            dump.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "pg_restore: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let mut restored = cluster.connect_to("restored");
     let config: (String, String, String, i64) = {
         let row = restored
@@ -149,12 +235,27 @@ fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
             .unwrap();
         (row.get(0), row.get(1), row.get(2), row.get(3))
     };
-    assert_eq!(config, ("vip".into(), "hook".into(), "a-long-enough-shared-secret".into(), 1));
+    assert_eq!(
+        config,
+        (
+            "vip".into(),
+            "hook".into(),
+            "a-long-enough-shared-secret".into(),
+            1
+        )
+    );
     // The restored views and triggers capture as before.
-    restored.batch_execute("SELECT listsync.pause_binding(id) FROM listsync.bindings").unwrap();
-    restored.batch_execute("INSERT INTO contacts (email, ltv) VALUES ('new-after-restore@x.io', 5000)").unwrap();
+    restored
+        .batch_execute("SELECT listsync.pause_binding(id) FROM listsync.bindings")
+        .unwrap();
+    restored
+        .batch_execute("INSERT INTO contacts (email, ltv) VALUES ('new-after-restore@x.io', 5000)")
+        .unwrap();
     assert_eq!(pending(&mut restored), vec!["new-after-restore@x.io"]);
-    let predicate: String = scalar(&mut restored, "SELECT pg_get_viewdef('listsync.\"filter:vip\"')");
+    let predicate: String = scalar(
+        &mut restored,
+        "SELECT pg_get_viewdef('listsync.\"filter:vip\"')",
+    );
     assert!(predicate.contains("ltv > "), "{predicate}");
     drop(emulator);
 }
@@ -167,13 +268,30 @@ fn time_dependent_filters_move_without_writes() {
     db.batch_execute(CONTACTS).unwrap();
     create_webhook(&mut db, &emulator, "hook");
     db.batch_execute("SELECT listsync.create_filter('seen', 'contacts', $$ last_seen_at > now() - interval '3 seconds' $$)").unwrap();
-    let binding: i64 = scalar(&mut db, "SELECT listsync.bind_filter_to_list('seen', 'hook')");
-    db.batch_execute("INSERT INTO contacts (email, last_seen_at) VALUES ('recent@x.io', now())").unwrap();
+    let binding: i64 = scalar(
+        &mut db,
+        "SELECT listsync.bind_filter_to_list('seen', 'hook')",
+    );
+    db.batch_execute("INSERT INTO contacts (email, last_seen_at) VALUES ('recent@x.io', now())")
+        .unwrap();
     let list = wait_synced(&mut db, binding, T);
-    wait_for("the contact to join", T, || emulator.list_members("webhook", &list).contains_key("recent@x.io"));
+    wait_for("the contact to join", T, || {
+        emulator
+            .list_members("webhook", &list)
+            .contains_key("recent@x.io")
+    });
     // No write from here on: the contact leaves the filter as time passes.
-    wait_for("the contact to leave by the clock alone", T, || !emulator.list_members("webhook", &list).contains_key("recent@x.io"));
-    let reconciled: bool = scalar(&mut db, &format!("SELECT last_reconciled_at IS NOT NULL FROM listsync.bindings WHERE id = {binding}"));
+    wait_for("the contact to leave by the clock alone", T, || {
+        !emulator
+            .list_members("webhook", &list)
+            .contains_key("recent@x.io")
+    });
+    let reconciled: bool = scalar(
+        &mut db,
+        &format!(
+            "SELECT last_reconciled_at IS NOT NULL FROM listsync.bindings WHERE id = {binding}"
+        ),
+    );
     assert!(reconciled);
 }
 
@@ -201,8 +319,15 @@ fn one_cluster_serves_several_databases() {
     }
     for (database, db) in &mut lists {
         wait_synced(db, 1, T);
-        assert!(emulator.list_members("webhook", database).contains_key(&format!("{database}@x.io")));
+        assert!(
+            emulator
+                .list_members("webhook", database)
+                .contains_key(&format!("{database}@x.io"))
+        );
     }
-    let workers: i64 = scalar(&mut postgres, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'");
+    let workers: i64 = scalar(
+        &mut postgres,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_listsync worker'",
+    );
     assert_eq!(workers, 2);
 }

@@ -107,7 +107,10 @@ fn applies_upserts_and_removals() {
 #[test]
 fn deliveries_record_when_they_arrived() {
     let emulator = Emulator::start();
-    let body = changes("l", json!([{ "action": "upsert", "email": "a@example.com" }]));
+    let body = changes(
+        "l",
+        json!([{ "action": "upsert", "email": "a@example.com" }]),
+    );
     let before = SystemTime::now();
     let reply = Client::new(emulator.base_url("webhook")).post("/crm", &body);
     let after = SystemTime::now();
@@ -117,9 +120,15 @@ fn deliveries_record_when_they_arrived() {
         before <= received_at && received_at <= after,
         "{received_at:?} is not between {before:?} and {after:?}"
     );
-    let state = Client::new(emulator.url()).get("/_admin/state/webhook").json();
+    let state = Client::new(emulator.url())
+        .get("/_admin/state/webhook")
+        .json();
     let ms = state["deliveries"][0]["received_at_ms"].as_f64().unwrap();
-    let expected = received_at.duration_since(UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0;
+    let expected = received_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0;
     assert!((ms - expected).abs() < 0.001, "{ms} != {expected}");
 }
 

@@ -413,6 +413,7 @@ struct Runtime {
 pub struct Engine {
     runtimes: HashMap<i64, Runtime>,
     random: u64,
+    leases_released: bool,
 }
 
 impl Engine {
@@ -424,6 +425,7 @@ impl Engine {
         Engine {
             runtimes: HashMap::new(),
             random: seed | 1,
+            leases_released: false,
         }
     }
 
@@ -437,6 +439,10 @@ impl Engine {
 
     /// Phase 1, in a transaction.
     pub fn plan(&mut self) -> Result<Cycle> {
+        if !self.leases_released {
+            outbox::release_all_leases()?;
+            self.leases_released = true;
+        }
         let claimed = outbox::claim(guc::BATCH_SIZE.get() as i64, guc::LEASE_S.get())?;
         if claimed.is_empty() {
             return Ok(Cycle { work: Vec::new() });
@@ -452,31 +458,25 @@ impl Engine {
             let Some(target) = targets.remove(&id) else {
                 continue;
             };
-            let mut items: Vec<Item> = Vec::with_capacity(pairs.len());
-            let mut addresses = Vec::with_capacity(pairs.len());
-            for pair in pairs {
-                if pair.address.is_empty() {
-                    recount_skipped(id, target.owner)?;
-                } else {
-                    addresses.push(pair.address.clone());
+            let items = crate::query::in_subtransaction(|| plan_pairs(id, &target, pairs.clone()));
+            let items = match items {
+                Ok(items) => items,
+                Err(reason) => {
+                    // Reading this binding's rows failed (a mapped expression that errors on
+                    // some row, a privilege revoked from its owner...): it stops, visibly; the
+                    // other bindings go on.
+                    let reason = format!("reading the rows to deliver failed: {reason}");
+                    Spi::run_with_args(
+                        "UPDATE listsync.bindings SET state = 'error', state_reason = $2, last_error = $2,
+                                last_error_at = now() WHERE id = $1",
+                        &[id.into(), reason.into()],
+                    )?;
+                    let (bindings, addresses) =
+                        pairs.into_iter().map(|p| (p.binding, p.address)).unzip();
+                    outbox::release(bindings, addresses)?;
+                    continue;
                 }
-                items.push(Item {
-                    address: pair.address,
-                    generation: pair.generation,
-                    attempts: pair.attempts,
-                    planned: None,
-                    outcome: None,
-                });
-            }
-            let mut planned: HashMap<String, Planned> =
-                plan_binding(id, target.owner, target.binding.on_leave, &addresses)?
-                    .into_iter()
-                    .map(|p| (p.address.clone(), p))
-                    .collect();
-            for item in &mut items {
-                item.planned = planned.remove(&item.address);
-            }
-            record_intent(id, target.binding.new_member_status, &items)?;
+            };
             work.push(Work {
                 id,
                 target,
@@ -756,6 +756,36 @@ impl Engine {
         )?;
         Ok(())
     }
+}
+
+/// Plans one binding's claimed pairs and records the intents of adds and updates.
+fn plan_pairs(id: i64, target: &Target, pairs: Vec<outbox::Claimed>) -> Result<Vec<Item>> {
+    let mut items: Vec<Item> = Vec::with_capacity(pairs.len());
+    let mut addresses = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        if pair.address.is_empty() {
+            recount_skipped(id, target.owner)?;
+        } else {
+            addresses.push(pair.address.clone());
+        }
+        items.push(Item {
+            address: pair.address,
+            generation: pair.generation,
+            attempts: pair.attempts,
+            planned: None,
+            outcome: None,
+        });
+    }
+    let mut planned: HashMap<String, Planned> =
+        plan_binding(id, target.owner, target.binding.on_leave, &addresses)?
+            .into_iter()
+            .map(|p| (p.address.clone(), p))
+            .collect();
+    for item in &mut items {
+        item.planned = planned.remove(&item.address);
+    }
+    record_intent(id, target.binding.new_member_status, &items)?;
+    Ok(items)
 }
 
 /// Before an add or update is sent, its member is recorded as unverified (committed with the

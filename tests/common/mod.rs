@@ -64,7 +64,8 @@ impl Cluster {
         let root = base.join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create cluster directory");
-        let _ = std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
+        let _ =
+            std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o1777));
         if is_root() {
             check(
                 Command::new("chown")
