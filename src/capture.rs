@@ -16,6 +16,7 @@
 
 use crate::catalog::{binding_view, filter_view, view_oid};
 use crate::error::{Error, OrRaise};
+use crate::filter::dispatch::Dispatch;
 use crate::filter::eval::{Evaluator, Prepared};
 use crate::filter::view::ViewRule;
 use crate::privilege::AsExtension;
@@ -67,6 +68,8 @@ struct TableCapture {
     bindings: Vec<BindingState>,
     /// Every column some binding reads: an UPDATE changing none of them is nothing to us.
     read: Vec<ColumnState>,
+    /// Which filters a row could match, so that only those are evaluated.
+    dispatch: Dispatch,
     conversion: Option<Conversion>,
     // Last: the evaluator owns the memory everything above points into.
     evaluator: Evaluator,
@@ -213,6 +216,27 @@ unsafe fn capture_row(data: &pg_sys::TriggerData) -> crate::error::Result<()> {
 }
 
 impl TableCapture {
+    /// Which filters the row in `slot` (NULL: no row) satisfies.
+    ///
+    /// # Safety
+    /// `slot` is NULL or holds a row of the bound table.
+    unsafe fn matching(&self, slot: *mut pg_sys::TupleTableSlot) -> Vec<bool> {
+        let mut matches = vec![false; self.filters.len()];
+        if slot.is_null() {
+            return matches;
+        }
+        // SAFETY: per the contract.
+        unsafe {
+            self.dispatch.candidates(slot, &mut matches);
+            for (filter, candidate) in self.filters.iter().zip(matches.iter_mut()) {
+                if *candidate {
+                    *candidate = self.evaluator.matches(filter.predicate, slot);
+                }
+            }
+        }
+        matches
+    }
+
     /// # Safety
     /// `old`/`new` are NULL or slots holding rows of the table this entry was built for.
     unsafe fn capture(&self, old: *mut pg_sys::TupleTableSlot, new: *mut pg_sys::TupleTableSlot) {
@@ -226,16 +250,8 @@ impl TableCapture {
             if !old.is_null() && !new.is_null() && !self.read.iter().any(|c| changed(c, old, new)) {
                 return;
             }
-            let old_match: Vec<bool> = self
-                .filters
-                .iter()
-                .map(|f| !old.is_null() && self.evaluator.matches(f.predicate, old))
-                .collect();
-            let new_match: Vec<bool> = self
-                .filters
-                .iter()
-                .map(|f| !new.is_null() && self.evaluator.matches(f.predicate, new))
-                .collect();
+            let old_match = self.matching(old);
+            let new_match = self.matching(new);
             self.evaluator.reset_row();
 
             PENDING.with(|pending| {
@@ -372,6 +388,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                 filters: vec![],
                 bindings: vec![],
                 read: vec![],
+                dispatch: Dispatch::default(),
                 conversion: None,
                 evaluator,
             });
@@ -390,6 +407,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         })?;
 
         let mut filters: Vec<FilterState> = Vec::new();
+        let mut dispatch = Dispatch::default();
         let mut filter_index: HashMap<i64, usize> = HashMap::new();
         let mut bindings = Vec::new();
         let mut read: Vec<i16> = Vec::new();
@@ -404,6 +422,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                     let email = rule.column_of("email")?;
                     read.push(email);
                     read.extend(rule.predicate_columns());
+                    dispatch.add(filters.len(), rule.quals());
                     filters.push(FilterState {
                         predicate: evaluator.prepare(rule.quals()),
                         email,
@@ -452,6 +471,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
             filters,
             bindings,
             read,
+            dispatch,
             conversion,
             evaluator,
         })

@@ -722,6 +722,83 @@ mod tests {
     }
 
     #[pg_test]
+    fn many_filters_keyed_on_a_column_capture_exactly_their_rows() {
+        contacts();
+        run(
+            "ALTER TABLE contacts ADD COLUMN region varchar(10), ADD COLUMN vip boolean NOT NULL DEFAULT false",
+        );
+        let mut bindings = Vec::new();
+        for city in 0..20 {
+            run(&format!(
+                "SELECT listsync.create_filter('c{city}', 'contacts', $$ city = 'City{city}' AND ltv > 10 $$)"
+            ));
+            bindings.push(
+                value::<i64>(&format!(
+                    "SELECT listsync.bind_filter_to_list('c{city}', 'hook', backfill => false)"
+                ))
+                .unwrap(),
+            );
+        }
+        for (name, predicate) in [
+            ("any", "ltv > 100"),
+            ("eu", "region = 'EU'"),
+            ("id3", "id = 3"),
+            ("vip", "vip = true OR city = 'City1'"),
+        ] {
+            run(&format!(
+                "SELECT listsync.create_filter('{name}', 'contacts', $$ {predicate} $$)"
+            ));
+            bindings.push(
+                value::<i64>(&format!(
+                    "SELECT listsync.bind_filter_to_list('{name}', 'hook', backfill => false)"
+                ))
+                .unwrap(),
+            );
+        }
+        clear_outbox();
+        run(
+            "INSERT INTO contacts (id, email, city, ltv, region, vip) VALUES
+               (1, 'a@x.io', 'City1', 50, 'EU', false), (2, 'b@x.io', 'City7', 500, NULL, true),
+               (3, 'c@x.io', 'Nowhere', 5, 'US', false), (4, 'd@x.io', NULL, 50, 'EU', false)",
+        );
+        let marked = |name: &str| -> Vec<String> {
+            let b = value::<i64>(&format!(
+                "SELECT id FROM listsync.bindings WHERE filter_name = '{name}'"
+            ))
+            .unwrap();
+            dirty(b)
+        };
+        assert_eq!(marked("c1"), strings(&["a@x.io"]));
+        assert_eq!(marked("c7"), strings(&["b@x.io"]));
+        assert_eq!(marked("c3"), Vec::<String>::new());
+        assert_eq!(marked("any"), strings(&["b@x.io"]));
+        assert_eq!(
+            marked("eu"),
+            strings(&["a@x.io", "d@x.io"]),
+            "varchar compared as text"
+        );
+        assert_eq!(marked("id3"), strings(&["c@x.io"]), "an int4 key");
+        assert_eq!(
+            marked("vip"),
+            strings(&["a@x.io", "b@x.io"]),
+            "an OR is never keyed"
+        );
+        clear_outbox();
+        run("UPDATE contacts SET city = 'City7' WHERE id = 1");
+        assert_eq!(
+            marked("c1"),
+            strings(&["a@x.io"]),
+            "left c1 (the old row's key)"
+        );
+        assert_eq!(
+            marked("c7"),
+            strings(&["a@x.io"]),
+            "entered c7 (the new row's key)"
+        );
+        assert_eq!(bindings.len(), 24);
+    }
+
+    #[pg_test]
     fn truncate_marks_every_recorded_member() {
         let b = vip_binding();
         run(&format!(

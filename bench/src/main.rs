@@ -57,10 +57,7 @@ fn parse_args() -> Options {
     let mut pg_bin = PathBuf::from("/usr/lib/postgresql/15/bin");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| panic!("{arg} needs a value"))
-        };
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
             "--host" => host = Some(value()),
             "--port" => port = Some(value().parse().expect("--port: a port number")),

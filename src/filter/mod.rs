@@ -3,5 +3,6 @@
 //! read back from its rule (`view`), and evaluated natively per row (`eval`).
 pub mod compile;
 pub mod conditions;
+pub mod dispatch;
 pub mod eval;
 pub mod view;
