@@ -41,6 +41,9 @@ CREATE TABLE listsync.filters (
     name           text NOT NULL UNIQUE,
     source         regclass NOT NULL,
     email_column   name NOT NULL,
+    -- Where a binding's provider can hold contacts without an email (Google Contacts), rows
+    -- without a valid email are identified by this phone number ('tel:+4930...').
+    phone_column   name,
     predicate      text NOT NULL,
     conditions     jsonb,
     time_dependent boolean NOT NULL DEFAULT false,

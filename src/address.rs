@@ -49,6 +49,29 @@ fn valid_domain(domain: &str) -> bool {
             .is_some_and(|tld| tld.len() >= 2 && !tld.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// The identity of a contact known by its phone: `tel:` and the number without spaces,
+/// dashes, dots or parentheses, `00` read as `+`; 7 to 15 digits (E.164's range). `None` when
+/// it is not a phone number.
+pub fn phone_identity(raw: &str) -> Option<String> {
+    let compact: String = raw
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}'))
+        .collect();
+    let (international, digits) = match (compact.strip_prefix('+'), compact.strip_prefix("00")) {
+        (Some(rest), _) | (None, Some(rest)) => (true, rest),
+        (None, None) => (false, compact.as_str()),
+    };
+    let valid = (7..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit());
+    valid.then(|| format!("tel:{}{digits}", if international { "+" } else { "" }))
+}
+
+/// `listsync.phone_identity(text)`: the identity of a contact known by its phone
+/// (`tel:+4930123456`), or NULL when it is not a phone number.
+#[pg_extern(name = "phone_identity", immutable, strict, parallel_safe)]
+fn phone_identity_sql(phone: &str) -> Option<String> {
+    phone_identity(phone)
+}
+
 /// `listsync.normalize_email(text)`: the address a binding would keep for this email, or NULL
 /// when it is not a deliverable address. Usable in an expression index, which makes the worker's
 /// look-ups by address index scans on large tables.
@@ -103,6 +126,32 @@ mod unit {
             "ann\u{0}@example.com",
         ] {
             assert!(normalize(bad).is_none(), "{bad:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn phone_identities() {
+        use super::phone_identity;
+        assert_eq!(
+            phone_identity("+49 (30) 123-45.67").as_deref(),
+            Some("tel:+49301234567")
+        );
+        assert_eq!(
+            phone_identity("0049 30 1234567").as_deref(),
+            Some("tel:+49301234567")
+        );
+        assert_eq!(
+            phone_identity("8 (916) 123-45-67").as_deref(),
+            Some("tel:89161234567")
+        );
+        for bad in [
+            "",
+            "12345",
+            "+1234567890123456",
+            "call me",
+            "+49 30 12a4567",
+        ] {
+            assert_eq!(phone_identity(bad), None, "{bad:?}");
         }
     }
 

@@ -47,6 +47,8 @@ struct BindingState {
     id: i64,
     filter: usize,
     mapped: Vec<i16>,
+    /// The phone column identifying contacts without an email, where the provider allows it.
+    phone: Option<i16>,
 }
 
 #[derive(Clone, Copy)]
@@ -263,12 +265,12 @@ impl TableCapture {
                     }
                     let email = self.filters[binding.filter].email;
                     let old_address = if was {
-                        Some(address_of(old, email))
+                        Some(address_of(old, email, binding.phone))
                     } else {
                         None
                     };
                     let new_address = if is {
-                        Some(address_of(new, email))
+                        Some(address_of(new, email, binding.phone))
                     } else {
                         None
                     };
@@ -298,19 +300,39 @@ impl TableCapture {
     }
 }
 
-/// The address a row holds: `Some(normalized)`, or `None` when NULL or invalid — which the
-/// outbox records as the empty address, "recount this binding's skipped rows".
+/// The identity a row holds: `Some(normalized address)` — or, for bindings identifying contacts
+/// by phone too, `Some("tel:…")` when the email is not an address — or `None` when the row has
+/// none, which the outbox records as the empty address, "recount this binding's skipped rows".
+/// Computed exactly as the binding's view computes `address`.
 ///
 /// # Safety
+/// `slot` holds a row with text-like columns `email` (and `phone`).
+unsafe fn address_of(
+    slot: *mut pg_sys::TupleTableSlot,
+    email: i16,
+    phone: Option<i16>,
+) -> Option<String> {
+    // SAFETY: per the contract.
+    let by_email = unsafe { text_of(slot, email) }.and_then(|raw| crate::address::normalize(&raw));
+    match (by_email, phone) {
+        (Some(address), _) => Some(address),
+        // SAFETY: per the contract.
+        (None, Some(phone)) => {
+            unsafe { text_of(slot, phone) }.and_then(|raw| crate::address::phone_identity(&raw))
+        }
+        (None, None) => None,
+    }
+}
+
+/// # Safety
 /// `slot` holds a row with a text-like column `attnum`.
-unsafe fn address_of(slot: *mut pg_sys::TupleTableSlot, attnum: i16) -> Option<String> {
+unsafe fn text_of(slot: *mut pg_sys::TupleTableSlot, attnum: i16) -> Option<String> {
     let mut is_null = false;
     // SAFETY: per the contract; text-like types (text, varchar, bpchar, citext) are varlena
     // text, which String::from_datum detoasts and reads.
     unsafe {
         let datum = pg_sys::slot_getattr(slot, attnum as i32, &mut is_null);
-        let raw: Option<String> = String::from_datum(datum, is_null);
-        raw.and_then(|r| crate::address::normalize(&r))
+        String::from_datum(datum, is_null)
     }
 }
 
@@ -422,7 +444,8 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                     let email = rule.column_of("email")?;
                     read.push(email);
                     read.extend(rule.predicate_columns());
-                    dispatch.add(filters.len(), rule.quals());
+                    // SAFETY: the rule was just loaded; quals is its analyzed WHERE clause.
+                    unsafe { dispatch.add(filters.len(), rule.quals()) };
                     filters.push(FilterState {
                         predicate: evaluator.prepare(rule.quals()),
                         email,
@@ -434,12 +457,20 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
             let view = view_oid(&binding_view(binding_id))?.ok_or_else(|| {
                 Error::internal(format!("the view of binding {binding_id} is missing"))
             })?;
-            let mapped = ViewRule::load(view)?.field_columns()?;
+            let rule = ViewRule::load(view)?;
+            let mapped = rule.field_columns()?;
+            let phone = if rule.has_column("phone") {
+                Some(rule.column_of("phone")?)
+            } else {
+                None
+            };
             read.extend(&mapped);
+            read.extend(phone);
             bindings.push(BindingState {
                 id: binding_id,
                 filter: index,
                 mapped,
+                phone,
             });
         }
         read.sort_unstable();

@@ -144,7 +144,8 @@ impl Table {
         Ok(())
     }
 
-    fn require_email_column(&self, filter: &str, email_column: &str) -> Result<()> {
+    fn require_text_column(&self, filter: &str, role: &str, column: &str) -> Result<()> {
+        let email_column = column;
         match self.column(email_column) {
             None => Err(Error::new(
                 Kind::UndefinedColumn,
@@ -153,11 +154,13 @@ impl Table {
                     self.name
                 ),
             )
-            .with_hint("Name the column holding the email address with email_column => '...'.")),
+            .with_hint(format!(
+                "Name the column holding the {role} with {role}_column => '...'."
+            ))),
             Some(c) if c.category != 'S' => Err(Error::new(
                 Kind::DatatypeMismatch,
                 format!(
-                    "filter \"{filter}\": email column \"{email_column}\" is of type {}, not a text type",
+                    "filter \"{filter}\": {role} column \"{email_column}\" is of type {}, not a text type",
                     c.type_name
                 ),
             )),
@@ -417,17 +420,16 @@ fn create_filter(
     source: Option<PgRelation>,
     predicate: Option<&str>,
     email_column: default!(Option<&str>, "'email'"),
+    phone_column: default!(Option<&str>, "NULL"),
 ) -> i64 {
     let (name, source) = (required(name, "name"), required(source, "source"));
-    let (predicate, email_column) = (
-        required(predicate, "predicate"),
-        required(email_column, "email_column"),
-    );
+    let identity = Identity::new(required(email_column, "email_column"), phone_column);
+    let predicate = required(predicate, "predicate");
     create_filter_impl(
         name,
         source.oid(),
         Definition::Sql(predicate.to_string()),
-        email_column,
+        &identity,
     )
     .or_raise()
 }
@@ -438,17 +440,16 @@ fn create_filter_from_conditions(
     source: Option<PgRelation>,
     conditions: Option<JsonB>,
     email_column: default!(Option<&str>, "'email'"),
+    phone_column: default!(Option<&str>, "NULL"),
 ) -> i64 {
     let (name, source) = (required(name, "name"), required(source, "source"));
-    let (conditions, email_column) = (
-        required(conditions, "conditions"),
-        required(email_column, "email_column"),
-    );
+    let identity = Identity::new(required(email_column, "email_column"), phone_column);
+    let conditions = required(conditions, "conditions");
     create_filter_impl(
         name,
         source.oid(),
         Definition::Conditions(conditions.0),
-        email_column,
+        &identity,
     )
     .or_raise()
 }
@@ -457,7 +458,7 @@ fn create_filter_impl(
     name: &str,
     source: pg_sys::Oid,
     definition: Definition,
-    email_column: &str,
+    identity: &Identity,
 ) -> Result<i64> {
     check_name("filter", name, MAX_FILTER_NAME_BYTES)?;
     let table = Table::load(source)?;
@@ -471,7 +472,10 @@ fn create_filter_impl(
         ));
     }
     table.require_key(name)?;
-    table.require_email_column(name, email_column)?;
+    table.require_text_column(name, "email", &identity.email)?;
+    if let Some(phone) = &identity.phone {
+        table.require_text_column(name, "phone", phone)?;
+    }
     let predicate = definition.to_sql(name, &table)?;
     let compiled =
         compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
@@ -489,20 +493,21 @@ fn create_filter_impl(
             ));
         }
         let id: i64 = Spi::get_one_with_args(
-            "INSERT INTO listsync.filters (name, source, email_column, predicate, conditions, time_dependent, owner)
-             VALUES ($1, $2::oid::regclass, $3, $4, $5, $6, $7::oid::regrole) RETURNING id",
+            "INSERT INTO listsync.filters (name, source, email_column, phone_column, predicate, conditions, time_dependent, owner)
+             VALUES ($1, $2::oid::regclass, $3, $8, $4, $5, $6, $7::oid::regrole) RETURNING id",
             &[
                 name.into(),
                 source.into(),
-                email_column.into(),
+                identity.email.clone().into(),
                 compiled.sql.clone().into(),
                 definition.conditions().map(JsonB).into(),
                 compiled.time_dependent.into(),
                 owner.into(),
+                identity.phone.clone().into(),
             ],
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
-        create_filter_view(name, &table, email_column, &compiled.sql, owner, false)?;
+        create_filter_view(name, &table, identity, &compiled.sql, owner, false)?;
         Ok(id)
     })
 }
@@ -521,12 +526,15 @@ fn json_hint(error: Error, predicate: &str) -> Error {
 fn create_filter_view(
     name: &str,
     table: &Table,
-    email_column: &str,
+    identity: &Identity,
     predicate: &str,
     owner: pg_sys::Oid,
     replace: bool,
 ) -> Result<()> {
-    let mut select = vec![format!("{} AS email", quote_identifier(email_column))];
+    let mut select = vec![format!("{} AS email", quote_identifier(&identity.email))];
+    if let Some(phone) = &identity.phone {
+        select.push(format!("{} AS phone", quote_identifier(phone)));
+    }
     select.extend(
         table
             .key
@@ -574,7 +582,8 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     let mut filter = AsExtension::run(|| load_filter(name))?;
     require_owner(&format!("filter \"{name}\""), filter.owner)?;
     let table = Table::load(filter.source)?;
-    filter.email_column = AsExtension::run(|| current_email_column(name))?;
+    let identity = AsExtension::run(|| current_identity(name))?;
+    filter.email_column = identity.email.clone();
     let predicate = definition.to_sql(name, &table)?;
     let compiled =
         compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
@@ -590,20 +599,14 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
                 filter.email_column.clone().into(),
             ],
         )?;
-        create_filter_view(
-            name,
-            &table,
-            &filter.email_column,
-            &compiled.sql,
-            filter.owner,
-            true,
-        )?;
+        create_filter_view(name, &table, &identity, &compiled.sql, filter.owner, true)?;
         for binding in bindings_of_filter(filter.id)? {
             let fields = binding_fields(binding)?;
+            let phone = binding_has_phone_identity(binding)?;
             create_binding_view(
                 binding,
                 &table,
-                &filter.email_column,
+                &identity.for_binding(phone),
                 &compiled.sql,
                 &fields,
                 true,
@@ -866,7 +869,8 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
     }
     let fields = compile_fields(name, &table, &provider, &r.fields)?;
     let predicate = filter_predicate(name)?;
-    let email_column = AsExtension::run(|| current_email_column(name))?;
+    let identity =
+        AsExtension::run(|| current_identity(name))?.for_binding(capabilities.phone_identity);
     let owner = privilege::caller();
     let list_name = match r.list {
         Some(_) => None,
@@ -892,7 +896,7 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             ],
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
-        create_binding_view(id, &table, &email_column, &predicate, &fields, false)?;
+        create_binding_view(id, &table, &identity, &predicate, &fields, false)?;
         grant_view_to(&binding_view(id), owner)?;
         crate::capture::sync_triggers(filter.source)?;
         if r.backfill {
@@ -905,21 +909,55 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
     })
 }
 
-/// The email column as the filter's view reads it now (it follows column renames).
-fn current_email_column(filter: &str) -> Result<String> {
+/// The columns identifying a contact: its email and, optionally, its phone (for providers
+/// where a contact may have no email, such as Google Contacts).
+pub struct Identity {
+    pub email: String,
+    pub phone: Option<String>,
+}
+
+impl Identity {
+    fn new(email: &str, phone: Option<&str>) -> Identity {
+        Identity {
+            email: email.to_string(),
+            phone: phone.map(str::to_string),
+        }
+    }
+
+    /// The identity a binding uses: the phone only where its provider can hold phone-only contacts.
+    fn for_binding(&self, phone_identity: bool) -> Identity {
+        Identity {
+            email: self.email.clone(),
+            phone: self.phone.clone().filter(|_| phone_identity),
+        }
+    }
+}
+
+/// The identity columns as the filter's view reads them now (it follows column renames).
+fn current_identity(filter: &str) -> Result<Identity> {
     let view = view_oid(&filter_view(filter))?
         .ok_or_else(|| Error::internal(format!("the view of filter \"{filter}\" is missing")))?;
     let rule = crate::filter::view::ViewRule::load(view)?;
-    let attnum = rule.column_of("email")?;
-    crate::query::optional::<String>(
-        "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum = $2",
-        &[rule.table.into(), attnum.into()],
-    )?
-    .ok_or_else(|| {
-        Error::internal(format!(
-            "filter \"{filter}\": email column {attnum} is gone"
-        ))
-    })
+    let name_of = |attnum: i16| -> Result<String> {
+        crate::query::optional::<String>(
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum = $2",
+            &[rule.table.into(), attnum.into()],
+        )?
+        .ok_or_else(|| Error::internal(format!("filter \"{filter}\": column {attnum} is gone")))
+    };
+    let email = name_of(rule.column_of("email")?)?;
+    let phone = match rule.has_column("phone") {
+        true => Some(name_of(rule.column_of("phone")?)?),
+        false => None,
+    };
+    Ok(Identity { email, phone })
+}
+
+/// Whether the binding's view identifies contacts by phone as well as by email.
+fn binding_has_phone_identity(binding: i64) -> Result<bool> {
+    let view = view_oid(&binding_view(binding))?
+        .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
+    Ok(crate::filter::view::ViewRule::load(view)?.has_column("phone"))
 }
 
 /// The predicate as the filter's view holds it now (it follows column renames).
@@ -985,12 +1023,12 @@ pub fn view_oid(qualified: &str) -> Result<Option<pg_sys::Oid>> {
 fn create_binding_view(
     id: i64,
     table: &Table,
-    email_column: &str,
+    identity: &Identity,
     predicate: &str,
     fields: &BTreeMap<String, String>,
     replace: bool,
 ) -> Result<()> {
-    let email = quote_identifier(email_column);
+    let email = quote_identifier(&identity.email);
     let fields_sql = if fields.is_empty() {
         "'{}'::jsonb".to_string()
     } else {
@@ -1001,11 +1039,22 @@ fn create_binding_view(
             .collect();
         format!("jsonb_build_object({})", pairs.join(", "))
     };
-    let mut select = vec![
-        format!("listsync.normalize_email({email}::text) AS address"),
-        format!("{email}::text AS email"),
-        format!("{fields_sql} AS fields"),
-    ];
+    let mut select = match &identity.phone {
+        None => vec![format!(
+            "listsync.normalize_email({email}::text) AS address"
+        )],
+        Some(phone) => {
+            let phone = quote_identifier(phone);
+            vec![
+                format!(
+                    "coalesce(listsync.normalize_email({email}::text), listsync.phone_identity({phone}::text)) AS address"
+                ),
+                format!("{phone}::text AS phone"),
+            ]
+        }
+    };
+    select.push(format!("{email}::text AS email"));
+    select.push(format!("{fields_sql} AS fields"));
     select.extend(
         table
             .key

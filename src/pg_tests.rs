@@ -799,6 +799,58 @@ mod tests {
     }
 
     #[pg_test]
+    fn contacts_without_an_email_are_identified_by_phone_where_the_provider_allows() {
+        contacts();
+        run("ALTER TABLE contacts ADD COLUMN phone text");
+        run(
+            "SELECT listsync.create_connection('google', 'google_contacts', '{}',
+                 '{\"client_id\": \"c\", \"client_secret\": \"s\", \"refresh_token\": \"r\"}')",
+        );
+        run(
+            "SELECT listsync.create_filter('all', 'contacts', $$ ltv > 10 $$, phone_column => 'phone')",
+        );
+        let google =
+            value::<i64>("SELECT listsync.bind_filter_to_list('all', 'google', backfill => false)")
+                .unwrap();
+        let hook =
+            value::<i64>("SELECT listsync.bind_filter_to_list('all', 'hook', backfill => false)")
+                .unwrap();
+        clear_outbox();
+        run("INSERT INTO contacts (email, phone, ltv) VALUES
+               (NULL, '+49 30 1234567', 50), ('e@x.io', '+1 555 0100 99', 50), ('bad', NULL, 50)");
+        assert_eq!(
+            dirty(google),
+            strings(&["", "e@x.io", "tel:+49301234567"]),
+            "the email first, else the phone"
+        );
+        assert_eq!(
+            dirty(hook),
+            strings(&["", "e@x.io"]),
+            "an email-only provider skips phone-only rows"
+        );
+        let address = value::<String>(&format!(
+            "SELECT string_agg(address, ' ' ORDER BY address) FROM listsync.\"binding:{google}\" WHERE address IS NOT NULL"
+        ));
+        assert_eq!(
+            address,
+            Some("e@x.io tel:+49301234567".into()),
+            "the view computes what capture does"
+        );
+        clear_outbox();
+        run("UPDATE contacts SET phone = '+49 30 7654321' WHERE email IS NULL");
+        assert_eq!(
+            dirty(google),
+            strings(&["tel:+49301234567", "tel:+49307654321"]),
+            "a phone change moves the contact"
+        );
+        expect_error(
+            "SELECT listsync.create_filter('p', 'contacts', 'true', phone_column => 'ltv')",
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            "phone column \"ltv\" is of type numeric",
+        );
+    }
+
+    #[pg_test]
     fn truncate_marks_every_recorded_member() {
         let b = vip_binding();
         run(&format!(

@@ -41,8 +41,11 @@ pub struct Dispatch {
 
 impl Dispatch {
     /// Adds filter number `filter`, whose stored predicate is `quals`.
-    pub fn add(&mut self, filter: usize, quals: *mut pg_sys::Node) {
-        // SAFETY: `quals` is an analyzed predicate tree from a view rule.
+    ///
+    /// # Safety
+    /// `quals` is an analyzed predicate tree (a view rule's WHERE clause) or NULL.
+    pub unsafe fn add(&mut self, filter: usize, quals: *mut pg_sys::Node) {
+        // SAFETY: per the contract.
         let key = unsafe { equality_key(quals) };
         match key {
             Some((attnum, kind, value)) => {

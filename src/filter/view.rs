@@ -104,6 +104,11 @@ impl ViewRule {
         columns
     }
 
+    /// Whether the view has an output column `name`.
+    pub fn has_column(&self, name: &str) -> bool {
+        self.target(name).is_ok()
+    }
+
     /// The column the view selects `AS <name>`, when it is a plain column reference.
     pub fn column_of(&self, name: &str) -> Result<i16> {
         let node = self.target(name)?;

@@ -39,6 +39,7 @@ const fn brand(name: &'static str, connect: fn(&Config) -> Box<dyn Provider>) ->
             on_leave: &["remove", "unsubscribe", "delete", "keep"],
             double_opt_in: true,
             tags: false,
+            phone_identity: false,
         },
         validate: super::no_extra_validation,
         field_name,

@@ -50,6 +50,7 @@ pub static SPEC: Spec = Spec {
         on_leave: &["remove", "delete", "keep"],
         double_opt_in: false,
         tags: true,
+        phone_identity: true,
     },
     validate,
     field_name,

@@ -29,6 +29,7 @@ pub static SPEC: Spec = Spec {
         on_leave: &["remove", "unsubscribe", "delete", "keep"],
         double_opt_in: true,
         tags: false,
+        phone_identity: false,
     },
     validate: super::no_extra_validation,
     field_name,

@@ -207,6 +207,8 @@ pub struct Capabilities {
     pub on_leave: &'static [&'static str],
     pub double_opt_in: bool,
     pub tags: bool,
+    /// Contacts without an email can be held, identified by their phone (`tel:` addresses).
+    pub phone_identity: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,6 +40,7 @@ pub static SPEC: Spec = Spec {
         on_leave: &["remove", "unsubscribe", "delete", "keep"],
         double_opt_in: false,
         tags: false,
+        phone_identity: false,
     },
     validate,
     field_name,

@@ -38,6 +38,7 @@ pub static SPEC: Spec = Spec {
         on_leave: &["remove", "unsubscribe", "delete", "keep"],
         double_opt_in: true,
         tags: true,
+        phone_identity: false,
     },
     validate,
     field_name,

@@ -26,6 +26,7 @@ pub static SPEC: Spec = Spec {
         on_leave: &["remove", "archive", "unsubscribe", "delete", "keep"],
         double_opt_in: true,
         tags: true,
+        phone_identity: false,
     },
     validate,
     field_name: super::any_field_name,
