@@ -65,6 +65,14 @@ pub fn phone_identity(raw: &str) -> Option<String> {
     valid.then(|| format!("tel:{}{digits}", if international { "+" } else { "" }))
 }
 
+/// An identity as given to `suppress`/`forget`: an email address, or `tel:` and a phone number.
+pub fn normalize_identity(raw: &str) -> Option<String> {
+    match raw.trim().strip_prefix("tel:") {
+        Some(phone) => phone_identity(phone),
+        None => normalize(raw),
+    }
+}
+
 /// `listsync.phone_identity(text)`: the identity of a contact known by its phone
 /// (`tel:+4930123456`), or NULL when it is not a phone number.
 #[pg_extern(name = "phone_identity", immutable, strict, parallel_safe)]

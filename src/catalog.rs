@@ -1284,8 +1284,11 @@ fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
     } else {
         "unsuppress an address"
     })?;
-    let normalized = crate::address::normalize(address)
-        .ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    let normalized = crate::address::normalize_identity(address).ok_or_else(|| {
+        Error::invalid(format!(
+            "\"{address}\" is neither an email address nor tel: and a phone number"
+        ))
+    })?;
     AsExtension::run(|| {
         if add {
             Spi::run_with_args(
@@ -1320,8 +1323,11 @@ fn forget(address: Option<&str>) -> i64 {
 
 fn forget_impl(address: &str) -> Result<i64> {
     privilege::require_admin("erase an address")?;
-    let normalized = crate::address::normalize(address)
-        .ok_or_else(|| Error::invalid(format!("\"{address}\" is not an email address")))?;
+    let normalized = crate::address::normalize_identity(address).ok_or_else(|| {
+        Error::invalid(format!(
+            "\"{address}\" is neither an email address nor tel: and a phone number"
+        ))
+    })?;
     AsExtension::run(|| {
         Spi::run_with_args(
             "INSERT INTO listsync.suppressions (address, reason) VALUES ($1, 'erased (listsync.forget)')

@@ -34,6 +34,11 @@
 //!   creating beyond it fails with 400 `FAILED_PRECONDITION`. Google does not document the
 //!   exact answer; this one is the emulator's choice.
 //!
+//! [`crate::Emulator::list_members`] keys a group's contacts as pg_listsync keys members: by
+//! each email (lower-cased), and a contact without an email by each of its numbers as a phone
+//! identity (`tel:` and the number without spaces, dashes, dots or parentheses, `00` read as
+//! `+`, 7 to 15 digits, as `listsync.phone_identity` computes it).
+//!
 //! Read answers carry what Google adds (entry `metadata` with the source, `formattedType`,
 //! `displayName`, person `metadata.sources`), so a client that writes back what it read must
 //! drop output-only data as the real service expects. Not modelled: `searchContacts`, other
@@ -355,6 +360,20 @@ impl GoogleContacts {
             .collect()
     }
 
+    /// The contacts holding this phone number however written (with or without an email), as
+    /// [`GoogleContacts::person`] renders them.
+    pub fn people_with_phone(&self, phone: &str) -> Vec<Value> {
+        let st = lock(&self.state);
+        let Some(wanted) = phone_identity(phone) else {
+            return Vec::new();
+        };
+        st.people
+            .iter()
+            .filter(|(_, c)| c.phone_identities().contains(&wanted))
+            .map(|(rn, c)| person_json(rn, c, &all_fields()))
+            .collect()
+    }
+
     pub fn contact_count(&self) -> usize {
         lock(&self.state).people.len()
     }
@@ -517,16 +536,51 @@ impl State {
     }
 }
 
+/// `listsync.phone_identity`: `tel:` and the number without spaces, dashes, dots or
+/// parentheses, `00` read as `+`; `None` unless 7 to 15 digits remain.
+fn phone_identity(raw: &str) -> Option<String> {
+    let compact: String = raw
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}'))
+        .collect();
+    let (international, digits) = match (compact.strip_prefix('+'), compact.strip_prefix("00")) {
+        (Some(rest), _) | (None, Some(rest)) => (true, rest),
+        (None, None) => (false, compact.as_str()),
+    };
+    let valid = (7..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit());
+    valid.then(|| format!("tel:{}{digits}", if international { "+" } else { "" }))
+}
+
 impl Contact {
-    fn emails(&self) -> Vec<String> {
+    fn values(&self, field: &str) -> impl Iterator<Item = &str> {
         self.fields
-            .get("emailAddresses")
+            .get(field)
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .filter_map(|e| e["value"].as_str())
+    }
+
+    fn emails(&self) -> Vec<String> {
+        self.values("emailAddresses")
             .map(|e| e.trim().to_lowercase())
             .collect()
+    }
+
+    fn phone_identities(&self) -> Vec<String> {
+        self.values("phoneNumbers")
+            .filter_map(phone_identity)
+            .collect()
+    }
+
+    /// What pg_listsync knows the contact by: its emails, or without one its numbers.
+    fn identities(&self) -> Vec<String> {
+        let emails = self.emails();
+        if emails.is_empty() {
+            self.phone_identities()
+        } else {
+            emails
+        }
     }
 
     fn first<'a>(&'a self, field: &str) -> Option<&'a Value> {
@@ -668,8 +722,8 @@ impl Provider for GoogleContacts {
         let mut members = BTreeMap::new();
         for contact in st.people.values().filter(|c| c.groups.contains(&group)) {
             let fields = contact.listsync_fields();
-            for email in contact.emails() {
-                members.insert(email, fields.clone());
+            for identity in contact.identities() {
+                members.insert(identity, fields.clone());
             }
         }
         members
@@ -2181,6 +2235,49 @@ mod tests {
             gc.people_with_email("nobody@example.com"),
             Vec::<Value>::new()
         );
+    }
+
+    #[test]
+    fn contacts_without_an_email_are_listed_by_their_phone_identity() {
+        let emulator = Emulator::start();
+        let gc = emulator.google_contacts();
+        let client = Client::new(&emulator);
+        let (_, group) = client.send(
+            "POST",
+            "/v1/contactGroups",
+            &json!({ "contactGroup": { "name": "vip (crm)" } }),
+        );
+        let group = group["resourceName"].as_str().unwrap().to_string();
+        let phone_only = gc.insert_contact(
+            json!({ "names": [{ "givenName": "Pia" }],
+                    "phoneNumbers": [{ "value": "0049 (30) 123-45.67" }, { "value": "8 916 123 45 67" }] }),
+            &[&group],
+        );
+        gc.insert_contact(
+            json!({ "emailAddresses": [{ "value": "Ann@Example.com" }],
+                    "phoneNumbers": [{ "value": "+1 555 0100 99" }] }),
+            &[&group],
+        );
+        gc.insert_contact(
+            json!({ "phoneNumbers": [{ "value": "ext. 12" }] }),
+            &[&group],
+        );
+        gc.insert_contact(
+            json!({ "phoneNumbers": [{ "value": "+7 495 000 00 00" }] }),
+            &[],
+        );
+        let members = emulator.list_members("google_contacts", &group);
+        assert_eq!(
+            members.keys().collect::<Vec<_>>(),
+            ["ann@example.com", "tel:+49301234567", "tel:89161234567"],
+            "an email wins; no number that is not one; only the group's contacts"
+        );
+        assert_eq!(members["tel:+49301234567"]["given_name"], "Pia");
+        let found = gc.people_with_phone("+49 30 1234567");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0]["resourceName"], phone_only.as_str());
+        assert_eq!(gc.people_with_phone("+1 (555) 0100-99").len(), 1);
+        assert!(gc.people_with_phone("12").is_empty());
     }
 
     #[test]

@@ -24,11 +24,19 @@
 //! that entry and no other.
 //! Contacts created by the sync are marked there too (`pg_listsync.created`): `on_leave =>
 //! 'delete'` deletes only those, and only when no other label holds them.
+//!
+//! Google contacts need no email, so the engine may hand this provider phone identities
+//! (`tel:+49301234567`, see `listsync.phone_identity`) for rows without a valid email. Such a
+//! member is a contact holding that number and no email: it is created with the number and never
+//! given an email, and found among existing contacts by the number. A contact is known by its
+//! emails, and by its numbers only when it has no email, the rule rows follow too; so a user's
+//! contact with an email and the same number is not taken over by a phone-only row.
 
 use super::{
     Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
     Spec, chunks,
 };
+use crate::address::phone_identity;
 use crate::http::{
     Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
 };
@@ -294,8 +302,8 @@ fn retry(message: impl Into<String>) -> Outcome {
 // ---------------------------------------------------------------------------------------------
 // The directory: the account's contacts by address
 
-/// Which contacts hold which addresses (lower-cased), and the sync token to catch up from.
-/// Its size is the account's contact count, which the 25,000 cap is checked against.
+/// Which contacts hold which identities (see [`identities_of`]), and the sync token to catch up
+/// from. Its size is the account's contact count, which the 25,000 cap is checked against.
 #[derive(Default)]
 struct Directory {
     people: HashMap<String, Vec<String>>,
@@ -343,20 +351,33 @@ impl Directory {
     }
 }
 
-/// One pass over `people/me/connections`: contact → its addresses, or `None` if deleted.
+/// One pass over `people/me/connections`: contact → its identities, or `None` if deleted.
 struct Listing {
     people: Vec<(String, Option<Vec<String>>)>,
     sync_token: Option<String>,
 }
 
-fn addresses_of(person: &Value) -> Vec<String> {
-    person["emailAddresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["value"].as_str())
+fn entry_values_of(entries: &[Value]) -> impl Iterator<Item = &str> {
+    entries.iter().filter_map(|e| e["value"].as_str())
+}
+
+fn entry_values<'a>(person: &'a Value, field: &str) -> impl Iterator<Item = &'a str> {
+    entry_values_of(person[field].as_array().map_or(&[], Vec::as_slice))
+}
+
+/// The member addresses a contact answers to, in its order: its emails (lower-cased), or when
+/// it has none its numbers as `tel:` identities, as a row's identity is its email before its
+/// phone.
+fn identities_of(person: &Value) -> Vec<String> {
+    let emails: Vec<String> = entry_values(person, "emailAddresses")
         .map(|a| a.trim().to_lowercase())
         .filter(|a| !a.is_empty())
+        .collect();
+    if !emails.is_empty() {
+        return emails;
+    }
+    entry_values(person, "phoneNumbers")
+        .filter_map(phone_identity)
         .collect()
 }
 
@@ -407,8 +428,13 @@ fn birthday(text: &str) -> std::result::Result<Value, String> {
     })
 }
 
+/// A number's digits, without the `00` that stands for `+` (as `listsync.phone_identity` reads it).
 fn digits(text: &str) -> String {
-    text.chars().filter(char::is_ascii_digit).collect()
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    match text.trim_start().starts_with("00") {
+        true => digits[2..].to_string(),
+        false => digits,
+    }
 }
 
 /// Whether two phone numbers are the same number however they are written.
@@ -509,22 +535,28 @@ fn set_client_data(fields: &mut Map<String, Value>, key: &str, value: Option<&st
 
 /// Sets the entry of a multi-valued field that the sync owns: the one holding the value it
 /// wrote last (remembered in `clientData`). Entries the user added stay; a value the contact
-/// already holds is not added twice.
+/// already holds is not added twice. The entry holding `kept` (the number a phone member is
+/// known by) is never taken over, even when the mapped value was that number: it must stay
+/// when the mapped value moves on.
 fn set_owned(
     fields: &mut Map<String, Value>,
     field: &str,
     key: &str,
     wanted: Option<&str>,
     same: fn(&str, &str) -> bool,
+    kept: Option<&str>,
 ) {
     let memory = format!("pg_listsync.{field}");
     let remembered = client_data(fields, &memory);
     let list = entries(fields, field);
     let value_of = |e: &Value| e[key].as_str().map(str::to_string);
-    let ours = remembered.as_deref().and_then(|r| {
-        list.iter()
-            .position(|e| value_of(e).is_some_and(|v| same(&v, r)))
-    });
+    let ours = remembered
+        .as_deref()
+        .filter(|r| kept.is_none_or(|k| !same(r, k)))
+        .and_then(|r| {
+            list.iter()
+                .position(|e| value_of(e).is_some_and(|v| same(&v, r)))
+        });
     if let Some(value) = wanted {
         let held = list
             .iter()
@@ -584,26 +616,40 @@ fn set_parts(fields: &mut Map<String, Value>, field: &str, parts: &[(&str, Optio
     changed
 }
 
-/// The contact's written fields with the member's address and mapped values applied.
+/// The contact's written fields with the member's identity and mapped values applied: an
+/// email address, or for a phone member (`tel:…`) its number, and then no email at all.
 fn merge(
     mut fields: Map<String, Value>,
     address: &str,
     values: &[(Field, Option<String>)],
 ) -> std::result::Result<Map<String, Value>, String> {
-    let emails = entries(&mut fields, "emailAddresses");
-    if !emails.iter().any(|e| {
-        e["value"]
-            .as_str()
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case(address))
-    }) {
-        emails.push(json!({"value": address}));
-    }
     let value = |field: &Field| {
         values
             .iter()
             .find(|(f, _)| f == field)
             .map(|(_, v)| v.as_deref())
     };
+    let number = address.strip_prefix("tel:");
+    match number {
+        Some(number) => {
+            let phones = entries(&mut fields, "phoneNumbers");
+            if !entry_values_of(phones).any(|v| phone_identity(v).as_deref() == Some(address)) {
+                // Written as the CRM writes it when the mapped phone is this number; first, as
+                // the number the contact is known by.
+                let written = value(&Field::Phone)
+                    .flatten()
+                    .filter(|v| phone_identity(v).as_deref() == Some(address))
+                    .unwrap_or(number);
+                phones.insert(0, json!({"value": written}));
+            }
+        }
+        None => {
+            let emails = entries(&mut fields, "emailAddresses");
+            if !entry_values_of(emails).any(|v| v.trim().eq_ignore_ascii_case(address)) {
+                emails.push(json!({"value": address}));
+            }
+        }
+    }
     let name_parts: Vec<(&str, Option<&str>)> = [
         ("givenName", Field::GivenName),
         ("middleName", Field::MiddleName),
@@ -650,10 +696,17 @@ fn merge(
         fields.insert("biographies".into(), Value::Array(list));
     }
     if let Some(wanted) = value(&Field::Phone) {
-        set_owned(&mut fields, "phoneNumbers", "value", wanted, same_phone);
+        set_owned(
+            &mut fields,
+            "phoneNumbers",
+            "value",
+            wanted,
+            same_phone,
+            number,
+        );
     }
     if let Some(wanted) = value(&Field::Url) {
-        set_owned(&mut fields, "urls", "value", wanted, same_url);
+        set_owned(&mut fields, "urls", "value", wanted, same_url, None);
     }
     if let Some(wanted) = value(&Field::Address) {
         set_owned(
@@ -662,6 +715,7 @@ fn merge(
             "formattedValue",
             wanted,
             same_text,
+            None,
         );
     }
     for (field, wanted) in values {
@@ -943,7 +997,7 @@ impl GoogleContacts {
         let mut page: Option<String> = None;
         loop {
             let mut path = format!(
-                "/people/me/connections?personFields=emailAddresses%2Cmetadata&pageSize={PAGE_SIZE}&requestSyncToken=true"
+                "/people/me/connections?personFields=emailAddresses%2Cmetadata%2CphoneNumbers&pageSize={PAGE_SIZE}&requestSyncToken=true"
             );
             if let Some(token) = since {
                 path.push_str(&format!("&syncToken={}", percent_encode(token)));
@@ -959,9 +1013,9 @@ impl GoogleContacts {
                 let Some(rn) = person["resourceName"].as_str() else {
                     continue;
                 };
-                let addresses =
-                    (person["metadata"]["deleted"] != true).then(|| addresses_of(person));
-                listing.people.push((rn.to_string(), addresses));
+                let identities =
+                    (person["metadata"]["deleted"] != true).then(|| identities_of(person));
+                listing.people.push((rn.to_string(), identities));
             }
             page = body["nextPageToken"]
                 .as_str()
@@ -999,8 +1053,7 @@ impl GoogleContacts {
 
     fn remember(&mut self, person: &str, fields: &Map<String, Value>) {
         if let Some(directory) = &mut self.directory {
-            let addresses = addresses_of(&Value::Object(fields.clone()));
-            directory.put(person, addresses);
+            directory.put(person, identities_of(&Value::Object(fields.clone())));
         }
     }
 
@@ -1276,7 +1329,7 @@ impl GoogleContacts {
             .collect();
         let body = json!({
             "contacts": people.iter().map(|p| json!({"contactPerson": p})).collect::<Vec<_>>(),
-            "readMask": "emailAddresses,metadata",
+            "readMask": "emailAddresses,metadata,phoneNumbers",
         });
         match self.post(
             http,
@@ -1285,14 +1338,17 @@ impl GoogleContacts {
             &body,
         )? {
             Ok(answer) => {
-                // Matched by address: Google answers in request order, but says so nowhere.
+                // Matched by identity: Google answers in request order, but says so nowhere. A
+                // new contact's first identity is its member's (see `merge`); a later one can be
+                // another member's too (a mapped phone that is another row's identity).
                 let mut created: HashMap<String, String> = HashMap::new();
                 for entry in answer["createdPeople"].as_array().into_iter().flatten() {
                     let person = &entry["person"];
-                    if let Some(rn) = person["resourceName"].as_str() {
-                        for address in addresses_of(person) {
-                            created.insert(address, rn.to_string());
-                        }
+                    if let (Some(rn), Some(identity)) = (
+                        person["resourceName"].as_str(),
+                        identities_of(person).into_iter().next(),
+                    ) {
+                        created.insert(identity, rn.to_string());
                     }
                 }
                 for (i, fields) in &creates {
@@ -1961,6 +2017,75 @@ mod unit {
     }
 
     #[test]
+    fn a_phone_member_holds_its_number_and_never_an_email() {
+        let pia = "tel:+49301234567";
+        let created = merge(Map::new(), pia, &values(&[("given_name", json!("Pia"))])).unwrap();
+        assert_eq!(
+            Value::Object(created),
+            json!({"phoneNumbers": [{"value": "+49301234567"}], "names": [{"givenName": "Pia"}]})
+        );
+        let mapped = merge(
+            Map::new(),
+            pia,
+            &values(&[("phone", json!("0049 30 123 45 67"))]),
+        )
+        .unwrap();
+        assert_eq!(
+            mapped["phoneNumbers"],
+            json!([{"value": "0049 30 123 45 67"}]),
+            "the number once, as the CRM writes it"
+        );
+        assert_eq!(
+            merge(
+                mapped.clone(),
+                pia,
+                &values(&[("phone", json!("0049 30 123 45 67"))])
+            )
+            .unwrap(),
+            mapped,
+            "nothing to write again"
+        );
+        let moved = merge(mapped, pia, &values(&[("phone", json!("+1 555 0100"))])).unwrap();
+        assert_eq!(
+            moved["phoneNumbers"],
+            json!([{"value": "0049 30 123 45 67"}, {"value": "+1 555 0100"}]),
+            "the number the contact is known by stays when the mapped one moves on"
+        );
+        let cleared = merge(moved, pia, &values(&[("phone", json!(null))])).unwrap();
+        assert_eq!(
+            Value::Object(cleared),
+            json!({"phoneNumbers": [{"value": "0049 30 123 45 67"}]})
+        );
+        let found = contact_fields(&json!({
+            "phoneNumbers": [{"value": "+7 916 000 00 00"}, {"value": "+49 (30) 123-45-67", "type": "mobile"}],
+        }));
+        let joined = merge(found.clone(), pia, &values(&[])).unwrap();
+        assert_eq!(
+            joined, found,
+            "a contact holding the number, written otherwise, is left as it is"
+        );
+    }
+
+    #[test]
+    fn contacts_are_known_by_their_emails_else_their_numbers() {
+        assert_eq!(
+            identities_of(&json!({"emailAddresses": [{"value": " Ann@Example.com"}],
+                                  "phoneNumbers": [{"value": "+49 30 1234567"}]})),
+            ["ann@example.com"]
+        );
+        assert_eq!(
+            identities_of(
+                &json!({"phoneNumbers": [{"value": "0049 30 1234567"}, {"value": "ext. 12"},
+                                                   {"value": "8 (916) 123-45-67"}]})
+            ),
+            ["tel:+49301234567", "tel:89161234567"]
+        );
+        assert!(identities_of(&json!({"names": [{"givenName": "Nobody"}]})).is_empty());
+        assert!(same_phone("0049 30 1234567", "+49301234567"));
+        assert!(!same_phone("0049 30 1234567", "+4930 1234568"));
+    }
+
+    #[test]
     fn clearing_the_name_removes_the_entry() {
         let before =
             contact_fields(&json!({"names": [{"givenName": "Ann", "unstructuredName": "Ann"}]}));
@@ -2563,6 +2688,191 @@ mod fake {
         );
     }
 
+    fn numbers(person: &Value) -> Vec<&str> {
+        entry_values(person, "phoneNumbers").collect()
+    }
+
+    const PIA: &str = "tel:+49301234567";
+
+    #[test]
+    fn a_phone_member_is_a_contact_with_the_number_and_no_email() {
+        let (emulator, mut s) = setup(OnLeave::Remove);
+        let gc = emulator.google_contacts();
+        let outcomes = s.upsert(&[
+            member(PIA, json!({"given_name": "Pia"}), None),
+            member(
+                "ann@example.com",
+                json!({"given_name": "Ann", "phone": "+49 30 1234567"}),
+                None,
+            ),
+        ]);
+        let (pia, ann) = (remote_id(&outcomes[0]), remote_id(&outcomes[1]));
+        assert_ne!(pia, ann);
+        let contact = person(&emulator, &pia);
+        assert_eq!(numbers(&contact), ["+49301234567"]);
+        assert!(contact.get("emailAddresses").is_none(), "{contact}");
+        let held = list(&emulator, &s.binding);
+        assert_eq!(
+            held.keys().collect::<Vec<_>>(),
+            ["ann@example.com", PIA],
+            "Ann holds the number too, but she is known by her email"
+        );
+        assert_eq!(held[PIA]["given_name"], "Pia");
+
+        // A mapped field changes; then the same without the recorded id: the directory finds
+        // Pia's contact by her number, not Ann's, which holds it too.
+        let again = s.upsert(&[member(PIA, json!({"given_name": "Pina"}), Some(&pia))]);
+        assert_eq!(remote_id(&again[0]), pia);
+        let again = s.upsert(&[member(PIA, json!({"given_name": "Pina"}), None)]);
+        assert_eq!(remote_id(&again[0]), pia);
+        let contact = person(&emulator, &pia);
+        assert_eq!(contact["names"][0]["givenName"], "Pina");
+        assert_eq!(numbers(&contact), ["+49301234567"]);
+        assert!(contact.get("emailAddresses").is_none(), "{contact}");
+        assert_eq!(gc.contact_count(), 2, "no duplicate");
+        assert_eq!(
+            gc.people_with_phone(PIA.trim_start_matches("tel:")).len(),
+            2
+        );
+
+        let outcomes = s.remove(&[member(PIA, json!({}), Some(&pia))]);
+        assert_eq!(outcomes, [Outcome::Removed]);
+        assert_eq!(
+            list(&emulator, &s.binding).keys().collect::<Vec<_>>(),
+            ["ann@example.com"]
+        );
+        assert!(gc.person(&pia).is_some(), "on_leave remove keeps it");
+    }
+
+    #[test]
+    fn a_phone_only_contact_the_user_has_joins() {
+        let (emulator, mut s) = setup(OnLeave::Delete);
+        let gc = emulator.google_contacts();
+        let users = gc.insert_contact(
+            json!({"names": [{"givenName": "P.", "familyName": "Schulz"}],
+                   "phoneNumbers": [{"value": "0049 (30) 123-45-67", "type": "mobile"}]}),
+            &[],
+        );
+        let with_email = gc.insert_contact(
+            json!({"emailAddresses": [{"value": "office@example.com"}],
+                   "phoneNumbers": [{"value": "+49 30 1234567"}]}),
+            &[],
+        );
+        let outcomes = s.upsert(&[member(
+            PIA,
+            json!({"given_name": "Pia", "phone": "+49 30 1234567"}),
+            None,
+        )]);
+        assert_eq!(remote_id(&outcomes[0]), users);
+        let contact = person(&emulator, &users);
+        assert_eq!(
+            numbers(&contact),
+            ["0049 (30) 123-45-67"],
+            "the number is not added again"
+        );
+        assert_eq!(contact["names"][0]["givenName"], "Pia");
+        assert_eq!(contact["names"][0]["familyName"], "Schulz");
+        assert!(contact.get("emailAddresses").is_none(), "{contact}");
+        assert_eq!(gc.contact_count(), 2);
+        assert!(
+            !gc.group_members(s.binding.list_id.as_deref().unwrap())
+                .contains(&with_email)
+        );
+        // on_leave delete: the user's contact only leaves; one the sync created is deleted.
+        let outcomes = s.upsert(&[member("tel:+4930555000", json!({}), None)]);
+        let ours = remote_id(&outcomes[0]);
+        let outcomes = s.remove(&[
+            member(PIA, json!({}), Some(&users)),
+            member("tel:+4930555000", json!({}), Some(&ours)),
+        ]);
+        assert_eq!(outcomes, [Outcome::Removed, Outcome::Removed]);
+        assert!(gc.person(&users).is_some(), "the user's own contact");
+        assert!(gc.person(&ours).is_none(), "created by the sync: deleted");
+        assert!(list(&emulator, &s.binding).is_empty());
+    }
+
+    #[test]
+    fn a_lost_answer_to_a_create_does_not_duplicate_a_phone_contact() {
+        let (emulator, mut s) = setup(OnLeave::Remove);
+        let gc = emulator.google_contacts();
+        emulator
+            .faults("google_contacts")
+            .push(Fault::LostResponse.on_path("batchCreateContacts"));
+        let members = [
+            member(PIA, json!({"given_name": "Pia"}), None),
+            member("tel:89161234567", json!({"given_name": "Ivan"}), None),
+        ];
+        assert!(
+            s.provider
+                .upsert(&mut s.http, &s.binding, &members)
+                .is_err(),
+            "the answer was lost"
+        );
+        assert_eq!(gc.contact_count(), 2, "Google created them");
+        let outcomes = s.upsert(&members);
+        let found: Vec<String> = outcomes.iter().map(remote_id).collect();
+        assert_eq!(gc.contact_count(), 2, "found again, not created twice");
+        assert_eq!(gc.people_with_phone("+49 30 1234567").len(), 1);
+        assert_eq!(gc.people_with_phone("8 916 123 45 67").len(), 1);
+        let held = list(&emulator, &s.binding);
+        assert_eq!(held.keys().collect::<Vec<_>>(), [PIA, "tel:89161234567"]);
+        assert_ne!(found[0], found[1]);
+    }
+
+    #[test]
+    fn a_phone_only_contact_that_gets_an_email_moves_to_the_email() {
+        let (emulator, mut s) = setup(OnLeave::Remove);
+        let pia = remote_id(&s.upsert(&[member(PIA, json!({"given_name": "Pia"}), None)])[0]);
+        // The engine sends the phone identity as a leave and the email as an upsert.
+        assert_eq!(
+            s.remove(&[member(PIA, json!({}), Some(&pia))]),
+            [Outcome::Removed]
+        );
+        let email = remote_id(
+            &s.upsert(&[member(
+                "pia@example.com",
+                json!({"given_name": "Pia"}),
+                None,
+            )])[0],
+        );
+        assert_ne!(email, pia);
+        let held = list(&emulator, &s.binding);
+        assert_eq!(held.keys().collect::<Vec<_>>(), ["pia@example.com"]);
+        assert_eq!(held["pia@example.com"]["given_name"], "Pia");
+        assert!(
+            emulator.google_contacts().person(&pia).is_some(),
+            "the phone-only contact stays, out of the label"
+        );
+    }
+
+    #[test]
+    fn erasing_a_phone_member_deletes_the_contacts_known_by_the_number() {
+        let (emulator, mut s) = setup(OnLeave::Remove);
+        let gc = emulator.google_contacts();
+        let ours = remote_id(&s.upsert(&[member(PIA, json!({}), None)])[0]);
+        let copy = gc.insert_contact(json!({"phoneNumbers": [{"value": "+49-30-1234567"}]}), &[]);
+        let office = gc.insert_contact(
+            json!({"emailAddresses": [{"value": "office@example.com"}],
+                   "phoneNumbers": [{"value": "+49 30 1234567"}]}),
+            &[],
+        );
+        let outcomes = s
+            .provider
+            .erase(
+                &mut s.http,
+                &s.binding,
+                &[member(PIA, json!({}), Some(&ours))],
+            )
+            .unwrap();
+        assert_eq!(outcomes, [Outcome::Removed]);
+        assert!(gc.person(&ours).is_none());
+        assert!(gc.person(&copy).is_none());
+        assert!(
+            gc.person(&office).is_some(),
+            "known by its email: another person's contact"
+        );
+    }
+
     #[test]
     fn erase_deletes_every_contact_holding_the_address() {
         let (emulator, mut s) = setup(OnLeave::Remove);
@@ -2719,11 +3029,11 @@ mod fake {
         ));
     }
 
-    /// What the delivery engine does, in small: level-based changes of a pool of addresses,
-    /// delivered in batches, retried while the provider says so, with a fifth of the requests
-    /// failing (429s, 5xx, timeouts, resets, broken bodies) and a write per round applied but
-    /// its answer lost. The label must end up holding exactly the wanted addresses with their
-    /// names, and no address may be duplicated.
+    /// What the delivery engine does, in small: level-based changes of a pool of addresses (a
+    /// quarter of them phone identities), delivered in batches, retried while the provider says
+    /// so, with a fifth of the requests failing (429s, 5xx, timeouts, resets, broken bodies) and
+    /// a write per round applied but its answer lost. The label must end up holding exactly the
+    /// wanted addresses with their names, and no address may be duplicated.
     #[test]
     fn random_changes_under_faults_converge() {
         let (emulator, mut s) = setup(OnLeave::Remove);
@@ -2737,6 +3047,10 @@ mod fake {
                 .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
+        let pool = |n: u64| match n % 4 {
+            0 => format!("tel:+4930100{n:04}"),
+            _ => format!("p{n}@example.com"),
+        };
         let mut wanted: BTreeMap<String, String> = BTreeMap::new();
         let mut recorded: BTreeMap<String, String> = BTreeMap::new();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
@@ -2748,7 +3062,7 @@ mod fake {
             ][round % 3];
             faults.push(Fault::LostResponse.on_path(lost));
             for _ in 0..15 {
-                let address = format!("p{}@example.com", next(40));
+                let address = pool(next(40));
                 if next(4) == 0 {
                     wanted.remove(&address);
                 } else {
@@ -2812,11 +3126,12 @@ mod fake {
         faults.clear();
         let gc = emulator.google_contacts();
         for n in 0..40 {
-            let address = format!("p{n}@example.com");
-            assert!(
-                gc.people_with_email(&address).len() <= 1,
-                "{address} duplicated"
-            );
+            let address = pool(n);
+            let holders = match address.strip_prefix("tel:") {
+                Some(number) => gc.people_with_phone(number),
+                None => gc.people_with_email(&address),
+            };
+            assert!(holders.len() <= 1, "{address} duplicated");
         }
     }
 
@@ -2958,6 +3273,7 @@ mod contract {
                     member("bob@example.com", json!({"given_name": "Bob"}), None),
                     member("bad@example.com", json!({}), None),
                     member("carol@example.com", fields.clone(), None),
+                    member("tel:+49301234567", json!({"given_name": "Pia"}), None),
                 ],
             )
             .expect("upsert");
