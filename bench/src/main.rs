@@ -12,6 +12,7 @@
 //!
 //! then prints one table and writes `results.json` and `results.md` to the output directory.
 
+mod cpu;
 mod crm;
 mod delivery;
 mod report;
@@ -39,6 +40,17 @@ pub struct Options {
     pub latency_samples: usize,
     pub drain_rows: i64,
     pub drain_timeout_s: u64,
+    /// Figures to measure (`BENCH_ONLY=latency,drain`); all by default.
+    pub only: Vec<String>,
+    /// Configurations of the mixed-writes figure besides the bare table
+    /// (`BENCH_MIXED=listsync_100,plpgsql_100`); all by default.
+    pub mixed: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -48,6 +60,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
         Err(_) => default,
     }
+}
+
+/// A comma-separated list from the environment (empty if unset).
+fn list(name: &str) -> Vec<String> {
+    env_or(name, String::new())
+        .split(',')
+        .map(|f| f.trim().to_string())
+        .filter(|f| !f.is_empty())
+        .collect()
 }
 
 fn parse_args() -> Options {
@@ -82,6 +103,8 @@ fn parse_args() -> Options {
         latency_samples: env_or("BENCH_LATENCY_SAMPLES", 300),
         drain_rows: env_or("BENCH_DRAIN_ROWS", 1_000_000),
         drain_timeout_s: env_or("BENCH_DRAIN_TIMEOUT", 600),
+        only: list("BENCH_ONLY"),
+        mixed: list("BENCH_MIXED"),
     }
 }
 
@@ -107,14 +130,32 @@ fn main() {
     let environment = crm::environment(&mut db);
     crm::create_connections(&mut db, &emulator);
 
-    say!("1/4 mixed single-row writes");
-    let mixed = writes::mixed(&options, &mut db);
-    say!("2/4 bulk COPY");
-    let copy = writes::copy(&options, &mut db);
-    say!("3/4 commit → provider latency");
-    let latency = delivery::latency(&options, &mut db, &emulator);
-    say!("4/4 backlog drain");
-    let drain = delivery::drain(&options, &mut db, &emulator);
+    let figure = |name: &str, title: &str, measure: &mut dyn FnMut() -> Value| {
+        if options.wants(name) {
+            say!("{title}");
+            measure()
+        } else {
+            Value::Null
+        }
+    };
+    let mixed = figure("mixed", "1/4 mixed single-row writes", &mut || {
+        writes::mixed(&options, &mut db)
+    });
+    let copy = figure("copy", "2/4 bulk COPY", &mut || {
+        writes::copy(&options, &mut db)
+    });
+    let latency = figure("latency", "3/4 commit → provider latency", &mut || {
+        delivery::latency(&options, &mut db, &emulator, true)
+    });
+    // The same without the recommended index: what a user who skipped it sees.
+    let latency_without_index = figure(
+        "latency",
+        "3/4 commit → provider latency, without the recommended index",
+        &mut || delivery::latency(&options, &mut db, &emulator, false),
+    );
+    let drain = figure("drain", "4/4 backlog drain", &mut || {
+        delivery::drain(&options, &mut db, &emulator)
+    });
     crm::reset(&mut db);
 
     let results: Value = json!({
@@ -122,11 +163,12 @@ fn main() {
         "settings": {
             "pgbench_seconds": options.seconds, "rounds": options.rounds,
             "copy_rounds": options.copy_rounds, "latency_samples": options.latency_samples,
-            "drain_rows": options.drain_rows,
+            "drain_rows": options.drain_rows, "only": options.only,
         },
         "mixed_writes": mixed,
         "copy": copy,
         "latency": latency,
+        "latency_without_index": latency_without_index,
         "drain": drain,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });

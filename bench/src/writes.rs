@@ -6,6 +6,7 @@
 //! the run touches all configurations alike; the median of the rounds is reported.
 
 use crate::Options;
+use crate::cpu;
 use crate::crm::{self, Capture, run};
 use postgres::Client;
 use serde_json::{Value, json};
@@ -156,7 +157,16 @@ pub fn mixed(options: &Options, db: &mut Client) -> Value {
         Capture::Peer(10),
         Capture::Peer(100),
     ];
+    // BENCH_MIXED=listsync_100 (say) measures only those, besides the bare table.
+    let configurations: Vec<Capture> = configurations
+        .into_iter()
+        .filter(|c| {
+            *c == Capture::Bare || options.mixed.is_empty() || options.mixed.contains(&c.key())
+        })
+        .collect();
     let script_args = write_scripts(&options.out);
+    let postmaster = cpu::postmaster_pid(db);
+    let mut foreign: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
     let mut latency: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
     let mut captured: Vec<Vec<i64>> = vec![Vec::new(); configurations.len()];
@@ -166,13 +176,16 @@ pub fn mixed(options: &Options, db: &mut Client) -> Value {
             crm::load_contacts(db, TABLE_ROWS);
             capture.install(db);
             run(db, "CHECKPOINT");
+            let before = cpu::snapshot(postmaster);
             let (t, l) = pgbench(options, &script_args);
+            let others = cpu::foreign_percent(before, cpu::snapshot(postmaster));
             let pairs = capture.captured(db);
             crate::say!(
-                "  round {round}/{}: {:<12} {t:>8.0} tps  ({l:.3} ms avg, {pairs} dirty pairs)",
+                "  round {round}/{}: {:<12} {t:>8.0} tps  ({l:.3} ms avg, {pairs} dirty pairs, other processes {others:.0}% CPU)",
                 options.rounds,
                 capture.key()
             );
+            foreign[i].push(others);
             tps[i].push(t);
             latency[i].push(l);
             captured[i].push(pairs);
@@ -192,6 +205,7 @@ pub fn mixed(options: &Options, db: &mut Client) -> Value {
                 "tps_runs": tps[i],
                 "latency_avg_ms_runs": latency[i],
                 "dirty_pairs_runs": captured[i],
+                "other_processes_cpu_pct_runs": foreign[i],
                 "tps": m,
                 "ratio_to_bare": ratio,
                 "target": target,
@@ -224,6 +238,8 @@ pub fn copy(options: &Options, db: &mut Client) -> Value {
     .expect("read the COPY data");
 
     let configurations = [Capture::Bare, Capture::Listsync(10), Capture::Peer(10)];
+    let postmaster = cpu::postmaster_pid(db);
+    let mut foreign: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); configurations.len()];
     let mut captured: Vec<Vec<i64>> = vec![Vec::new(); configurations.len()];
     for round in 1..=options.copy_rounds {
@@ -232,6 +248,7 @@ pub fn copy(options: &Options, db: &mut Client) -> Value {
             crm::create_contacts(db);
             capture.install(db);
             run(db, "CHECKPOINT");
+            let before = cpu::snapshot(postmaster);
             let started = Instant::now();
             let mut writer = db
                 .copy_in(&format!("COPY contacts ({}) FROM STDIN", crm::COLUMNS))
@@ -239,13 +256,15 @@ pub fn copy(options: &Options, db: &mut Client) -> Value {
             writer.write_all(&data).expect("send COPY data");
             let rows = writer.finish().expect("COPY");
             let elapsed = started.elapsed().as_secs_f64();
+            let others = cpu::foreign_percent(before, cpu::snapshot(postmaster));
             assert_eq!(rows, TABLE_ROWS as u64);
             let pairs = capture.captured(db);
             crate::say!(
-                "  round {round}/{}: {:<12} {elapsed:>7.3} s  ({pairs} dirty pairs)",
+                "  round {round}/{}: {:<12} {elapsed:>7.3} s  ({pairs} dirty pairs, other processes {others:.0}% CPU)",
                 options.copy_rounds,
                 capture.key()
             );
+            foreign[i].push(others);
             seconds[i].push(elapsed);
             captured[i].push(pairs);
         }
@@ -266,6 +285,7 @@ pub fn copy(options: &Options, db: &mut Client) -> Value {
                 "configuration": capture.key(),
                 "seconds_runs": seconds[i],
                 "dirty_pairs_runs": captured[i],
+                "other_processes_cpu_pct_runs": foreign[i],
                 "seconds": m,
                 "ratio_to_bare": ratio,
                 "target": target,
