@@ -99,7 +99,8 @@ CREATE TABLE listsync.outbox (
     last_error         text,
     PRIMARY KEY (binding_id, address)
 );
-CREATE INDEX outbox_due ON listsync.outbox (not_before);
+-- The claim reads each servable binding's due pairs in due order.
+CREATE INDEX outbox_due ON listsync.outbox (binding_id, not_before);
 
 -- What the worker recorded at the provider after each delivery: the remote state the next
 -- change is compared with.

@@ -63,18 +63,30 @@ pub struct Claimed {
 
 /// Claims up to `limit` due pairs of bindings that may be served now (active binding, working
 /// and unthrottled connection), leasing them for `lease_s` seconds.
+///
+/// Each servable binding's pairs are read in due order from `outbox_due` and only the first
+/// `limit` overall are locked: the cost follows the batch, not the backlog, even when a paused
+/// binding holds a million pairs ahead of a live one.
 pub fn claim(limit: i64, lease_s: i32) -> Result<Vec<Claimed>> {
     Spi::connect_mut(|client| {
         let rows = client.update(
-            "WITH due AS (
-                 SELECT o.binding_id, o.address FROM listsync.outbox o
-                   JOIN listsync.bindings b ON b.id = o.binding_id AND b.state = 'active'
+            "WITH servable AS (
+                 SELECT b.id FROM listsync.bindings b
                    JOIN listsync.connections c ON c.id = b.connection_id AND c.state = 'ok'
                         AND (c.throttled_until IS NULL OR c.throttled_until <= now())
+                  WHERE b.state = 'active'),
+             candidates AS (
+                 SELECT first.binding_id, first.address FROM servable,
+                        LATERAL (SELECT o.binding_id, o.address, o.not_before FROM listsync.outbox o
+                                  WHERE o.binding_id = servable.id AND o.not_before <= now()
+                                    AND (o.lease_until IS NULL OR o.lease_until < now())
+                                  ORDER BY o.not_before LIMIT $1) first
+                  ORDER BY first.not_before LIMIT $1),
+             due AS (
+                 SELECT o.binding_id, o.address FROM listsync.outbox o
+                   JOIN candidates USING (binding_id, address)
                   WHERE o.not_before <= now() AND (o.lease_until IS NULL OR o.lease_until < now())
-                  ORDER BY o.not_before
-                  LIMIT $1
-                  FOR UPDATE OF o SKIP LOCKED)
+                    FOR UPDATE OF o SKIP LOCKED)
              UPDATE listsync.outbox o
                 SET lease_until = now() + $2 * interval '1 second', claimed_generation = o.generation
                FROM due WHERE o.binding_id = due.binding_id AND o.address = due.address

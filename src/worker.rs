@@ -202,6 +202,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         return;
     }
     log!("pg_listsync worker serving database \"{database}\"");
+    BackgroundWorker::transaction(plan_for_keyed_lookups);
 
     let mut engine = Engine::new();
     let mut next_housekeeping = Instant::now();
@@ -244,6 +245,21 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         }
     }
     log!("pg_listsync worker for database \"{database}\" stopping");
+}
+
+/// Every statement the worker runs looks up a bounded batch of keys (at most
+/// `listsync.batch_size`) in the outbox and the members table, whose statistics lag far behind
+/// their size: a backlog grows from nothing to millions between two autovacuum rounds. With
+/// stale statistics the planner hashes the whole queue for each batch, which makes a drain
+/// quadratic; nested loops over the batch's keys are right for every batch. Session settings
+/// of this worker only; its reads of a binding's view (`address = ANY(batch)`, or a whole
+/// filter to reconcile) do not join, and keep their choice of index or scan.
+fn plan_for_keyed_lookups() {
+    for setting in ["enable_hashjoin", "enable_mergejoin"] {
+        if let Err(e) = Spi::run(&format!("SET {setting} = off")) {
+            warning!("pg_listsync: could not set {setting}: {e}");
+        }
+    }
 }
 
 /// One pass: if the extension is installed, run delivery cycles while work is due (bounded, so

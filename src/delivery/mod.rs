@@ -197,12 +197,16 @@ fn desired(
     })
 }
 
+/// The lookups of one batch's keys below read key by key (a LATERAL subquery the planner
+/// cannot turn into a scan of the whole table), whatever the tables' statistics say.
 fn recorded(binding: i64, addresses: &[String]) -> Result<HashMap<String, Recorded>> {
     Spi::connect(|c| {
         let mut found = HashMap::new();
         for row in c.select(
-            "SELECT address, status, remote_id, fields, verified FROM listsync.members
-              WHERE binding_id = $1 AND address = ANY($2)",
+            "SELECT m.address, m.status, m.remote_id, m.fields, m.verified
+               FROM unnest($2::text[]) AS u(address),
+                    LATERAL (SELECT * FROM listsync.members m
+                              WHERE m.binding_id = $1 AND m.address = u.address LIMIT 1) m",
             None,
             &[binding.into(), addresses.to_vec().into()],
         )? {
@@ -239,7 +243,8 @@ fn address_set(query: &str, binding: Option<i64>, addresses: &[String]) -> Resul
 
 fn suppressed(addresses: &[String]) -> Result<HashSet<String>> {
     address_set(
-        "SELECT address FROM listsync.suppressions WHERE address = ANY($1)",
+        "SELECT s.address FROM unnest($1::text[]) AS u(address),
+                LATERAL (SELECT address FROM listsync.suppressions s WHERE s.address = u.address LIMIT 1) s",
         None,
         addresses,
     )
@@ -247,7 +252,9 @@ fn suppressed(addresses: &[String]) -> Result<HashSet<String>> {
 
 fn erasures(binding: i64, addresses: &[String]) -> Result<HashSet<String>> {
     address_set(
-        "SELECT address FROM listsync.erasures WHERE address = ANY($1) AND binding_id = $2",
+        "SELECT e.address FROM unnest($1::text[]) AS u(address),
+                LATERAL (SELECT address FROM listsync.erasures e
+                          WHERE e.binding_id = $2 AND e.address = u.address LIMIT 1) e",
         Some(binding),
         addresses,
     )
@@ -754,8 +761,23 @@ impl Engine {
             "DELETE FROM listsync.delivery_log WHERE at < now() - $1 * interval '1 second'",
             &[guc::DELIVERIES_RETENTION_S.get().into()],
         )?;
-        Ok(())
+        analyze_grown_queues()
     }
+}
+
+/// Autovacuum analyzes a table a minute or more after it grew; a backlog that grew from
+/// nothing meanwhile would be planned as if the queue were empty.
+fn analyze_grown_queues() -> Result<()> {
+    let grown: Vec<String> = Spi::get_one::<Vec<String>>(
+        "SELECT coalesce(array_agg(format('%I.%I', schemaname, relname)), '{}') FROM pg_catalog.pg_stat_user_tables
+          WHERE schemaname = 'listsync' AND relname IN ('outbox', 'members')
+            AND n_mod_since_analyze > 1000 + 0.1 * n_live_tup",
+    )?
+    .unwrap_or_default();
+    for table in grown {
+        Spi::run(&format!("ANALYZE {table}"))?;
+    }
+    Ok(())
 }
 
 /// Plans one binding's claimed pairs and records the intents of adds and updates.
