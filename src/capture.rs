@@ -45,6 +45,8 @@ struct FilterState {
 
 struct BindingState {
     id: i64,
+    /// Paused when the capture state was built (pause and resume invalidate it).
+    paused: bool,
     filter: usize,
     mapped: Vec<i16>,
     /// The phone column identifying contacts without an email, where the provider allows it.
@@ -88,13 +90,21 @@ thread_local! {
 #[derive(Default)]
 struct Pending {
     pairs: HashMap<(i64, String), pg_sys::SubTransactionId>,
+    /// Whether a pair belongs to a binding the worker serves now (not paused): only those wake
+    /// it at commit. A paused binding's pairs wait for `resume_binding`, which wakes it.
+    wakes_worker: bool,
 }
 
 impl Pending {
-    fn mark(&mut self, binding: i64, address: String) {
+    fn mark(&mut self, binding: &BindingState, address: String) {
         // SAFETY: reads the current subtransaction id, a backend global.
         let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-        self.pairs.entry((binding, address)).or_insert(subxact);
+        self.pairs.entry((binding.id, address)).or_insert(subxact);
+        self.wakes_worker |= !binding.paused;
+    }
+
+    fn into_parts(self) -> (HashMap<(i64, String), pg_sys::SubTransactionId>, bool) {
+        (self.pairs, self.wakes_worker)
     }
 
     /// A rolled-back subtransaction takes its marks (and its children's, which have larger
@@ -134,7 +144,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
             flush_pending().or_raise()
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-            PENDING.with(|p| p.borrow_mut().pairs.clear())
+            PENDING.with(|p| *p.borrow_mut() = Pending::default())
         }
         _ => {}
     }
@@ -275,7 +285,7 @@ impl TableCapture {
                         None
                     };
                     let mut mark = |address: Option<String>| {
-                        pending.mark(binding.id, address.unwrap_or_default())
+                        pending.mark(binding, address.unwrap_or_default())
                     };
                     match (old_address, new_address) {
                         (Some(a), None) | (None, Some(a)) => mark(a),
@@ -415,15 +425,20 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                 evaluator,
             });
         };
-        let rows = Spi::connect(|c| -> crate::error::Result<Vec<(i64, i64, String)>> {
+        let rows = Spi::connect(|c| -> crate::error::Result<Vec<(i64, i64, String, bool)>> {
             let mut rows = Vec::new();
             for row in c.select(
-                "SELECT b.id, f.id, f.name FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
+                "SELECT b.id, f.id, f.name, b.state = 'paused' FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
                   WHERE b.source = $1::oid::regclass AND b.state <> 'inactive' ORDER BY f.id, b.id",
                 None,
                 &[bound.into()],
             )? {
-                rows.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
+                rows.push((
+                    row.get(1)?.unwrap_or_default(),
+                    row.get(2)?.unwrap_or_default(),
+                    row.get(3)?.unwrap_or_default(),
+                    row.get(4)?.unwrap_or_default(),
+                ));
             }
             Ok(rows)
         })?;
@@ -433,7 +448,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         let mut filter_index: HashMap<i64, usize> = HashMap::new();
         let mut bindings = Vec::new();
         let mut read: Vec<i16> = Vec::new();
-        for (binding_id, filter_id, filter_name) in rows {
+        for (binding_id, filter_id, filter_name, paused) in rows {
             let index = match filter_index.get(&filter_id) {
                 Some(i) => *i,
                 None => {
@@ -468,6 +483,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
             read.extend(phone);
             bindings.push(BindingState {
                 id: binding_id,
+                paused,
                 filter: index,
                 mapped,
                 phone,
@@ -537,7 +553,9 @@ unsafe fn conversion_for(
 
 /// Writes the buffered dirty pairs to the outbox, with one statement.
 pub fn flush_pending() -> crate::error::Result<()> {
-    let pairs = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().pairs));
+    let (pairs, wakes_worker) = PENDING
+        .with(|p| std::mem::take(&mut *p.borrow_mut()))
+        .into_parts();
     if pairs.is_empty() {
         return Ok(());
     }
@@ -547,7 +565,9 @@ pub fn flush_pending() -> crate::error::Result<()> {
     crate::privilege::as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), || {
         crate::outbox::mark(bindings, addresses)
     })?;
-    crate::wake::request_wake();
+    if wakes_worker {
+        crate::wake::request_wake();
+    }
     Ok(())
 }
 

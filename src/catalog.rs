@@ -1178,6 +1178,11 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
             )?;
             crate::wake::request_wake();
         }
+        if let Some(source) = binding.source {
+            // Capture wakes the worker only for bindings that are not paused.
+            // SAFETY: queues a relcache invalidation of the table, delivered at commit.
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(source) };
+        }
         Ok(())
     })
 }
