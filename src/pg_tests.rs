@@ -869,6 +869,23 @@ mod tests {
     }
 
     #[pg_test]
+    fn only_bindings_that_are_not_paused_wake_the_worker() {
+        let b = vip_binding();
+        run(&format!("SELECT listsync.pause_binding({b})"));
+        crate::wake::take_wake_request();
+        run("INSERT INTO contacts (email, city, ltv) VALUES ('p@x.io', 'Moscow', 5000)");
+        assert_eq!(dirty(b), strings(&["p@x.io"]));
+        assert!(
+            !crate::wake::take_wake_request(),
+            "a paused binding's capture must not wake the worker"
+        );
+        run(&format!("SELECT listsync.resume_binding({b})"));
+        crate::wake::take_wake_request();
+        run("INSERT INTO contacts (email, city, ltv) VALUES ('q@x.io', 'Moscow', 5000)");
+        assert!(crate::wake::take_wake_request());
+    }
+
+    #[pg_test]
     fn backfill_marks_every_matching_address() {
         contacts();
         run(

@@ -56,6 +56,12 @@ pub fn request_wake() {
     WAKE_AT_COMMIT.with(|w| w.set(true));
 }
 
+/// Whether this transaction asked for a wake-up so far; clears the request (tests only).
+#[cfg(any(test, feature = "pg_test"))]
+pub fn take_wake_request() -> bool {
+    WAKE_AT_COMMIT.with(|w| w.replace(false))
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
