@@ -450,9 +450,14 @@ impl Engine {
             outbox::release_all_leases()?;
             self.leases_released = true;
         }
-        let claimed = outbox::claim(guc::BATCH_SIZE.get() as i64, guc::LEASE_S.get())?;
+        let batch = guc::BATCH_SIZE.get() as usize;
+        let claimed = outbox::claim(batch as i64, guc::LEASE_S.get())?;
         if claimed.is_empty() {
             return Ok(Cycle { work: Vec::new() });
+        }
+        if claimed.len() >= batch {
+            // A backlog: the next cycles should not wait for housekeeping to see its size.
+            analyze_grown_queues()?;
         }
         let mut by_binding: HashMap<i64, Vec<outbox::Claimed>> = HashMap::new();
         for pair in claimed {
