@@ -8,7 +8,8 @@
 #
 # Knobs (environment): BENCH_PORT (55432), BENCH_DIR (/tmp/listsync-bench), and for quick
 # trial runs BENCH_SECONDS, BENCH_ROUNDS, BENCH_COPY_ROUNDS, BENCH_LATENCY_SAMPLES,
-# BENCH_DRAIN_ROWS, BENCH_DRAIN_TIMEOUT (see bench/src/main.rs; the defaults are the reported run).
+# BENCH_DRAIN_ROWS, BENCH_DRAIN_TIMEOUT, BENCH_ONLY, BENCH_MIXED (see bench/src/main.rs; the
+# defaults are the reported run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
