@@ -1228,6 +1228,7 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
     }
     AsExtension::run(|| {
         if full {
+            crate::outbox::exclude_delivery()?;
             Spi::run_with_args(
                 "UPDATE listsync.members SET verified = false WHERE binding_id = $1",
                 &[id.into()],

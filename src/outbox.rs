@@ -53,6 +53,32 @@ pub fn mark(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {
     })
 }
 
+/// The advisory lock (per database) that orders the worker's transactions against
+/// `resync(id, full => true)`, the one user call that locks rows of both the outbox and the
+/// members table. Each worker transaction that claims or records takes it shared before any row
+/// lock; that resync takes it exclusively before any row lock. Neither can then hold a row the
+/// other waits for while waiting itself: no deadlock.
+const DELIVERY_LOCK: i64 = 0x6c69_7374_7379_6e63;
+
+/// Taken at the start of the worker's plan and record transactions.
+pub fn share_delivery_lock() -> Result<()> {
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1)",
+        &[DELIVERY_LOCK.into()],
+    )?;
+    Ok(())
+}
+
+/// Waits for the worker's current transaction and keeps the next one out until this
+/// transaction ends.
+pub fn exclude_delivery() -> Result<()> {
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[DELIVERY_LOCK.into()],
+    )?;
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub binding: i64,

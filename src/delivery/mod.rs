@@ -446,6 +446,7 @@ impl Engine {
 
     /// Phase 1, in a transaction.
     pub fn plan(&mut self) -> Result<Cycle> {
+        outbox::share_delivery_lock()?;
         if !self.leases_released {
             outbox::release_all_leases()?;
             self.leases_released = true;
@@ -591,6 +592,7 @@ impl Engine {
 
     /// Phase 3, in a transaction. Returns the number of pairs handled.
     pub fn record(&mut self, cycle: Cycle) -> Result<usize> {
+        outbox::share_delivery_lock()?;
         let handled = cycle.pairs();
         let mut book = Book::default();
         for mut work in cycle.work {

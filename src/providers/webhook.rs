@@ -10,7 +10,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec,
     chunks,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
@@ -149,7 +149,7 @@ impl Webhook {
             "changes": changes,
         });
         let response = self.post(http, operation, &message)?;
-        let reported = item_results(&response);
+        let reported = item_results(&response)?;
         Ok(members
             .iter()
             .map(|m| {
@@ -162,9 +162,23 @@ impl Webhook {
     }
 }
 
-/// Per-item results the receiver chose to report.
-fn item_results(response: &Response) -> HashMap<String, Outcome> {
-    let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+/// Per-item results the receiver chose to report. A 2xx whose body says JSON but does not
+/// parse was cut off on the way (a proxy, a crash mid-answer): whether the receiver applied
+/// the message is unknown, so it is retried, as after a timeout.
+fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
+    let says_json = response
+        .header("content-type")
+        .is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    let body: Value = match serde_json::from_slice(&response.body) {
+        Ok(body) => body,
+        Err(e) if says_json && !response.body.trim_ascii().is_empty() => {
+            return Err(transient(format!(
+                "HTTP {} with a JSON body that does not parse ({e}): the outcome is unknown",
+                response.status
+            )));
+        }
+        Err(_) => Value::Null,
+    };
     let mut results = HashMap::new();
     for item in body["results"].as_array().into_iter().flatten() {
         let Some(email) = item["email"].as_str() else {
@@ -193,7 +207,7 @@ fn item_results(response: &Response) -> HashMap<String, Outcome> {
         };
         results.insert(email.to_lowercase(), outcome);
     }
-    results
+    Ok(results)
 }
 
 impl Provider for Webhook {
@@ -317,7 +331,7 @@ mod unit {
             headers: vec![],
             body: br#"{"results":[{"email":"A@x.io","status":"failed","message":"no"},{"email":"b@x.io","status":"unsubscribed"}]}"#.to_vec(),
         };
-        let results = item_results(&response);
+        let results = item_results(&response).unwrap();
         assert_eq!(
             results["a@x.io"],
             Outcome::Failed {
@@ -331,5 +345,30 @@ mod unit {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_cut_off_json_answer_is_an_unknown_outcome() {
+        let answer = |content_type: &str, body: &[u8]| Response {
+            status: 200,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: body.to_vec(),
+        };
+        let cut_off = answer("application/json", br#"{"results": [{"email": "a@x"#);
+        assert!(matches!(
+            item_results(&cut_off),
+            Err(ProviderError::Transient { .. })
+        ));
+        // Any other 2xx is delivered: an empty body, or a plain-text "OK".
+        assert!(
+            item_results(&answer("application/json", b""))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            item_results(&answer("text/plain", b"OK"))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

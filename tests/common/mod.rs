@@ -486,7 +486,16 @@ pub fn execute_retrying(cluster: &Cluster, db: &mut Client, sql: &str) {
                 std::thread::sleep(Duration::from_millis(200));
                 *db = cluster.connect();
             }
-            Err(e) => panic!("{sql}: {e}"),
+            Err(e) => match e.as_db_error() {
+                Some(db) => panic!(
+                    "{sql}: {} {}: {} ({:?})",
+                    db.severity(),
+                    db.code().code(),
+                    db.message(),
+                    db.detail()
+                ),
+                None => panic!("{sql}: {e}"),
+            },
         }
     }
     panic!("{sql}: the server did not come back");
