@@ -470,6 +470,20 @@ pub fn backoff(
     }
 }
 
+/// Tests call the emulator and Prism on the loopback interface over plain http.
+#[cfg(test)]
+impl Http {
+    pub fn local(timeout: Duration) -> Http {
+        Http::new(
+            HttpConfig {
+                timeout,
+                allowed_insecure_hosts: vec!["127.0.0.1".into()],
+            },
+            None,
+        )
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -3,7 +3,7 @@
 //! Each provider's tests send every kind of request its adapter makes and require all of them
 //! to validate. `make test` installs Prism (`tests/contract`, npm).
 
-use crate::http::{CallRecord, Http, HttpConfig};
+use crate::http::{CallRecord, Http};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -65,13 +65,7 @@ impl Prism {
     }
 
     pub fn http(&self) -> Http {
-        Http::new(
-            HttpConfig {
-                timeout: Duration::from_secs(30),
-                allowed_insecure_hosts: vec!["127.0.0.1".into()],
-            },
-            None,
-        )
+        Http::local(Duration::from_secs(30))
     }
 }
 

@@ -1007,17 +1007,10 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
-    use crate::http::HttpConfig;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
-        Http::new(
-            HttpConfig {
-                timeout: Duration::from_secs(5),
-                allowed_insecure_hosts: vec!["127.0.0.1".into()],
-            },
-            None,
-        )
+        Http::local(Duration::from_secs(5))
     }
 
     fn provider(emulator: &Emulator, brand: &str, key: &str) -> Box<dyn Provider> {

@@ -2172,17 +2172,10 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
-    use crate::http::HttpConfig;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
-        Http::new(
-            HttpConfig {
-                timeout: Duration::from_secs(5),
-                allowed_insecure_hosts: vec!["127.0.0.1".into()],
-            },
-            None,
-        )
+        Http::local(Duration::from_secs(5))
     }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
@@ -3177,7 +3170,6 @@ mod fake {
 #[cfg(test)]
 mod contract {
     use super::*;
-    use crate::http::HttpConfig;
     use crate::providers::contract::{Prism, assert_all_valid};
     use listsync_emulator::{Emulator, Fault};
 
@@ -3222,13 +3214,7 @@ mod contract {
         let emulator = Emulator::start();
         let gc = emulator.google_contacts();
         gc.reject_address("bad@example.com", "Invalid email address.");
-        let mut http = Http::new(
-            HttpConfig {
-                timeout: Duration::from_secs(10),
-                allowed_insecure_hosts: vec!["127.0.0.1".into()],
-            },
-            None,
-        );
+        let mut http = Http::local(Duration::from_secs(10));
         let config = Config {
             settings: serde_json::from_value(
                 json!({"base_url": emulator.base_url("google_contacts")}),

@@ -759,20 +759,13 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
-    use crate::http::HttpConfig;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
 
     const TOKEN: &str = "ml-token";
 
     fn http() -> Http {
-        Http::new(
-            HttpConfig {
-                timeout: Duration::from_secs(5),
-                allowed_insecure_hosts: vec!["127.0.0.1".into()],
-            },
-            None,
-        )
+        Http::local(Duration::from_secs(5))
     }
 
     fn provider(emulator: &Emulator, token: &str) -> Box<dyn Provider> {
