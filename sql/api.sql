@@ -24,7 +24,8 @@ SELECT b.id                                   AS binding,
        b.last_error,
        c.throttled_until
   FROM listsync.bindings b
-  JOIN listsync.connections c ON c.id = b.connection_id;
+  JOIN listsync.connections c ON c.id = b.connection_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
 
 -- Items a provider refused for good, with its words. listsync.retry_dead_letters() retries them.
 CREATE VIEW listsync.dead_letters AS
@@ -32,22 +33,39 @@ SELECT d.binding_id AS binding, b.filter_name AS filter, c.name AS connection, d
        d.attempts, d.error, d.first_failed_at, d.last_failed_at
   FROM listsync.dead_letter_items d
   JOIN listsync.bindings b ON b.id = d.binding_id
-  JOIN listsync.connections c ON c.id = b.connection_id;
+  JOIN listsync.connections c ON c.id = b.connection_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
 
 -- Recent provider calls (kept for listsync.deliveries_retention).
 CREATE VIEW listsync.deliveries AS
 SELECT l.id, l.at, c.name AS connection, l.binding_id AS binding, l.operation, l.request,
        l.http_status, l.duration_ms, l.outcome, l.message
   FROM listsync.delivery_log l
-  LEFT JOIN listsync.connections c ON c.id = l.connection_id;
+  LEFT JOIN listsync.connections c ON c.id = l.connection_id
+  LEFT JOIN listsync.bindings b ON b.id = l.binding_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
 
--- Connections without their secrets.
+-- Connections without their secrets: those a role owns or may use (all, to listsync_admin).
 CREATE VIEW listsync.connection_list AS
 SELECT id, name, provider, settings, state, state_reason, throttled_until, owner, created_at
-  FROM listsync.connections;
+  FROM listsync.connections c
+ WHERE pg_catalog.pg_has_role(c.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE')
+    OR EXISTS (SELECT FROM listsync.connection_usage u
+                WHERE u.connection_id = c.id
+                  AND (u.grantee::oid = 0 OR pg_catalog.pg_has_role(u.grantee, 'USAGE')));
 
 GRANT SELECT ON listsync.status, listsync.dead_letters, listsync.deliveries, listsync.connection_list TO PUBLIC;
+
+-- Filters and bindings are readable by every role, each role seeing its own rows (all of them
+-- to listsync_admin): a binding's errors carry provider text. The extension's own code runs as
+-- the superuser owning these tables, which row-level security does not restrict.
 GRANT SELECT ON listsync.filters, listsync.bindings TO PUBLIC;
+ALTER TABLE listsync.filters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE listsync.bindings ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON listsync.filters FOR SELECT
+    USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
+CREATE POLICY own_rows ON listsync.bindings FOR SELECT
+    USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
 
 -- DROP TABLE ... CASCADE (or DROP COLUMN ... CASCADE) takes the filter and binding views with
 -- it: the bindings they served become visibly inactive instead of failing later.

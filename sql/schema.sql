@@ -28,6 +28,24 @@ CREATE TABLE listsync.connections (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Who may bind filters to a connection besides its owner and listsync_admin, as USAGE on a
+-- foreign server (grantee '-', the invalid role, is PUBLIC).
+CREATE TABLE listsync.connection_usage (
+    connection_id bigint NOT NULL REFERENCES listsync.connections (id) ON DELETE CASCADE,
+    grantee       regrole NOT NULL,
+    granted_by    regrole NOT NULL,
+    granted_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (connection_id, grantee)
+);
+
+-- Functions that are not built in but that an administrator allowed in filters and mapped
+-- fields (listsync.allow_function): they run in every writer's transaction, as the writer.
+CREATE TABLE listsync.allowed_functions (
+    function   regprocedure PRIMARY KEY,
+    allowed_by regrole NOT NULL,
+    allowed_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Secrets live apart so that no view, no join and no default privilege ever reaches them.
 CREATE TABLE listsync.connection_secrets (
     connection_id bigint PRIMARY KEY REFERENCES listsync.connections (id) ON DELETE CASCADE,
@@ -164,6 +182,8 @@ CREATE INDEX ON listsync.delivery_log (at);
 SELECT pg_catalog.pg_extension_config_dump('listsync.connections', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.connections_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.connection_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.connection_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.allowed_functions', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.filters', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.filters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.bindings', '');
@@ -178,3 +198,4 @@ REVOKE ALL ON ALL TABLES IN SCHEMA listsync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA listsync FROM PUBLIC;
 GRANT USAGE ON SCHEMA listsync TO PUBLIC;
 GRANT SELECT ON listsync.connection_secrets TO listsync_admin;
+GRANT SELECT ON listsync.allowed_functions TO PUBLIC;

@@ -15,7 +15,7 @@
 //! from the filter and binding views and dropped on a relcache invalidation of the table.
 
 use crate::catalog::{binding_view, filter_view, view_oid};
-use crate::error::{Error, OrRaise};
+use crate::error::{Error, Kind, OrRaise};
 use crate::filter::dispatch::Dispatch;
 use crate::filter::eval::{Evaluator, Prepared};
 use crate::filter::view::ViewRule;
@@ -165,32 +165,47 @@ unsafe extern "C-unwind" fn on_subxact_event(
 // ---------------------------------------------------------------------------------------------
 // The triggers
 
-#[pg_trigger]
-fn capture<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    let data = trigger.trigger_data();
-    // SAFETY: PostgreSQL passes a valid TriggerData to a trigger function; for an AFTER ROW
-    // trigger the slots hold the old/new row as the event requires.
-    unsafe { capture_row(data)? };
-    Ok(None)
+// The trigger functions take the call's fcinfo themselves (rather than `#[pg_trigger]`, which
+// fails with an internal error when called directly), so that a direct call gets 39P01.
+
+/// The TriggerData of a trigger call, or 39P01 when `function` was called some other way.
+fn trigger_data<'a>(
+    fcinfo: pg_sys::FunctionCallInfo,
+    function: &str,
+) -> crate::error::Result<&'a pg_sys::TriggerData> {
+    // SAFETY: PostgreSQL passes a valid fcinfo; its context is NULL or a node, and a
+    // TriggerData node lives for the whole trigger call.
+    unsafe {
+        let context = (*fcinfo).context;
+        if !context.is_null() && (*context).type_ == pg_sys::NodeTag::T_TriggerData {
+            return Ok(&*(context as *const pg_sys::TriggerData));
+        }
+    }
+    Err(Error::new(
+        Kind::TriggerProtocolViolated,
+        format!("{function}() can only be called as a trigger"),
+    )
+    .with_hint("pg_listsync installs it on bound tables itself (listsync.bind_filter_to_list)."))
 }
 
-#[pg_trigger]
-fn capture_flush<'a>(
-    _trigger: &'a PgTrigger<'a>,
-) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    flush_pending()?;
-    Ok(None)
+#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+fn capture(fcinfo: pg_sys::FunctionCallInfo) {
+    let data = trigger_data(fcinfo, "listsync.capture").or_raise();
+    // SAFETY: for an AFTER ROW trigger the slots hold the old/new row as the event requires.
+    unsafe { capture_row(data) }.or_raise();
 }
 
-#[pg_trigger]
-fn capture_truncate<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> std::result::Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    let relid = trigger
-        .relid()
-        .map_err(|e| Error::internal(e.to_string()))?;
+#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture_flush"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+fn capture_flush(fcinfo: pg_sys::FunctionCallInfo) {
+    trigger_data(fcinfo, "listsync.capture_flush").or_raise();
+    flush_pending().or_raise();
+}
+
+#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture_truncate"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+fn capture_truncate(fcinfo: pg_sys::FunctionCallInfo) {
+    let data = trigger_data(fcinfo, "listsync.capture_truncate").or_raise();
+    // SAFETY: tg_relation is the table the trigger fired on.
+    let relid = unsafe { (*data.tg_relation).rd_id };
     AsExtension::run(|| -> crate::error::Result<()> {
         Spi::run_with_args(
             &format!("INSERT INTO listsync.outbox AS o (binding_id, address)
@@ -203,9 +218,9 @@ fn capture_truncate<'a>(
             &[relid.into()],
         )?;
         Ok(())
-    })?;
+    })
+    .or_raise();
     crate::wake::request_wake();
-    Ok(None)
 }
 
 /// # Safety
@@ -425,10 +440,11 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                 evaluator,
             });
         };
-        let rows = Spi::connect(|c| -> crate::error::Result<Vec<(i64, i64, String, bool)>> {
+        type Row = (i64, i64, String, bool, pg_sys::Oid);
+        let rows = Spi::connect(|c| -> crate::error::Result<Vec<Row>> {
             let mut rows = Vec::new();
             for row in c.select(
-                "SELECT b.id, f.id, f.name, b.state = 'paused' FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
+                "SELECT b.id, f.id, f.name, b.state = 'paused', b.owner::oid FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
                   WHERE b.source = $1::oid::regclass AND b.state <> 'inactive' ORDER BY f.id, b.id",
                 None,
                 &[bound.into()],
@@ -438,6 +454,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                     row.get(2)?.unwrap_or_default(),
                     row.get(3)?.unwrap_or_default(),
                     row.get(4)?.unwrap_or_default(),
+                    row.get(5)?.unwrap_or(pg_sys::InvalidOid),
                 ));
             }
             Ok(rows)
@@ -448,7 +465,17 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         let mut filter_index: HashMap<i64, usize> = HashMap::new();
         let mut bindings = Vec::new();
         let mut read: Vec<i16> = Vec::new();
-        for (binding_id, filter_id, filter_name, paused) in rows {
+        for (binding_id, filter_id, filter_name, paused, owner) in rows {
+            let view = view_oid(&binding_view(binding_id))?.ok_or_else(|| {
+                Error::internal(format!("the view of binding {binding_id} is missing"))
+            })?;
+            let rule = ViewRule::load(view)?;
+            if let Err(refused) = rule.check_allowed(owner) {
+                // A binding made under older rules that breaks today's is never evaluated; the
+                // worker puts it in state error with this reason (`revalidate_bindings`).
+                warning!("pg_listsync: binding {binding_id} is not captured: {refused}");
+                continue;
+            }
             let index = match filter_index.get(&filter_id) {
                 Some(i) => *i,
                 None => {
@@ -469,10 +496,6 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
                     filters.len() - 1
                 }
             };
-            let view = view_oid(&binding_view(binding_id))?.ok_or_else(|| {
-                Error::internal(format!("the view of binding {binding_id} is missing"))
-            })?;
-            let rule = ViewRule::load(view)?;
             let mapped = rule.field_columns()?;
             let phone = if rule.has_column("phone") {
                 Some(rule.column_of("phone")?)
@@ -562,7 +585,7 @@ pub fn flush_pending() -> crate::error::Result<()> {
     let (bindings, addresses): (Vec<i64>, Vec<String>) = pairs.into_keys().unzip();
     // Only the user switches (the statement is schema-qualified and planned once): this runs
     // after every statement that dirtied something.
-    crate::privilege::as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), || {
+    crate::privilege::as_extension_keeping_search_path(|| {
         crate::outbox::mark(bindings, addresses)
     })?;
     if wakes_worker {

@@ -16,11 +16,17 @@ use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
 use crate::privilege::{self, AsExtension};
 use crate::providers;
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgRelation, pg_sys};
+use crate::sql_types::{Jsonb, Regclass, Regprocedure};
+use pgrx::{JsonB, pg_sys};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
 pub const MAX_FILTER_NAME_BYTES: usize = 56;
+
+/// A NULL jsonb argument stays `None`; a value too deeply nested is refused (22023).
+fn json_argument(argument: Option<Jsonb>, name: &str) -> Result<Option<Value>> {
+    argument.map(|json| json.parse(name)).transpose()
+}
 
 pub fn filter_view(name: &str) -> String {
     format!("listsync.{}", quote_identifier(&format!("filter:{name}")))
@@ -33,6 +39,10 @@ pub fn binding_view(id: i64) -> String {
 /// `schema.table`, always qualified and quoted as needed (our SQL runs with a fixed
 /// search_path).
 pub fn relation_name(relid: pg_sys::Oid) -> String {
+    privilege::with_fixed_search_path(|| relation_name_now(relid))
+}
+
+fn relation_name_now(relid: pg_sys::Oid) -> String {
     crate::query::optional::<String>(
         "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
@@ -60,8 +70,14 @@ pub struct Table {
 }
 
 impl Table {
+    /// Reads the table's shape from the catalogs (under the fixed search_path: it runs in the
+    /// caller's backend).
     pub fn load(relid: pg_sys::Oid) -> Result<Table> {
-        let name = relation_name(relid);
+        privilege::with_fixed_search_path(|| Table::load_now(relid))
+    }
+
+    fn load_now(relid: pg_sys::Oid) -> Result<Table> {
+        let name = relation_name_now(relid);
         let kind: Option<String> = crate::query::optional(
             "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1",
             &[relid.into()],
@@ -176,13 +192,19 @@ impl Table {
 fn create_connection(
     name: Option<&str>,
     provider: Option<&str>,
-    settings: default!(Option<JsonB>, "'{}'"),
-    secrets: default!(Option<JsonB>, "'{}'"),
+    settings: default!(Option<Jsonb>, "'{}'"),
+    secrets: default!(Option<Jsonb>, "'{}'"),
 ) -> i64 {
     let (name, provider) = (required(name, "name"), required(provider, "provider"));
-    let settings = settings.map_or(Value::Null, |j| j.0);
-    let secrets = secrets.map_or(Value::Null, |j| j.0);
-    create_connection_impl(name, provider, settings, secrets).or_raise()
+    let settings = json_argument(settings, "settings").or_raise();
+    let secrets = json_argument(secrets, "secrets").or_raise();
+    create_connection_impl(
+        name,
+        provider,
+        settings.unwrap_or(Value::Null),
+        secrets.unwrap_or(Value::Null),
+    )
+    .or_raise()
 }
 
 fn create_connection_impl(
@@ -227,11 +249,13 @@ fn create_connection_impl(
 #[pg_extern]
 fn alter_connection(
     name: Option<&str>,
-    settings: default!(Option<JsonB>, "NULL"),
-    secrets: default!(Option<JsonB>, "NULL"),
+    settings: default!(Option<Jsonb>, "NULL"),
+    secrets: default!(Option<Jsonb>, "NULL"),
 ) {
     let name = required(name, "name");
-    alter_connection_impl(name, settings.map(|j| j.0), secrets.map(|j| j.0)).or_raise()
+    let settings = json_argument(settings, "settings").or_raise();
+    let secrets = json_argument(secrets, "secrets").or_raise();
+    alter_connection_impl(name, settings, secrets).or_raise()
 }
 
 fn alter_connection_impl(
@@ -334,6 +358,192 @@ pub fn connection_id(name: &str) -> Result<Option<i64>> {
     )
 }
 
+/// Lets `role` (a role name, or `public`) bind filters to the connection, as USAGE on a
+/// foreign server lets a role create user mappings. The connection's owner and
+/// `listsync_admin` may grant it.
+#[pg_extern]
+fn grant_usage(connection: Option<&str>, role: Option<&str>) {
+    let (connection, role) = (required(connection, "connection"), required(role, "role"));
+    set_usage(connection, role, true).or_raise()
+}
+
+/// Takes USAGE back. Bindings made with it stay as they are (as user mappings outlive a revoked
+/// USAGE on their server); new ones are refused.
+#[pg_extern]
+fn revoke_usage(connection: Option<&str>, role: Option<&str>) {
+    let (connection, role) = (required(connection, "connection"), required(role, "role"));
+    set_usage(connection, role, false).or_raise()
+}
+
+fn set_usage(connection: &str, role: &str, grant: bool) -> Result<()> {
+    let grantee = grantee_oid(role)?;
+    let (id, owner) = AsExtension::run(|| connection_owner(connection))?;
+    require_owner(&format!("connection \"{connection}\""), owner)?;
+    AsExtension::run(|| {
+        if grant {
+            Spi::run_with_args(
+                "INSERT INTO listsync.connection_usage (connection_id, grantee, granted_by)
+                 VALUES ($1, $2::oid::regrole, $3::oid::regrole) ON CONFLICT DO NOTHING",
+                &[id.into(), grantee.into(), privilege::caller().into()],
+            )?;
+        } else {
+            Spi::run_with_args(
+                "DELETE FROM listsync.connection_usage WHERE connection_id = $1 AND grantee = $2::oid::regrole",
+                &[id.into(), grantee.into()],
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// `public` is every role (stored as the invalid role, shown as `-`), as in GRANT.
+fn grantee_oid(role: &str) -> Result<pg_sys::Oid> {
+    if role.eq_ignore_ascii_case("public") {
+        return Ok(pg_sys::InvalidOid);
+    }
+    let name = std::ffi::CString::new(role)
+        .map_err(|_| Error::invalid("a role name cannot contain NUL"))?;
+    // SAFETY: get_role_oid with missing_ok = true returns InvalidOid instead of raising.
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        return Err(Error::not_found("role", role));
+    }
+    Ok(oid)
+}
+
+fn connection_owner(name: &str) -> Result<(i64, pg_sys::Oid)> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT id, owner::oid FROM listsync.connections WHERE name = $1",
+            None,
+            &[name.into()],
+        )?;
+        if rows.is_empty() {
+            return Err(Error::not_found("connection", name));
+        }
+        let row = rows.first();
+        Ok((
+            row.get::<i64>(1)?.unwrap_or_default(),
+            row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+        ))
+    })
+}
+
+/// Binding to a connection needs USAGE on it: granted to the caller (or a role whose
+/// privileges it has, or PUBLIC), or being its owner or an admin.
+fn require_usage(connection: &str, id: i64, owner: pg_sys::Oid) -> Result<()> {
+    let caller = privilege::caller();
+    // SAFETY: role membership check by OIDs.
+    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok()
+    {
+        return Ok(());
+    }
+    let grantees: Vec<pg_sys::Oid> = AsExtension::run(|| {
+        Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
+            "SELECT coalesce(array_agg(grantee::oid), '{}') FROM listsync.connection_usage WHERE connection_id = $1",
+            &[id.into()],
+        )
+    })?
+    .unwrap_or_default();
+    // SAFETY: role membership checks by OIDs.
+    let granted = grantees
+        .iter()
+        .any(|g| *g == pg_sys::InvalidOid || unsafe { pg_sys::has_privs_of_role(caller, *g) });
+    if granted {
+        return Ok(());
+    }
+    Err(Error::new(
+        Kind::InsufficientPrivilege,
+        format!("permission denied for connection \"{connection}\""),
+    )
+    .with_detail(format!(
+        "Role \"{}\" has no USAGE on the connection.",
+        privilege::role_name(caller)
+    ))
+    .with_hint(format!(
+        "The connection's owner or listsync_admin can run SELECT listsync.grant_usage({}, {}).",
+        escape_literal(connection),
+        escape_literal(&privilege::role_name(caller))
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Functions allowed in filters
+
+/// Allows a function that is not built in to be used in filters and mapped fields. It then
+/// runs in every writer's transaction, as the writer, and in the worker as the binding's owner:
+/// allow only functions that read nothing but their arguments. Admin only.
+#[pg_extern]
+fn allow_function(function: Option<Regprocedure>) {
+    let function = required(function, "function");
+    set_function_allowed(function.0, true).or_raise()
+}
+
+/// Takes an allowance back. Bindings whose filters use the function go to state error at the
+/// worker's next look (`revalidate_bindings`); filters can no longer be created with it.
+#[pg_extern]
+fn disallow_function(function: Option<Regprocedure>) {
+    let function = required(function, "function");
+    set_function_allowed(function.0, false).or_raise()
+}
+
+fn set_function_allowed(function: pg_sys::Oid, allow: bool) -> Result<()> {
+    privilege::require_admin(if allow {
+        "allow a function in filters"
+    } else {
+        "disallow a function in filters"
+    })?;
+    AsExtension::run(|| {
+        if allow {
+            let volatile: Option<bool> = crate::query::optional(
+                "SELECT provolatile = 'v' FROM pg_catalog.pg_proc WHERE oid = $1",
+                &[function.into()],
+            )?;
+            match volatile {
+                None => {
+                    return Err(Error::new(
+                        Kind::UndefinedObject,
+                        format!("function with OID {} does not exist", function.to_u32()),
+                    ));
+                }
+                Some(true) => {
+                    return Err(Error::new(
+                        Kind::InvalidObjectDefinition,
+                        format!(
+                            "function {} is volatile and cannot be used in a filter",
+                            procedure_name(function)?
+                        ),
+                    )
+                    .with_hint("A filter must give the same answer for the same row: mark the function IMMUTABLE or STABLE if it is."));
+                }
+                Some(false) => {}
+            }
+            Spi::run_with_args(
+                "INSERT INTO listsync.allowed_functions (function, allowed_by)
+                 VALUES ($1::oid::regprocedure, $2::oid::regrole) ON CONFLICT DO NOTHING",
+                &[function.into(), privilege::caller().into()],
+            )?;
+        } else {
+            Spi::run_with_args(
+                "DELETE FROM listsync.allowed_functions WHERE function = $1::oid::regprocedure",
+                &[function.into()],
+            )?;
+            // Every backend rebuilds its capture state, checking the filters again.
+            invalidate_bound_tables()?;
+            crate::wake::request_wake();
+        }
+        Ok(())
+    })
+}
+
+fn procedure_name(function: pg_sys::Oid) -> Result<String> {
+    Ok(crate::query::optional::<String>(
+        "SELECT $1::oid::regprocedure::text",
+        &[function.into()],
+    )?
+    .unwrap_or_default())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Filters
 
@@ -417,7 +627,7 @@ impl Definition {
 #[pg_extern]
 fn create_filter(
     name: Option<&str>,
-    source: Option<PgRelation>,
+    source: Option<Regclass>,
     predicate: Option<&str>,
     email_column: default!(Option<&str>, "'email'"),
     phone_column: default!(Option<&str>, "NULL"),
@@ -427,7 +637,7 @@ fn create_filter(
     let predicate = required(predicate, "predicate");
     create_filter_impl(
         name,
-        source.oid(),
+        source.0,
         Definition::Sql(predicate.to_string()),
         &identity,
     )
@@ -437,18 +647,20 @@ fn create_filter(
 #[pg_extern(name = "create_filter")]
 fn create_filter_from_conditions(
     name: Option<&str>,
-    source: Option<PgRelation>,
-    conditions: Option<JsonB>,
+    source: Option<Regclass>,
+    conditions: Option<Jsonb>,
     email_column: default!(Option<&str>, "'email'"),
     phone_column: default!(Option<&str>, "NULL"),
 ) -> i64 {
     let (name, source) = (required(name, "name"), required(source, "source"));
     let identity = Identity::new(required(email_column, "email_column"), phone_column);
-    let conditions = required(conditions, "conditions");
+    let conditions = required(conditions, "conditions")
+        .parse("conditions")
+        .or_raise();
     create_filter_impl(
         name,
-        source.oid(),
-        Definition::Conditions(conditions.0),
+        source.0,
+        Definition::Conditions(conditions),
         &identity,
     )
     .or_raise()
@@ -477,9 +689,9 @@ fn create_filter_impl(
         table.require_text_column(name, "phone", phone)?;
     }
     let predicate = definition.to_sql(name, &table)?;
-    let compiled =
-        compile_predicate(name, source, &predicate).map_err(|e| json_hint(e, &predicate))?;
     let owner = privilege::caller();
+    let compiled = compile_predicate(name, source, &predicate, owner)
+        .map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         if crate::query::optional::<i64>(
             "SELECT id FROM listsync.filters WHERE name = $1",
@@ -573,9 +785,10 @@ fn alter_filter(name: Option<&str>, predicate: Option<&str>) {
 }
 
 #[pg_extern(name = "alter_filter")]
-fn alter_filter_from_conditions(name: Option<&str>, conditions: Option<JsonB>) {
+fn alter_filter_from_conditions(name: Option<&str>, conditions: Option<Jsonb>) {
     let (name, conditions) = (required(name, "name"), required(conditions, "conditions"));
-    alter_filter_impl(name, Definition::Conditions(conditions.0)).or_raise()
+    let conditions = conditions.parse("conditions").or_raise();
+    alter_filter_impl(name, Definition::Conditions(conditions)).or_raise()
 }
 
 fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
@@ -586,7 +799,8 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     filter.email_column = identity.email.clone();
     let predicate = definition.to_sql(name, &table)?;
     let compiled =
-        compile_predicate(name, filter.source, &predicate).map_err(|e| json_hint(e, &predicate))?;
+        compile_predicate(name, filter.source, &predicate, filter.owner)
+            .map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         Spi::run_with_args(
             "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, email_column = $5, updated_at = now()
@@ -611,8 +825,10 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
                 &fields,
                 true,
             )?;
+            let owner = load_binding(binding)?.owner;
+            check_binding_view(binding, owner)?;
             // Members recorded under the old predicate and rows matching the new one are all dirty.
-            mark_binding_dirty(binding)?;
+            mark_binding_dirty(binding, owner)?;
         }
         crate::capture::sync_triggers(filter.source)?;
         Ok(())
@@ -672,7 +888,7 @@ fn preview_filter_impl(name: &str, sample: i32) -> Result<Value> {
     let view = filter_view(name);
     let table_name = relation_name(filter.source);
     // Read as the filter's owner: what they may see is what would be synced.
-    privilege::as_role(filter.owner, || {
+    privilege::as_owner(filter.owner, || {
         let counts = Spi::connect(|c| -> Result<(i64, i64, i64)> {
             let row = c
                 .select(
@@ -736,6 +952,10 @@ fn bindings_of_filter(filter_id: i64) -> Result<Vec<i64>> {
 // ---------------------------------------------------------------------------------------------
 // Bindings
 
+/// Every member carries every tag of its binding, in every call: bounded, so that one binding
+/// cannot make requests of unbounded size.
+const MAX_TAGS: usize = 50;
+const MAX_TAG_CHARS: usize = 100;
 const ON_LEAVE: [&str; 5] = ["remove", "archive", "unsubscribe", "delete", "keep"];
 const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
 
@@ -745,7 +965,7 @@ fn bind_filter_to_list(
     filter: Option<&str>,
     connection: Option<&str>,
     list: default!(Option<&str>, "NULL"),
-    fields: default!(Option<JsonB>, "'{}'"),
+    fields: default!(Option<Jsonb>, "'{}'"),
     tags: default!(Option<Vec<Option<String>>>, "'{}'"),
     on_leave: default!(Option<&str>, "'remove'"),
     new_member_status: default!(Option<&str>, "'subscribed'"),
@@ -755,7 +975,7 @@ fn bind_filter_to_list(
         required(filter, "filter"),
         required(connection, "connection"),
     );
-    let fields = required(fields, "fields");
+    let fields = required(fields, "fields").parse("fields").or_raise();
     let tags: Vec<String> = required(tags, "tags")
         .into_iter()
         .map(|t| required(t, "a tag"))
@@ -767,7 +987,7 @@ fn bind_filter_to_list(
         filter,
         connection,
         list,
-        fields: fields.0,
+        fields,
         tags,
         on_leave,
         new_member_status,
@@ -790,10 +1010,10 @@ struct BindRequest<'a> {
 fn bind_impl(r: BindRequest) -> Result<i64> {
     let name = r.filter;
     let filter = AsExtension::run(|| load_filter(name))?;
-    let (connection_id, provider) = AsExtension::run(|| {
-        Spi::connect(|c| -> Result<(i64, String)> {
+    let (connection_id, provider, connection_owner) = AsExtension::run(|| {
+        Spi::connect(|c| -> Result<(i64, String, pg_sys::Oid)> {
             let rows = c.select(
-                "SELECT id, provider FROM listsync.connections WHERE name = $1",
+                "SELECT id, provider, owner::oid FROM listsync.connections WHERE name = $1",
                 None,
                 &[r.connection.into()],
             )?;
@@ -804,9 +1024,11 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             Ok((
                 row.get::<i64>(1)?.unwrap_or_default(),
                 row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
             ))
         })
     })?;
+    require_usage(r.connection, connection_id, connection_owner)?;
     let table = Table::load(filter.source)?;
     for (privilege, word) in [
         (pg_sys::ACL_TRIGGER, "TRIGGER"),
@@ -858,16 +1080,27 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         )
         .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
     }
-    if let Some(tag) = r.tags.iter().find(|t| t.trim().is_empty() || t.len() > 100) {
+    if r.tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!(
+            "a binding has at most {MAX_TAGS} tags, not {}",
+            r.tags.len()
+        ))
+        .with_hint("Every member delivered carries every tag of its binding; group with the list instead."));
+    }
+    if let Some(tag) = r
+        .tags
+        .iter()
+        .find(|t| t.trim().is_empty() || t.chars().count() > MAX_TAG_CHARS)
+    {
         return Err(Error::invalid(format!("invalid tag \"{tag}\""))
-            .with_hint("Tags are 1 to 100 characters."));
+            .with_hint(format!("Tags are 1 to {MAX_TAG_CHARS} characters.")));
     }
     if r.list.is_some_and(|l| l.trim().is_empty()) {
         return Err(Error::invalid(
             "list must be a provider's list id, or NULL to create one",
         ));
     }
-    let fields = compile_fields(name, &table, &provider, &r.fields)?;
+    let fields = compile_fields(name, &table, &provider, &r.fields, privilege::caller())?;
     let predicate = filter_predicate(name)?;
     let identity =
         AsExtension::run(|| current_identity(name))?.for_binding(capabilities.phone_identity);
@@ -897,10 +1130,11 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
         create_binding_view(id, &table, &identity, &predicate, &fields, false)?;
+        check_binding_view(id, owner)?;
         grant_view_to(&binding_view(id), owner)?;
         crate::capture::sync_triggers(filter.source)?;
         if r.backfill {
-            mark_binding_dirty(id)?;
+            mark_binding_dirty(id, owner)?;
         } else {
             mark_skipped_recount(id)?;
         }
@@ -976,6 +1210,7 @@ fn compile_fields(
     table: &Table,
     provider: &str,
     fields: &Value,
+    owner: pg_sys::Oid,
 ) -> Result<BTreeMap<String, String>> {
     let Some(object) = fields.as_object() else {
         return Err(Error::invalid(
@@ -994,7 +1229,7 @@ fn compile_fields(
         let sql = if table.column(source).is_some() {
             quote_identifier(source)
         } else {
-            crate::filter::compile::compile_expression(filter, table.relid, source).map_err(
+            crate::filter::compile::compile_expression(filter, table.relid, source, owner).map_err(
                 |mut e| {
                     e.message = format!("field \"{field}\": {}", e.message);
                     e
@@ -1072,28 +1307,138 @@ fn create_binding_view(
     Ok(())
 }
 
+/// The binding's view as stored follows the rules for `owner`, who it is evaluated as (the
+/// filter's predicate was checked for the filter's owner, who may be someone else).
+fn check_binding_view(binding: i64, owner: pg_sys::Oid) -> Result<()> {
+    let view = view_oid(&binding_view(binding))?
+        .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
+    crate::filter::view::ViewRule::load(view)?
+        .check_allowed(owner)
+        .map_err(|e| e.in_object(&format!("binding {binding}")))
+}
+
+/// Bindings whose predicate or mapped fields break today's rules for what a filter may contain
+/// (made by an older version, or a privilege since revoked from the owner) go to state error
+/// with the reason: capture skips them and the worker does not serve them. Returns how many.
+pub fn revalidate_bindings() -> Result<usize> {
+    let bindings: Vec<(i64, pg_sys::Oid)> = Spi::connect(|c| -> Result<Vec<(i64, pg_sys::Oid)>> {
+        let mut bindings = Vec::new();
+        for row in c.select(
+            "SELECT id, owner::oid FROM listsync.bindings WHERE state IN ('active', 'paused') ORDER BY id",
+            None,
+            &[],
+        )? {
+            bindings.push((
+                row.get(1)?.unwrap_or_default(),
+                row.get(2)?.unwrap_or(pg_sys::InvalidOid),
+            ));
+        }
+        Ok(bindings)
+    })?;
+    let mut refused = 0;
+    for (binding, owner) in bindings {
+        if let Err(reason) = check_binding_view(binding, owner) {
+            refused += 1;
+            Spi::run_with_args(
+                "UPDATE listsync.bindings SET state = 'error', state_reason = $2, last_error = $2, last_error_at = now()
+                  WHERE id = $1",
+                &[binding.into(), reason.message.into()],
+            )?;
+        }
+    }
+    if refused > 0 {
+        invalidate_bound_tables()?;
+    }
+    Ok(refused)
+}
+
+/// Makes every backend rebuild the capture state of every bound table at its next write.
+fn invalidate_bound_tables() -> Result<()> {
+    let tables: Vec<pg_sys::Oid> = Spi::get_one::<Vec<pg_sys::Oid>>(
+        "SELECT coalesce(array_agg(DISTINCT c.oid), '{}') FROM listsync.bindings b
+           JOIN pg_catalog.pg_class c ON c.oid = b.source::oid",
+    )?
+    .unwrap_or_default();
+    for table in tables {
+        // SAFETY: queues a relcache invalidation of the table, delivered at commit.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
+    }
+    Ok(())
+}
+
 /// Marks every address of the binding dirty: the ones its filter matches now and the ones the
 /// worker recorded at the provider. Backfill, resync and alter_filter all come down to this.
-pub fn mark_binding_dirty(binding: i64) -> Result<i64> {
-    let view = binding_view(binding);
-    let marked = Spi::get_one_with_args::<i64>(
-        &format!(
-            "WITH dirty AS (
-                 INSERT INTO listsync.outbox AS o (binding_id, address, not_before)
-                 SELECT $1, address, {BULK_PRIORITY} FROM (
-                     SELECT address FROM {view} WHERE address IS NOT NULL
-                     UNION
-                     SELECT address FROM listsync.members WHERE binding_id = $1
-                     UNION
-                     SELECT '') a
-                 {ON_CONFLICT_DIRTY}
-                 RETURNING 1)
-             SELECT count(*) - 1 FROM dirty"
-        ),
-        &[binding.into()],
-    )?
+/// Returns how many distinct addresses were marked.
+///
+/// The filter is evaluated as the binding's owner (`privilege::as_owner`), never with the
+/// extension's rights: a cursor over the binding's view is opened and read as the owner, and
+/// each chunk it yields is written to the outbox as the extension.
+pub fn mark_binding_dirty(binding: i64, owner: pg_sys::Oid) -> Result<i64> {
+    const CHUNK: i64 = 10_000;
+    let recorded = AsExtension::run(|| {
+        Spi::get_one_with_args::<i64>(
+            &format!(
+                "WITH dirty AS (
+                     INSERT INTO listsync.outbox AS o (binding_id, address, not_before)
+                     SELECT $1, address, {BULK_PRIORITY} FROM (
+                         SELECT address FROM listsync.members WHERE binding_id = $1
+                         UNION ALL
+                         SELECT '') a
+                     {ON_CONFLICT_DIRTY}
+                     RETURNING 1)
+                 SELECT count(*) - 1 FROM dirty"
+            ),
+            &[binding.into()],
+        )
+    })?
     .unwrap_or(0);
-    Ok(marked)
+    let view = binding_view(binding);
+    let cursor = privilege::as_owner(owner, || {
+        Spi::connect(|c| -> Result<String> {
+            let query = format!("SELECT DISTINCT address FROM {view} WHERE address IS NOT NULL");
+            Ok(c.try_open_cursor(query.as_str(), &[])?.detach_into_name())
+        })
+    })?;
+    let mut matching = 0;
+    loop {
+        // Each chunk in its own SPI session, so that fetched rows are freed as we go.
+        let chunk: Vec<String> = privilege::as_owner(owner, || {
+            Spi::connect(|c| -> Result<Vec<String>> {
+                let mut cursor = c.find_cursor(&cursor)?;
+                let mut addresses = Vec::new();
+                for row in cursor.fetch(CHUNK)? {
+                    addresses.extend(row.get::<String>(1)?);
+                }
+                cursor.detach_into_name();
+                Ok(addresses)
+            })
+        })?;
+        if chunk.is_empty() {
+            break;
+        }
+        // Addresses also recorded as members were counted above.
+        matching += AsExtension::run(|| {
+            Spi::get_one_with_args::<i64>(
+                &format!(
+                    "WITH dirty AS (
+                         INSERT INTO listsync.outbox AS o (binding_id, address, not_before)
+                         SELECT $1, a, {BULK_PRIORITY} FROM pg_catalog.unnest($2::text[]) AS a
+                         {ON_CONFLICT_DIRTY}
+                         RETURNING o.address)
+                     SELECT count(*) FROM dirty d
+                      WHERE NOT EXISTS (SELECT FROM listsync.members m
+                                         WHERE m.binding_id = $1 AND m.address = d.address)"
+                ),
+                &[binding.into(), chunk.into()],
+            )
+        })?
+        .unwrap_or(0);
+    }
+    Spi::connect(|c| -> Result<()> {
+        drop(c.find_cursor(&cursor)?);
+        Ok(())
+    })?;
+    Ok(recorded + matching)
 }
 
 /// The empty address is the outbox's way of saying "recount this binding's skipped rows".
@@ -1160,6 +1505,11 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
         .with_hint("Its filter or table is gone; unbind it and bind a new filter."));
     }
     AsExtension::run(|| {
+        if state == "active" {
+            check_binding_view(id, binding.owner).map_err(|e| {
+                e.with_hint("Change the filter (listsync.alter_filter) or ask an administrator to allow the function (listsync.allow_function).")
+            })?;
+        }
         Spi::run_with_args(
             "UPDATE listsync.bindings SET state = $2, state_reason = NULL WHERE id = $1",
             &[id.into(), state.into()],
@@ -1238,7 +1588,7 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
                 &[id.into()],
             )?;
         }
-        let marked = mark_binding_dirty(id)?;
+        let marked = mark_binding_dirty(id, binding.owner)?;
         crate::wake::request_wake();
         Ok(marked)
     })
@@ -1398,7 +1748,7 @@ fn skipped_rows(
     let binding = required(binding, "binding");
     let row = owned_binding(binding).or_raise();
     let view = binding_view(binding);
-    let rows = privilege::as_role(row.owner, || {
+    let rows = privilege::as_owner(row.owner, || {
         Spi::connect(|c| -> Result<Vec<(JsonB, Option<String>)>> {
             let key_count: i64 = c
                 .select(

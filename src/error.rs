@@ -28,6 +28,7 @@ pub enum Kind {
     ProviderRejected,
     Internal,
     NullValueNotAllowed,
+    TriggerProtocolViolated,
     /// PostgreSQL's own error, re-raised with our context: its SQLSTATE is kept.
     Postgres(PgSqlErrorCode),
 }
@@ -53,6 +54,7 @@ impl Kind {
             Kind::ProviderRejected => ERRCODE_FDW_ERROR,
             Kind::Internal => ERRCODE_INTERNAL_ERROR,
             Kind::NullValueNotAllowed => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            Kind::TriggerProtocolViolated => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             Kind::Postgres(code) => code,
         }
     }
@@ -104,8 +106,13 @@ impl Error {
     }
 
     /// Puts the filter's name in front of the message: `filter "vip": ...`.
-    pub fn in_filter(mut self, filter: &str) -> Self {
-        self.message = format!("filter \"{filter}\": {}", self.message);
+    pub fn in_filter(self, filter: &str) -> Self {
+        self.in_object(&format!("filter \"{filter}\""))
+    }
+
+    /// Puts the object in front of the message: `field "FNAME" of filter "vip": ...`.
+    pub fn in_object(mut self, what: &str) -> Self {
+        self.message = format!("{what}: {}", self.message);
         self
     }
 

@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod privilege;
 pub mod providers;
 pub mod query;
+pub mod sql_types;
 pub mod wake;
 pub mod worker;
 

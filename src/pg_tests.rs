@@ -13,21 +13,21 @@ mod tests {
     // -----------------------------------------------------------------------------------------
     // Helpers
 
-    fn run(sql: &str) {
+    pub(crate) fn run(sql: &str) {
         Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
-    fn value<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
+    pub(crate) fn value<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
         crate::query::optional::<T>(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    fn count(sql: &str) -> i64 {
+    pub(crate) fn count(sql: &str) -> i64 {
         value::<i64>(sql).unwrap_or(0)
     }
 
     /// Runs `sql` in a subtransaction (as PL/pgSQL's EXCEPTION blocks do) and returns the
     /// SQLSTATE and message of the error it raised, or None.
-    fn error_of(sql: &str) -> Option<(PgSqlErrorCode, String, Option<String>)> {
+    pub(crate) fn error_of(sql: &str) -> Option<(PgSqlErrorCode, String, Option<String>)> {
         // SAFETY: the PL/pgSQL exception-block pattern: the subtransaction is released or rolled
         // back before returning, and the memory context and resource owner restored.
         unsafe {
@@ -61,7 +61,7 @@ mod tests {
         }
     }
 
-    fn expect_error(sql: &str, code: PgSqlErrorCode, message_part: &str) -> String {
+    pub(crate) fn expect_error(sql: &str, code: PgSqlErrorCode, message_part: &str) -> String {
         match error_of(sql) {
             Some((got, message, _)) => {
                 assert_eq!(got, code, "{sql}: {message}");
@@ -75,7 +75,7 @@ mod tests {
         }
     }
 
-    fn contacts() {
+    pub(crate) fn contacts() {
         run("CREATE TABLE contacts (id serial PRIMARY KEY, email text, first_name text, last_name text,
                                     city text, ltv numeric DEFAULT 0, last_seen_at timestamptz,
                                     is_deleted boolean NOT NULL DEFAULT false, birthday date, tags text[])");
@@ -96,14 +96,14 @@ mod tests {
         id
     }
 
-    fn dirty(binding: i64) -> Vec<String> {
+    pub(crate) fn dirty(binding: i64) -> Vec<String> {
         value::<Vec<String>>(&format!(
             "SELECT coalesce(array_agg(address ORDER BY address), '{{}}') FROM listsync.outbox WHERE binding_id = {binding}"
         ))
         .unwrap_or_default()
     }
 
-    fn clear_outbox() {
+    pub(crate) fn clear_outbox() {
         run("DELETE FROM listsync.outbox");
     }
 
@@ -270,7 +270,7 @@ mod tests {
         expect_error(
             "SELECT listsync.create_filter('f', 'contacts', 'evil(city)')",
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "function evil(text) is not owned by a superuser",
+            "function public.evil(text) is not built in",
         );
     }
 
@@ -465,6 +465,7 @@ mod tests {
         run("CREATE ROLE listsync_test_crm NOLOGIN");
         run("GRANT SELECT ON contacts TO listsync_test_crm");
         run("GRANT listsync_test_crm TO current_user");
+        run("SELECT listsync.grant_usage('hook', 'listsync_test_crm')");
         run("SET LOCAL ROLE listsync_test_crm");
         let message = expect_error(
             "SELECT listsync.bind_filter_to_list('vip', 'hook')",
@@ -1209,3 +1210,6 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM listsync.connection_secrets"), 0);
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+mod security;

@@ -65,16 +65,16 @@ pub fn caller_has_table_privilege(relid: pg_sys::Oid, privilege: pg_sys::AclMode
     }
 }
 
-/// While alive, the backend acts as the bootstrap superuser with `search_path` set to
-/// `pg_catalog, pg_temp`; dropping it restores both.
-pub struct AsExtension {
+/// A switch of the current user (and optionally of `search_path`) that restores both when
+/// dropped, as fmgr does around a SECURITY DEFINER call.
+struct Switched {
     user: pg_sys::Oid,
     security_context: i32,
-    guc_level: i32,
+    guc_level: Option<i32>,
 }
 
-impl AsExtension {
-    pub fn enter() -> Self {
+impl Switched {
+    fn to(role: pg_sys::Oid, extra_context: u32, fixed_search_path: bool) -> Switched {
         let mut user = pg_sys::InvalidOid;
         let mut security_context = 0;
         // SAFETY: these functions save and set backend globals, exactly as fmgr does around a
@@ -82,69 +82,102 @@ impl AsExtension {
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut security_context);
             pg_sys::SetUserIdAndSecContext(
-                pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-                security_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+                role,
+                security_context
+                    | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | extra_context) as i32,
             );
-            let guc_level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                c"pg_catalog, pg_temp".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-            AsExtension {
-                user,
-                security_context,
-                guc_level,
-            }
         }
-    }
-
-    /// Runs `body` with the extension's rights.
-    pub fn run<T>(body: impl FnOnce() -> T) -> T {
-        let _guard = AsExtension::enter();
-        body()
+        let guc_level = fixed_search_path.then(push_fixed_search_path);
+        Switched {
+            user,
+            security_context,
+            guc_level,
+        }
     }
 }
 
-impl Drop for AsExtension {
+impl Drop for Switched {
     fn drop(&mut self) {
         // While an ERROR unwinds, transaction (or subtransaction) abort restores the user and
         // pops the GUC level itself; calling into PostgreSQL then could raise again.
         if std::thread::panicking() {
             return;
         }
-        // SAFETY: restores exactly what `enter` saved, in the same transaction.
+        // SAFETY: restores exactly what `to` saved, in the same transaction.
         unsafe {
-            pg_sys::AtEOXact_GUC(true, self.guc_level);
+            if let Some(level) = self.guc_level {
+                pg_sys::AtEOXact_GUC(true, level);
+            }
             pg_sys::SetUserIdAndSecContext(self.user, self.security_context);
         }
     }
 }
 
-/// Runs `body` as `role` (row-level security and privileges apply to it), used to read a
-/// binding's rows as the binding's owner (semantics 3).
-pub fn as_role<T>(role: pg_sys::Oid, body: impl FnOnce() -> T) -> T {
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
+/// The only search_path our SQL and the SQL we evaluate for others run under: nothing a role
+/// can create (a schema named like a user, an operator in `public`) is found before
+/// `pg_catalog`, and temporary objects come last.
+pub const FIXED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
+fn push_fixed_search_path() -> i32 {
+    // SAFETY: a new GUC nest level, popped by whoever called us (AtEOXact_GUC) or by abort.
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            FIXED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        level
+    }
+}
+
+/// Runs `body` under the fixed search_path, as the same user: used to deparse an expression
+/// so that every name that is not in `pg_catalog` comes out schema-qualified.
+pub fn with_fixed_search_path<T>(body: impl FnOnce() -> T) -> T {
+    struct Pop(i32);
+    impl Drop for Pop {
         fn drop(&mut self) {
             if !std::thread::panicking() {
-                // SAFETY: restores the saved user and context in the same transaction.
-                unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+                // SAFETY: pops the level pushed below, in the same transaction.
+                unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
             }
         }
     }
-    let mut user = pg_sys::InvalidOid;
-    let mut context = 0;
-    // SAFETY: as in AsExtension::enter.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    let _pop = Pop(push_fixed_search_path());
+    body()
+}
+
+/// The extension's own rights: the bootstrap superuser under the fixed search_path. Only for
+/// catalog work; SQL run with them never evaluates anything a user wrote.
+pub struct AsExtension;
+
+impl AsExtension {
+    /// Runs `body` with the extension's rights.
+    pub fn run<T>(body: impl FnOnce() -> T) -> T {
+        let _switched = Switched::to(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), 0, true);
+        body()
     }
-    let _restore = Restore(user, context);
+}
+
+/// Runs `body` as the bootstrap superuser without touching `search_path`: only for the
+/// capture's marking statement, which is schema-qualified throughout (operators included) and
+/// runs after every writing statement, where a GUC nest level would cost.
+pub fn as_extension_keeping_search_path<T>(body: impl FnOnce() -> T) -> T {
+    let _switched = Switched::to(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), 0, false);
+    body()
+}
+
+/// Runs `body` as `owner` in a security-restricted operation with the fixed search_path, the
+/// way PostgreSQL runs REFRESH MATERIALIZED VIEW and index expressions as the table's owner:
+/// privileges and row-level security are the owner's, and nothing evaluated may change the
+/// session (SET ROLE, temporary objects, ...). Every evaluation of a filter or binding view
+/// outside the writer's own trigger goes through here.
+pub fn as_owner<T>(owner: pg_sys::Oid, body: impl FnOnce() -> T) -> T {
+    let _switched = Switched::to(owner, pg_sys::SECURITY_RESTRICTED_OPERATION, true);
     body()
 }

@@ -174,7 +174,7 @@ fn desired(
     )?
     .unwrap_or(0);
     let order: String = (1..=keys).map(|i| format!(", key_{i} DESC")).collect();
-    privilege::as_role(owner, || {
+    privilege::as_owner(owner, || {
         Spi::connect(|c| {
             let mut found = HashMap::with_capacity(addresses.len());
             for row in c.select(
@@ -303,7 +303,7 @@ fn plan_binding(
 /// Recounts the rows the binding's filter matches whose email is not an address.
 fn recount_skipped(binding: i64, owner: pg_sys::Oid) -> Result<()> {
     let view = binding_view(binding);
-    let count: i64 = privilege::as_role(owner, || {
+    let count: i64 = privilege::as_owner(owner, || {
         Spi::get_one::<i64>(&format!(
             "SELECT count(*) FROM {view} WHERE address IS NULL"
         ))
@@ -334,17 +334,21 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
             .get(&binding)
             .ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
         let view = binding_view(binding);
-        let addresses: Vec<String> = privilege::as_role(target.owner, || {
-            Spi::get_one_with_args::<Vec<String>>(
-                &format!(
-                    "SELECT coalesce(array_agg(address ORDER BY address), '{{}}') FROM (
-                         SELECT address FROM {view} WHERE address IS NOT NULL
-                         UNION SELECT address FROM listsync.members WHERE binding_id = $1) a"
-                ),
-                &[binding.into()],
-            )
+        let mut addresses: Vec<String> = privilege::as_owner(target.owner, || {
+            Spi::get_one::<Vec<String>>(&format!(
+                "SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"
+            ))
         })?
         .unwrap_or_default();
+        addresses.extend(
+            Spi::get_one_with_args::<Vec<String>>(
+                "SELECT coalesce(array_agg(address), '{}') FROM listsync.members WHERE binding_id = $1",
+                &[binding.into()],
+            )?
+            .unwrap_or_default(),
+        );
+        addresses.sort_unstable();
+        addresses.dedup();
         let on_leave = target.binding.on_leave;
         let mut steps = Vec::new();
         for chunk in addresses.chunks(5_000) {
@@ -748,8 +752,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Periodic work: reconcile time-dependent bindings that are due, trim the call log.
+    /// Periodic work: stop bindings that break the rules for filters, reconcile time-dependent
+    /// bindings that are due, trim the call log.
     pub fn housekeeping(&mut self) -> Result<()> {
+        crate::catalog::revalidate_bindings()?;
         let due: Vec<i64> = Spi::get_one_with_args::<Vec<i64>>(
             "SELECT coalesce(array_agg(b.id), '{}') FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
               WHERE f.time_dependent AND b.state IN ('active', 'paused')
@@ -857,7 +863,7 @@ pub fn mark_membership_drift(binding: i64) -> Result<i64> {
     )?
     .unwrap_or(pg_sys::InvalidOid);
     let view = binding_view(binding);
-    let wanted: Vec<String> = privilege::as_role(owner, || {
+    let wanted: Vec<String> = privilege::as_owner(owner, || {
         Spi::get_one::<Vec<String>>(&format!("SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"))
     })?
     .unwrap_or_default();

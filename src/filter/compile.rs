@@ -1,7 +1,7 @@
 //! Compiling a predicate the way PostgreSQL cooks a CHECK constraint (`heap.c:cookConstraint`):
 //! parse it alone, analyze it against the one table, coerce to boolean, assign collations; then
-//! apply the rules of a publication row filter (no volatile functions, no code an ordinary role
-//! could have written, no system columns) and deparse it back to canonical SQL.
+//! apply the rules of a publication row filter (no volatile functions, no system columns, and
+//! what `allowed` says) and deparse it back to canonical, schema-qualified SQL.
 //!
 //! The canonical text is what the filter's view is created from; from then on the view's stored
 //! rule is the predicate's truth (see `catalog`).
@@ -11,7 +11,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::{PgList, is_a};
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, CString};
 
 pub struct CompiledPredicate {
     /// The predicate deparsed by PostgreSQL: no comments, every name resolved.
@@ -27,6 +27,7 @@ pub fn compile_predicate(
     filter: &str,
     relid: pg_sys::Oid,
     predicate: &str,
+    owner: pg_sys::Oid,
 ) -> Result<CompiledPredicate> {
     if predicate.contains('\0') {
         return Err(
@@ -35,7 +36,7 @@ pub fn compile_predicate(
         );
     }
     let source = CString::new(format!("SELECT WHERE {predicate}")).expect("NUL checked above");
-    let analyzed = analyze_guarded(relid, &source, true).map_err(|e| e.in_filter(filter))?;
+    let analyzed = analyze_guarded(relid, &source, true, owner).map_err(|e| e.in_filter(filter))?;
     Ok(CompiledPredicate {
         sql: analyzed.sql,
         time_dependent: analyzed.mutable,
@@ -44,7 +45,12 @@ pub fn compile_predicate(
 
 /// Compiles a mapped field's SQL expression over table `relid`, under the same rules as a
 /// predicate (it runs in the worker as the binding's owner). Returns the deparsed SQL.
-pub fn compile_expression(filter: &str, relid: pg_sys::Oid, expression: &str) -> Result<String> {
+pub fn compile_expression(
+    filter: &str,
+    relid: pg_sys::Oid,
+    expression: &str,
+    owner: pg_sys::Oid,
+) -> Result<String> {
     if expression.contains('\0') {
         return Err(
             Error::new(Kind::SyntaxError, "the expression contains a NUL character")
@@ -52,27 +58,29 @@ pub fn compile_expression(filter: &str, relid: pg_sys::Oid, expression: &str) ->
         );
     }
     let source = CString::new(format!("SELECT WHERE {expression}")).expect("NUL checked above");
-    Ok(analyze_guarded(relid, &source, false)
+    Ok(analyze_guarded(relid, &source, false, owner)
         .map_err(|e| e.in_filter(filter))?
         .sql)
 }
 
-fn analyze_guarded(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<Analyzed> {
-    let analyzed = PgTryBuilder::new(|| {
+fn analyze_guarded(
+    relid: pg_sys::Oid,
+    source: &CStr,
+    boolean: bool,
+    owner: pg_sys::Oid,
+) -> Result<Analyzed> {
+    PgTryBuilder::new(|| {
         // SAFETY: `source` outlives the call; everything analyze allocates lives in the current
         // memory context, and a PostgreSQL ERROR inside unwinds into the catch below.
-        unsafe { analyze(relid, source, boolean) }
+        unsafe { analyze(relid, source, boolean, owner) }
     })
     .catch_others(|caught| Err(from_postgres(caught)))
-    .execute()?;
-    check_functions(&analyzed.functions)?;
-    Ok(analyzed)
+    .execute()
 }
 
 struct Analyzed {
     sql: String,
     mutable: bool,
-    functions: Vec<pg_sys::Oid>,
 }
 
 fn from_postgres(caught: CaughtError) -> Error {
@@ -95,7 +103,12 @@ fn from_postgres(caught: CaughtError) -> Error {
 
 /// # Safety
 /// Must run inside a transaction; PostgreSQL ERRORs unwind out of it.
-unsafe fn analyze(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<Analyzed> {
+unsafe fn analyze(
+    relid: pg_sys::Oid,
+    source: &CStr,
+    boolean: bool,
+    owner: pg_sys::Oid,
+) -> Result<Analyzed> {
     // SAFETY (whole function): raw_parser and the analyzer take and return palloc'd node trees
     // valid for the current memory context; every pointer dereferenced was just returned non-NULL
     // by PostgreSQL or checked for NULL.
@@ -156,21 +169,21 @@ unsafe fn analyze(relid: pg_sys::Oid, source: &CStr, boolean: bool) -> Result<An
             .with_hint("Stable functions such as now() and current_date are allowed and make the filter time-dependent."));
         }
         let mutable = pg_sys::contain_mutable_functions(expr);
-        let functions = functions_in(expr);
+        crate::filter::allowed::check(expr, owner)?;
 
         let relname =
             CString::new(crate::catalog::relation_name(relid)).expect("relation names have no NUL");
-        let context = pg_sys::deparse_context_for(relname.as_ptr(), relid);
-        let deparsed = pg_sys::deparse_expression(expr, context, false, false);
-        let sql = CStr::from_ptr(deparsed).to_string_lossy().into_owned();
+        // Names were resolved by the caller's search_path; they are printed for ours, so that
+        // whatever is not in pg_catalog comes out schema-qualified.
+        let sql = crate::privilege::with_fixed_search_path(|| {
+            let context = pg_sys::deparse_context_for(relname.as_ptr(), relid);
+            let deparsed = pg_sys::deparse_expression(expr, context, false, false);
+            CStr::from_ptr(deparsed).to_string_lossy().into_owned()
+        });
 
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Ok(Analyzed {
-            sql,
-            mutable,
-            functions,
-        })
+        Ok(Analyzed { sql, mutable })
     }
 }
 
@@ -220,55 +233,5 @@ unsafe fn single_where_clause(source: &CStr) -> Result<*mut pg_sys::Node> {
         } else {
             Err(not_single())
         }
-    }
-}
-
-/// The functions (and operators' functions) an analyzed expression calls.
-unsafe fn functions_in(expr: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
-    #[pg_guard]
-    unsafe extern "C-unwind" fn record(func: pg_sys::Oid, context: *mut c_void) -> bool {
-        // SAFETY: `context` is the `Vec` passed by `walk` below, alive for the whole walk.
-        unsafe { (*(context as *mut Vec<pg_sys::Oid>)).push(func) };
-        false
-    }
-    #[pg_guard]
-    unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut c_void) -> bool {
-        if node.is_null() {
-            return false;
-        }
-        // SAFETY: `node` is a node of the analyzed tree; both functions only read it.
-        unsafe {
-            pg_sys::check_functions_in_node(node, Some(record), context);
-            pg_sys::expression_tree_walker(node, Some(walk), context)
-        }
-    }
-    let mut functions: Vec<pg_sys::Oid> = Vec::new();
-    // SAFETY: the walker only reads the tree and pushes into `functions`, which outlives it.
-    unsafe { walk(expr, &mut functions as *mut Vec<pg_sys::Oid> as *mut c_void) };
-    functions.sort_unstable_by_key(|f| f.to_u32());
-    functions.dedup();
-    functions
-}
-
-/// A filter runs inside every writer's transaction and in the worker, so it may only call code
-/// no ordinary role could have written: built-in functions, or functions a superuser owns
-/// (an extension's). This is what makes a binding unable to run code as someone else.
-fn check_functions(functions: &[pg_sys::Oid]) -> Result<()> {
-    if functions.is_empty() {
-        return Ok(());
-    }
-    let untrusted: Option<String> = Spi::get_one_with_args(
-        "SELECT string_agg(p.oid::regprocedure::text, ', ')
-           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
-          WHERE p.oid = ANY($1) AND p.oid >= 16384 AND NOT r.rolsuper",
-        &[functions.to_vec().into()],
-    )?;
-    match untrusted {
-        None => Ok(()),
-        Some(names) => Err(Error::new(
-            Kind::InsufficientPrivilege,
-            format!("function {names} is not owned by a superuser and cannot be used in a filter"),
-        )
-        .with_hint("Filters run in every writer's transaction; only built-in functions and functions owned by a superuser are allowed.")),
     }
 }

@@ -5,6 +5,7 @@
 //! The views are always `SELECT <target list> FROM <one table> WHERE (<predicate>)`.
 
 use crate::error::{Error, Result};
+use crate::filter::allowed;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{PgList, is_a};
@@ -132,20 +133,21 @@ impl ViewRule {
     fn deparse(&self, node: *mut pg_sys::Node) -> String {
         let relname = CString::new(crate::catalog::relation_name(self.table)).unwrap_or_default();
         // SAFETY: the copy is renumbered to the single-table numbering deparse_context_for
-        // builds; deparse_expression returns a palloc'd C string.
-        unsafe {
+        // builds; deparse_expression returns a palloc'd C string. Printed under the fixed
+        // search_path, every name outside pg_catalog comes out schema-qualified.
+        crate::privilege::with_fixed_search_path(|| unsafe {
             let copy = pg_sys::copyObjectImpl(node as *const std::ffi::c_void) as *mut pg_sys::Node;
             pg_sys::ChangeVarNodes(copy, self.table_index, 1, 0);
             let context = pg_sys::deparse_context_for(relname.as_ptr(), self.table);
             let text = pg_sys::deparse_expression(copy, context, false, false);
             CStr::from_ptr(text).to_string_lossy().into_owned()
-        }
+        })
     }
 
-    /// The mapped fields: provider field name → SQL, as the view computes them now.
-    pub fn fields(&self) -> Result<BTreeMap<String, String>> {
+    /// The mapped fields: provider field name → its expression, as the view computes them.
+    fn field_expressions(&self) -> Result<Vec<(String, *mut pg_sys::Node)>> {
         let node = self.target("fields")?;
-        let mut fields = BTreeMap::new();
+        let mut fields = Vec::new();
         // SAFETY: `fields` is either a Const ('{}'::jsonb) or a call of jsonb_build_object whose
         // arguments alternate a text Const key and a value expression (we built it so).
         unsafe {
@@ -165,10 +167,31 @@ impl ViewRule {
                 }
                 let name =
                     String::from_datum((*key).constvalue, (*key).constisnull).unwrap_or_default();
-                fields.insert(name, self.deparse(*value));
+                fields.push((name, *value));
             }
         }
         Ok(fields)
+    }
+
+    /// The mapped fields: provider field name → SQL, as the view computes them now.
+    pub fn fields(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .field_expressions()?
+            .into_iter()
+            .map(|(name, node)| (name, self.deparse(node)))
+            .collect())
+    }
+
+    /// Whether the predicate and (in a binding's view) the mapped fields follow today's rules
+    /// for what a filter may contain, evaluated as `role` (`allowed`).
+    pub fn check_allowed(&self, role: pg_sys::Oid) -> Result<()> {
+        allowed::check(self.quals(), role)?;
+        if self.has_column("fields") {
+            for (name, node) in self.field_expressions()? {
+                allowed::check(node, role).map_err(|e| e.in_object(&format!("field \"{name}\"")))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn predicate(&self) -> String {
