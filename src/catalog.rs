@@ -384,16 +384,21 @@ fn set_usage(connection: &str, role: &str, grant: bool) -> Result<()> {
             Spi::run_with_args(
                 "INSERT INTO listsync.connection_usage (connection_id, grantee, granted_by)
                  VALUES ($1, $2::oid::regrole, $3::oid::regrole) ON CONFLICT DO NOTHING",
-                &[id.into(), grantee.into(), privilege::caller().into()],
+                &[id.into(), oid_argument(grantee), privilege::caller().into()],
             )?;
         } else {
             Spi::run_with_args(
                 "DELETE FROM listsync.connection_usage WHERE connection_id = $1 AND grantee = $2::oid::regrole",
-                &[id.into(), grantee.into()],
+                &[id.into(), oid_argument(grantee)],
             )?;
         }
         Ok(())
     })
+}
+
+/// An OID as an SPI argument, the invalid OID included (pgrx passes that as NULL).
+fn oid_argument(oid: pg_sys::Oid) -> pgrx::datum::DatumWithOid<'static> {
+    i64::from(oid.to_u32()).into()
 }
 
 /// `public` is every role (stored as the invalid role, shown as `-`), as in GRANT.
@@ -438,17 +443,15 @@ fn require_usage(connection: &str, id: i64, owner: pg_sys::Oid) -> Result<()> {
     {
         return Ok(());
     }
-    let grantees: Vec<pg_sys::Oid> = AsExtension::run(|| {
-        Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
-            "SELECT coalesce(array_agg(grantee::oid), '{}') FROM listsync.connection_usage WHERE connection_id = $1",
-            &[id.into()],
+    let granted: bool = AsExtension::run(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM listsync.connection_usage
+                             WHERE connection_id = $1
+                               AND (grantee::oid = 0 OR pg_catalog.pg_has_role($2, grantee::oid, 'USAGE')))",
+            &[id.into(), caller.into()],
         )
     })?
-    .unwrap_or_default();
-    // SAFETY: role membership checks by OIDs.
-    let granted = grantees
-        .iter()
-        .any(|g| *g == pg_sys::InvalidOid || unsafe { pg_sys::has_privs_of_role(caller, *g) });
+    .unwrap_or(false);
     if granted {
         return Ok(());
     }

@@ -1,0 +1,94 @@
+-- pg_listsync 0.1.0 -> 0.2.0: the privilege model of semantics 10.
+--   * USAGE on connections (listsync.grant_usage / revoke_usage); the owners of existing
+--     bindings keep the use of their connections.
+--   * Functions an administrator allowed in filters (listsync.allow_function).
+--   * Operational views and the filters/bindings tables show a role its own rows.
+-- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
+-- first look after the upgrade) and are not captured; nothing is dropped.
+
+\echo Use "ALTER EXTENSION pg_listsync UPDATE TO '0.2.0'" to load this file. \quit
+
+CREATE TABLE listsync.connection_usage (
+    connection_id bigint NOT NULL REFERENCES listsync.connections (id) ON DELETE CASCADE,
+    grantee       regrole NOT NULL,
+    granted_by    regrole NOT NULL,
+    granted_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (connection_id, grantee)
+);
+
+CREATE TABLE listsync.allowed_functions (
+    function   regprocedure PRIMARY KEY,
+    allowed_by regrole NOT NULL,
+    allowed_at timestamptz NOT NULL DEFAULT now()
+);
+
+SELECT pg_catalog.pg_extension_config_dump('listsync.connection_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.allowed_functions', '');
+REVOKE ALL ON listsync.connection_usage, listsync.allowed_functions FROM PUBLIC;
+GRANT SELECT ON listsync.allowed_functions TO PUBLIC;
+
+-- Whoever bound a filter to a connection under 0.1.0 may go on doing so.
+INSERT INTO listsync.connection_usage (connection_id, grantee, granted_by)
+SELECT DISTINCT b.connection_id, b.owner, c.owner
+  FROM listsync.bindings b JOIN listsync.connections c ON c.id = b.connection_id
+ WHERE b.owner::oid <> c.owner::oid
+ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE VIEW listsync.status AS
+SELECT b.id                                   AS binding,
+       b.filter_name                          AS filter,
+       c.name                                 AS connection,
+       c.provider,
+       coalesce(b.list_name, b.list_id)       AS list,
+       b.list_id,
+       CASE WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
+       coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) AS state_reason,
+       (SELECT count(*) FROM listsync.members m
+         WHERE m.binding_id = b.id AND m.status IN ('subscribed', 'pending'))       AS members,
+       (SELECT count(*) FROM listsync.outbox o WHERE o.binding_id = b.id AND o.address <> '') AS pending,
+       (SELECT now() - min(o.dirtied_at) FROM listsync.outbox o
+         WHERE o.binding_id = b.id AND o.address <> '')                              AS oldest_pending_age,
+       (SELECT count(*) FROM listsync.dead_letter_items d WHERE d.binding_id = b.id) AS dead_letters,
+       (SELECT count(*) FROM listsync.members m
+         WHERE m.binding_id = b.id AND m.status NOT IN ('subscribed', 'pending'))   AS refused,
+       b.skipped_invalid                      AS skipped_invalid_addresses,
+       b.last_success_at,
+       b.last_error_at,
+       b.last_error,
+       c.throttled_until
+  FROM listsync.bindings b
+  JOIN listsync.connections c ON c.id = b.connection_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
+
+CREATE OR REPLACE VIEW listsync.dead_letters AS
+SELECT d.binding_id AS binding, b.filter_name AS filter, c.name AS connection, d.address, d.operation,
+       d.attempts, d.error, d.first_failed_at, d.last_failed_at
+  FROM listsync.dead_letter_items d
+  JOIN listsync.bindings b ON b.id = d.binding_id
+  JOIN listsync.connections c ON c.id = b.connection_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
+
+CREATE OR REPLACE VIEW listsync.deliveries AS
+SELECT l.id, l.at, c.name AS connection, l.binding_id AS binding, l.operation, l.request,
+       l.http_status, l.duration_ms, l.outcome, l.message
+  FROM listsync.delivery_log l
+  LEFT JOIN listsync.connections c ON c.id = l.connection_id
+  LEFT JOIN listsync.bindings b ON b.id = l.binding_id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
+
+CREATE OR REPLACE VIEW listsync.connection_list AS
+SELECT id, name, provider, settings, state, state_reason, throttled_until, owner, created_at
+  FROM listsync.connections c
+ WHERE pg_catalog.pg_has_role(c.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE')
+    OR EXISTS (SELECT FROM listsync.connection_usage u
+                WHERE u.connection_id = c.id
+                  AND (u.grantee::oid = 0 OR pg_catalog.pg_has_role(u.grantee, 'USAGE')));
+
+ALTER TABLE listsync.filters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE listsync.bindings ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON listsync.filters FOR SELECT
+    USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
+CREATE POLICY own_rows ON listsync.bindings FOR SELECT
+    USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
+
+-- New functions (as 0.2.0's install script defines them).
