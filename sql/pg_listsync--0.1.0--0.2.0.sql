@@ -92,3 +92,11 @@ CREATE POLICY own_rows ON listsync.bindings FOR SELECT
     USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
 
 -- New functions (as 0.2.0's install script defines them).
+CREATE FUNCTION listsync.allow_function("function" regprocedure) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'allow_function_wrapper';
+CREATE FUNCTION listsync.disallow_function("function" regprocedure) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'disallow_function_wrapper';
+CREATE FUNCTION listsync.grant_usage("connection" text, "role" text) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'grant_usage_wrapper';
+CREATE FUNCTION listsync.revoke_usage("connection" text, "role" text) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_usage_wrapper';

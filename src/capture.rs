@@ -188,20 +188,26 @@ fn trigger_data<'a>(
     .with_hint("pg_listsync installs it on bound tables itself (listsync.bind_filter_to_list)."))
 }
 
-#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+#[pg_extern(
+    sql = r#"CREATE FUNCTION listsync."capture"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#
+)]
 fn capture(fcinfo: pg_sys::FunctionCallInfo) {
     let data = trigger_data(fcinfo, "listsync.capture").or_raise();
     // SAFETY: for an AFTER ROW trigger the slots hold the old/new row as the event requires.
     unsafe { capture_row(data) }.or_raise();
 }
 
-#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture_flush"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+#[pg_extern(
+    sql = r#"CREATE FUNCTION listsync."capture_flush"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#
+)]
 fn capture_flush(fcinfo: pg_sys::FunctionCallInfo) {
     trigger_data(fcinfo, "listsync.capture_flush").or_raise();
     flush_pending().or_raise();
 }
 
-#[pg_extern(sql = r#"CREATE FUNCTION listsync."capture_truncate"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#)]
+#[pg_extern(
+    sql = r#"CREATE FUNCTION listsync."capture_truncate"() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"#
+)]
 fn capture_truncate(fcinfo: pg_sys::FunctionCallInfo) {
     let data = trigger_data(fcinfo, "listsync.capture_truncate").or_raise();
     // SAFETY: tg_relation is the table the trigger fired on.

@@ -15,8 +15,8 @@ use crate::filter::conditions::{self, ColumnKind, escape_literal, quote_identifi
 use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
 use crate::privilege::{self, AsExtension};
 use crate::providers;
-use pgrx::prelude::*;
 use crate::sql_types::{Jsonb, Regclass, Regprocedure};
+use pgrx::prelude::*;
 use pgrx::{JsonB, pg_sys};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -439,8 +439,7 @@ fn connection_owner(name: &str) -> Result<(i64, pg_sys::Oid)> {
 fn require_usage(connection: &str, id: i64, owner: pg_sys::Oid) -> Result<()> {
     let caller = privilege::caller();
     // SAFETY: role membership check by OIDs.
-    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok()
-    {
+    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok() {
         return Ok(());
     }
     let granted: bool = AsExtension::run(|| {
@@ -540,11 +539,10 @@ fn set_function_allowed(function: pg_sys::Oid, allow: bool) -> Result<()> {
 }
 
 fn procedure_name(function: pg_sys::Oid) -> Result<String> {
-    Ok(crate::query::optional::<String>(
-        "SELECT $1::oid::regprocedure::text",
-        &[function.into()],
-    )?
-    .unwrap_or_default())
+    Ok(
+        crate::query::optional::<String>("SELECT $1::oid::regprocedure::text", &[function.into()])?
+            .unwrap_or_default(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,8 +691,8 @@ fn create_filter_impl(
     }
     let predicate = definition.to_sql(name, &table)?;
     let owner = privilege::caller();
-    let compiled = compile_predicate(name, source, &predicate, owner)
-        .map_err(|e| json_hint(e, &predicate))?;
+    let compiled =
+        compile_predicate(name, source, &predicate, owner).map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         if crate::query::optional::<i64>(
             "SELECT id FROM listsync.filters WHERE name = $1",
@@ -801,9 +799,8 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     let identity = AsExtension::run(|| current_identity(name))?;
     filter.email_column = identity.email.clone();
     let predicate = definition.to_sql(name, &table)?;
-    let compiled =
-        compile_predicate(name, filter.source, &predicate, filter.owner)
-            .map_err(|e| json_hint(e, &predicate))?;
+    let compiled = compile_predicate(name, filter.source, &predicate, filter.owner)
+        .map_err(|e| json_hint(e, &predicate))?;
     AsExtension::run(|| {
         Spi::run_with_args(
             "UPDATE listsync.filters SET predicate = $2, conditions = $3, time_dependent = $4, email_column = $5, updated_at = now()
@@ -1088,7 +1085,9 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             "a binding has at most {MAX_TAGS} tags, not {}",
             r.tags.len()
         ))
-        .with_hint("Every member delivered carries every tag of its binding; group with the list instead."));
+        .with_hint(
+            "Every member delivered carries every tag of its binding; group with the list instead.",
+        ));
     }
     if let Some(tag) = r
         .tags

@@ -83,8 +83,7 @@ impl Switched {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut security_context);
             pg_sys::SetUserIdAndSecContext(
                 role,
-                security_context
-                    | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | extra_context) as i32,
+                security_context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | extra_context) as i32,
             );
         }
         let guc_level = fixed_search_path.then(push_fixed_search_path);

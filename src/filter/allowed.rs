@@ -61,10 +61,13 @@ struct Usage {
 
 /// Checks an analyzed expression (a predicate, or a mapped field) that will be evaluated as
 /// `role`. Callers put the filter's or field's name in front of the error.
-pub fn check(expr: *mut pg_sys::Node, role: pg_sys::Oid) -> Result<()> {
+///
+/// # Safety
+/// `expr` is an analyzed expression tree in a live memory context.
+pub unsafe fn check(expr: *mut pg_sys::Node, role: pg_sys::Oid) -> Result<()> {
     let usage = PgTryBuilder::new(|| {
-        // SAFETY: `expr` is an analyzed expression tree in a live memory context; the walker
-        // only reads it (set_opfuncid fills a cache field, as the planner does).
+        // SAFETY: the caller vouches for `expr`; the walker only reads it (set_opfuncid fills
+        // a cache field, as the planner does).
         Ok(unsafe { collect(expr) })
     })
     .catch_others(|caught| Err(postgres_message(caught)))
@@ -103,11 +106,10 @@ fn postgres_message(caught: CaughtError) -> Error {
 }
 
 fn type_name(oid: pg_sys::Oid) -> Result<String> {
-    Ok(Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.format_type($1, NULL)",
-        &[oid.into()],
-    )?
-    .unwrap_or_default())
+    Ok(
+        Spi::get_one_with_args::<String>("SELECT pg_catalog.format_type($1, NULL)", &[oid.into()])?
+            .unwrap_or_default(),
+    )
 }
 
 fn first_refused(sql: &str, oids: &[pg_sys::Oid]) -> Result<Option<String>> {
@@ -140,7 +142,9 @@ fn check_types(types: &[pg_sys::Oid]) -> Result<()> {
             Kind::FeatureNotSupported,
             format!("user-defined type {name} is not allowed in a filter"),
         )
-        .with_hint("Filters may use built-in types, and enums and domains over them as column types.")),
+        .with_hint(
+            "Filters may use built-in types, and enums and domains over them as column types.",
+        )),
     }
 }
 

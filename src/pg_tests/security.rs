@@ -20,7 +20,9 @@ mod tests {
         run("SELECT listsync.grant_usage('hook', 'listsync_crm_app')");
         as_crm_app();
         run("CREATE TABLE crmx.t (id int PRIMARY KEY, email text, city text)");
-        run("INSERT INTO crmx.t VALUES (1, 'a@example.com', 'Moscow'), (2, 'b@example.com', 'Paris')");
+        run(
+            "INSERT INTO crmx.t VALUES (1, 'a@example.com', 'Moscow'), (2, 'b@example.com', 'Paris')",
+        );
         run("RESET ROLE");
     }
 
@@ -48,11 +50,13 @@ mod tests {
     fn a_table_owner_cannot_become_superuser_through_a_filter() {
         table_owner();
         as_crm_app();
-        run("CREATE FUNCTION crmx.esc() RETURNS int LANGUAGE plpgsql AS $$ BEGIN
+        run(
+            "CREATE FUNCTION crmx.esc() RETURNS int LANGUAGE plpgsql AS $$ BEGIN
                IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
                  EXECUTE 'ALTER ROLE listsync_crm_app SUPERUSER';
                END IF;
-               RETURN 1; END $$");
+               RETURN 1; END $$",
+        );
         run("CREATE VIEW crmx.v AS SELECT crmx.esc() AS x");
         let message = refused(
             "table_to_xml('crmx.v'::regclass, false, false, '') IS NOT NULL",
@@ -118,7 +122,9 @@ mod tests {
             "function crmx.f(text) is not built in",
         );
         assert!(message.contains("filter \"probe\""), "{message}");
-        run("CREATE OPERATOR crmx.=== (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_catalog.texteq)");
+        run(
+            "CREATE OPERATOR crmx.=== (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_catalog.texteq)",
+        );
         refused(
             "city OPERATOR(crmx.===) 'Moscow'",
             ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -145,8 +151,12 @@ mod tests {
         as_crm_app();
         run("CREATE TYPE crmx.stage AS ENUM ('lead', 'customer')");
         run("CREATE DOMAIN crmx.city_name AS text");
-        run("CREATE TABLE crmx.people (id int PRIMARY KEY, email text, stage crmx.stage, city crmx.city_name)");
-        run("SELECT listsync.create_filter('customers', 'crmx.people', $$ stage = 'customer' AND city = 'Moscow' $$)");
+        run(
+            "CREATE TABLE crmx.people (id int PRIMARY KEY, email text, stage crmx.stage, city crmx.city_name)",
+        );
+        run(
+            "SELECT listsync.create_filter('customers', 'crmx.people', $$ stage = 'customer' AND city = 'Moscow' $$)",
+        );
         let predicate =
             value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'customers'")
                 .unwrap_or_default();
@@ -168,7 +178,9 @@ mod tests {
                          {"column": "seen", "op": "within_last_days", "value": 30},
                          {"column": "city", "op": "contains", "value": "mos"}]}'::jsonb)"#);
         assert_eq!(
-            count("SELECT count(*) FROM listsync.filters WHERE name IN ('recent', 'birthdays') AND time_dependent"),
+            count(
+                "SELECT count(*) FROM listsync.filters WHERE name IN ('recent', 'birthdays') AND time_dependent"
+            ),
             2
         );
         run("RESET ROLE");
@@ -192,8 +204,10 @@ mod tests {
         table_owner();
         as_crm_app();
         // Evaluated as the owner it is true; evaluated with anyone else's rights, false.
-        run("CREATE FUNCTION crmx.evaluated_by_owner(text) RETURNS boolean LANGUAGE sql STABLE
-               AS $$ SELECT current_user = 'listsync_crm_app' AND $1 IS NOT NULL $$");
+        run(
+            "CREATE FUNCTION crmx.evaluated_by_owner(text) RETURNS boolean LANGUAGE sql STABLE
+               AS $$ SELECT current_user = 'listsync_crm_app' AND $1 IS NOT NULL $$",
+        );
         expect_error(
             "SELECT listsync.allow_function('crmx.evaluated_by_owner(text)')",
             ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -203,8 +217,9 @@ mod tests {
         run("SELECT listsync.allow_function('crmx.evaluated_by_owner(text)')");
         as_crm_app();
         run("SELECT listsync.create_filter('own', 't', $$ evaluated_by_owner(email) $$)");
-        let predicate = value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'own'")
-            .unwrap_or_default();
+        let predicate =
+            value::<String>("SELECT predicate FROM listsync.filters WHERE name = 'own'")
+                .unwrap_or_default();
         assert!(
             predicate.contains("crmx.evaluated_by_owner"),
             "search_path-relative names are stored qualified: {predicate}"
@@ -229,8 +244,10 @@ mod tests {
     fn evaluating_a_binding_is_a_security_restricted_operation() {
         table_owner();
         as_crm_app();
-        run("CREATE FUNCTION crmx.escalates(text) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
-               BEGIN PERFORM pg_catalog.set_config('role', 'none', true); RETURN true; END $$");
+        run(
+            "CREATE FUNCTION crmx.escalates(text) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+               BEGIN PERFORM pg_catalog.set_config('role', 'none', true); RETURN true; END $$",
+        );
         run("RESET ROLE");
         run("SELECT listsync.allow_function('crmx.escalates(text)')");
         as_crm_app();
@@ -248,14 +265,19 @@ mod tests {
         contacts();
         run("CREATE ROLE listsync_rls NOLOGIN");
         run("GRANT listsync_rls TO current_user");
-        run("INSERT INTO contacts (email, city) VALUES ('m@example.com', 'Moscow'), ('p@example.com', 'Paris')");
+        run(
+            "INSERT INTO contacts (email, city) VALUES ('m@example.com', 'Moscow'), ('p@example.com', 'Paris')",
+        );
         run("GRANT SELECT, TRIGGER ON contacts TO listsync_rls");
         run("ALTER TABLE contacts ENABLE ROW LEVEL SECURITY");
-        run("CREATE POLICY moscow_only ON contacts FOR SELECT TO listsync_rls USING (city = 'Moscow')");
+        run(
+            "CREATE POLICY moscow_only ON contacts FOR SELECT TO listsync_rls USING (city = 'Moscow')",
+        );
         run("SELECT listsync.grant_usage('hook', 'listsync_rls')");
         run("SET LOCAL ROLE listsync_rls");
         run("SELECT listsync.create_filter('everyone', 'contacts', 'true')");
-        let binding = value::<i64>("SELECT listsync.bind_filter_to_list('everyone', 'hook')").unwrap();
+        let binding =
+            value::<i64>("SELECT listsync.bind_filter_to_list('everyone', 'hook')").unwrap();
         assert_eq!(
             value::<i64>(&format!("SELECT listsync.resync({binding})")),
             Some(1)
@@ -305,9 +327,10 @@ mod tests {
     fn operational_views_show_a_role_its_own_bindings_only() {
         table_owner();
         run("SELECT listsync.create_filter('admins', 'contacts', 'true')");
-        let theirs =
-            value::<i64>("SELECT listsync.bind_filter_to_list('admins', 'hook', backfill => false)")
-                .unwrap();
+        let theirs = value::<i64>(
+            "SELECT listsync.bind_filter_to_list('admins', 'hook', backfill => false)",
+        )
+        .unwrap();
         as_crm_app();
         run("SELECT listsync.create_filter('mine', 't', 'true')");
         let mine =
@@ -335,7 +358,11 @@ mod tests {
             "listsync.deliveries",
             "listsync.bindings",
         ] {
-            let column = if view == "listsync.bindings" { "id" } else { "binding" };
+            let column = if view == "listsync.bindings" {
+                "id"
+            } else {
+                "binding"
+            };
             assert_eq!(
                 value::<Vec<i64>>(&format!("SELECT array_agg({column}) FROM {view}")),
                 Some(vec![mine]),
@@ -377,15 +404,17 @@ mod tests {
                 "can only be called as a trigger",
             );
         }
-        let (code, _, _) = error_of("SELECT listsync.allow_function(0::oid::regprocedure)")
-            .expect("an error");
+        let (code, _, _) =
+            error_of("SELECT listsync.allow_function(0::oid::regprocedure)").expect("an error");
         assert_eq!(code, ERRCODE_UNDEFINED_OBJECT);
     }
 
     #[pg_test]
     fn tags_are_bounded_in_count_and_size() {
         contacts();
-        run("SELECT listsync.create_connection('mc', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"0123456789abcdef-us21\"}')");
+        run(
+            "SELECT listsync.create_connection('mc', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"0123456789abcdef-us21\"}')",
+        );
         run("SELECT listsync.create_filter('all', 'contacts', 'true')");
         expect_error(
             "SELECT listsync.bind_filter_to_list('all', 'mc', tags => (SELECT array_agg('t' || g) FROM generate_series(1, 51) g))",
@@ -397,33 +426,43 @@ mod tests {
             ERRCODE_INVALID_PARAMETER_VALUE,
             "invalid tag",
         );
-        run("SELECT listsync.bind_filter_to_list('all', 'mc', tags => (SELECT array_agg('t' || g) FROM generate_series(1, 50) g))");
+        run(
+            "SELECT listsync.bind_filter_to_list('all', 'mc', tags => (SELECT array_agg('t' || g) FROM generate_series(1, 50) g))",
+        );
     }
 
     #[pg_test]
     fn a_filter_that_breaks_the_rules_later_is_never_evaluated() {
         table_owner();
         as_crm_app();
-        run("CREATE FUNCTION crmx.is_moscow(text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT $1 = 'Moscow' $$");
+        run(
+            "CREATE FUNCTION crmx.is_moscow(text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT $1 = 'Moscow' $$",
+        );
         run("RESET ROLE");
         run("SELECT listsync.allow_function('crmx.is_moscow(text)')");
         as_crm_app();
         run("SELECT listsync.create_filter('moscow', 't', $$ is_moscow(city) $$)");
-        let binding =
-            value::<i64>("SELECT listsync.bind_filter_to_list('moscow', 'hook', backfill => false)")
-                .unwrap();
+        let binding = value::<i64>(
+            "SELECT listsync.bind_filter_to_list('moscow', 'hook', backfill => false)",
+        )
+        .unwrap();
         run("RESET ROLE");
         run("SELECT listsync.disallow_function('crmx.is_moscow(text)')");
         assert_eq!(crate::catalog::revalidate_bindings().unwrap(), 1);
         let (state, reason) = (
-            value::<String>(&format!("SELECT state FROM listsync.bindings WHERE id = {binding}")),
+            value::<String>(&format!(
+                "SELECT state FROM listsync.bindings WHERE id = {binding}"
+            )),
             value::<String>(&format!(
                 "SELECT state_reason FROM listsync.bindings WHERE id = {binding}"
             ))
             .unwrap_or_default(),
         );
         assert_eq!(state.as_deref(), Some("error"));
-        assert!(reason.contains("crmx.is_moscow(text) is not built in"), "{reason}");
+        assert!(
+            reason.contains("crmx.is_moscow(text) is not built in"),
+            "{reason}"
+        );
         clear_outbox();
         run("INSERT INTO crmx.t VALUES (3, 'c@example.com', 'Moscow')");
         assert!(dirty(binding).is_empty(), "capture skips it");
