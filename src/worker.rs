@@ -202,6 +202,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         return;
     }
     log!("pg_listsync worker serving database \"{database}\"");
+    BackgroundWorker::transaction(pin_search_path);
     BackgroundWorker::transaction(plan_for_keyed_lookups);
 
     let mut engine = Engine::new();
@@ -245,6 +246,19 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         }
     }
     log!("pg_listsync worker for database \"{database}\" stopping");
+}
+
+/// The worker runs as a superuser, and its SQL names functions and operators unqualified
+/// (`now() + $1 * interval '1 second'`): with the default `"$user", public`, or whatever
+/// `ALTER DATABASE ... SET search_path` a database owner chose, anyone who can create in a
+/// schema on the path (an operator `public.*(integer, interval)`, a schema named after the
+/// worker's user) would have their code run by it. A session setting, so that it overrides
+/// the database's and role's defaults applied at connection. Failing to set it is fatal: the
+/// worker must not run without it.
+fn pin_search_path() {
+    if let Err(e) = Spi::run("SET search_path = pg_catalog, pg_temp") {
+        error!("pg_listsync: could not set the worker's search_path: {e}");
+    }
 }
 
 /// Every statement the worker runs looks up a bounded batch of keys (at most

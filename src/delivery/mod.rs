@@ -11,6 +11,7 @@
 //!    generation did not move.
 
 pub mod plan;
+pub mod redact;
 
 use crate::catalog::binding_view;
 use crate::error::{Error, Kind, Result};
@@ -22,6 +23,7 @@ use crate::providers::{self, Member, MemberStatus, OnLeave, Outcome, Provider};
 use pgrx::prelude::*;
 use pgrx::{JsonB, pg_sys};
 use plan::{Action, Recorded};
+use redact::Redactor;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -84,17 +86,29 @@ pub fn check_connection(connection: &Connection) -> Result<Value> {
     )
     .map_err(|e| Error::invalid(format!("connection \"{}\": {e}", connection.name)))?;
     let mut http = Http::new(http_config(), None);
-    provider
-        .check(&mut http)
-        .map_err(|e| provider_error(&connection.name, e))
+    let result = provider.check(&mut http);
+    let redactor = Redactor::new(&connection.secrets, http.credentials_sent());
+    match result {
+        Ok(mut answer) => {
+            redactor.redact_json(&mut answer);
+            Ok(answer)
+        }
+        Err(e) => Err(provider_error(&connection.name, e, &redactor)),
+    }
 }
 
-fn provider_error(connection: &str, error: ProviderError) -> Error {
+fn provider_error(connection: &str, error: ProviderError, redactor: &Redactor) -> Error {
     let kind = match error {
         ProviderError::Transient { .. } => Kind::ProviderUnavailable,
         _ => Kind::ProviderRejected,
     };
-    Error::new(kind, format!("connection \"{connection}\": {error}"))
+    Error::new(
+        kind,
+        format!(
+            "connection \"{connection}\": {}",
+            redactor.redact(&error.to_string())
+        ),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,7 +547,16 @@ impl Engine {
                 .map(|(connection, mut runtime, works)| {
                     let handle = scope.spawn(move || {
                         block_signals();
-                        deliver_connection(&mut runtime, works);
+                        let secrets = works[0].target.connection.secrets.clone();
+                        let mut works = works;
+                        deliver_connection(
+                            &mut runtime,
+                            works.iter_mut().map(|w| &mut **w).collect(),
+                        );
+                        let redactor = Redactor::new(&secrets, runtime.http.credentials_sent());
+                        for work in works {
+                            scrub(work, &redactor);
+                        }
                         runtime
                     });
                     (connection, handle)
@@ -896,6 +919,30 @@ fn deliver_connection(runtime: &mut Runtime, works: Vec<&mut Work>) {
         if terminating() {
             return;
         }
+    }
+}
+
+/// Scrubs every provider-originated text of a delivery before it leaves the delivery thread:
+/// from here on it is stored (deliveries, outbox, dead letters, binding and connection states)
+/// where every role can read it.
+fn scrub(work: &mut Work, redactor: &Redactor) {
+    for call in &mut work.calls {
+        if let Some(error) = &mut call.error {
+            *error = redactor.redact(error);
+        }
+    }
+    for item in &mut work.items {
+        match &mut item.outcome {
+            Some(
+                Outcome::Retry { message, .. }
+                | Outcome::Failed { message }
+                | Outcome::Refused { message, .. },
+            ) => *message = redactor.redact(message),
+            Some(Outcome::Member { .. } | Outcome::Removed) | None => {}
+        }
+    }
+    if let Some(Stop::Auth(reason) | Stop::Binding(reason)) = &mut work.stop {
+        *reason = redactor.redact(reason);
     }
 }
 
