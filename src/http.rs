@@ -288,11 +288,25 @@ pub struct HttpConfig {
 /// (other connections' work goes on meanwhile).
 const MAX_RATE_WAIT: Duration = Duration::from_secs(2);
 
+/// How many distinct credential headers a client remembers: OAuth access tokens are renewed
+/// hourly, and only recent ones can be echoed back.
+const REMEMBERED_CREDENTIALS: usize = 8;
+
 pub struct Http {
     agent: ureq::Agent,
     config: HttpConfig,
     bucket: Option<Bucket>,
     records: Vec<CallRecord>,
+    credentials: Vec<String>,
+}
+
+/// Headers whose value is a credential, whatever the provider calls it.
+fn carries_credentials(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.ends_with("authorization")
+        || ["api-key", "apikey", "token", "secret"]
+            .iter()
+            .any(|word| name.contains(word))
 }
 
 impl Http {
@@ -314,12 +328,15 @@ impl Http {
             config,
             bucket,
             records: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 
     pub fn set_config(&mut self, config: HttpConfig) {
         if config.timeout != self.config.timeout {
+            let credentials = std::mem::take(&mut self.credentials);
             *self = Http::new(config, self.bucket.as_ref().map(|b| b.limit));
+            self.credentials = credentials;
         } else {
             self.config = config;
         }
@@ -328,6 +345,27 @@ impl Http {
     /// The calls made since the last drain.
     pub fn drain_records(&mut self) -> Vec<CallRecord> {
         std::mem::take(&mut self.records)
+    }
+
+    /// The credential header values sent recently (an `Authorization: Basic` built from the
+    /// key, an OAuth access token obtained at runtime): what a response may echo besides the
+    /// connection's secrets.
+    pub fn credentials_sent(&self) -> impl Iterator<Item = &str> {
+        self.credentials.iter().map(String::as_str)
+    }
+
+    fn remember_credentials(&mut self, request: &Request) {
+        for (name, value) in &request.headers {
+            if !carries_credentials(name) {
+                continue;
+            }
+            // Most recently sent last: a static key in use is never the one forgotten.
+            self.credentials.retain(|known| known != value);
+            if self.credentials.len() == REMEMBERED_CREDENTIALS {
+                self.credentials.remove(0);
+            }
+            self.credentials.push(value.clone());
+        }
     }
 
     /// Refuses anything but https, except for hosts named in `listsync.allowed_insecure_hosts`.
@@ -382,6 +420,7 @@ impl Http {
             }
             std::thread::sleep(wait);
         }
+        self.remember_credentials(&request);
         let started = Instant::now();
         let described = format!(
             "{} {}",
@@ -611,6 +650,23 @@ mod unit {
             third > Duration::from_millis(400) && third <= Duration::from_millis(500),
             "{third:?}"
         );
+    }
+
+    #[test]
+    fn credential_headers_are_remembered_others_not() {
+        let mut http = http(&[]);
+        for token in 0..10 {
+            http.remember_credentials(
+                &Request::new(Method::Get, "https://x")
+                    .header("Authorization", format!("Bearer t{token}"))
+                    .header("X-Api-Key", "k")
+                    .header("webhook-signature", "v1,sig"),
+            );
+        }
+        let sent: Vec<&str> = http.credentials_sent().collect();
+        assert_eq!(sent.len(), REMEMBERED_CREDENTIALS);
+        assert!(sent.contains(&"Bearer t9") && sent.contains(&"k"));
+        assert!(!sent.contains(&"Bearer t0") && !sent.contains(&"v1,sig"));
     }
 
     #[test]

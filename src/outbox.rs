@@ -88,18 +88,23 @@ pub struct Claimed {
 }
 
 /// Claims up to `limit` due pairs of bindings that may be served now (active binding, working
-/// and unthrottled connection), leasing them for `lease_s` seconds.
+/// and unthrottled connection, none of `busy`), leasing them for `lease_s` seconds.
+///
+/// `busy` are the connections with a delivery in flight: their pairs wait for it to finish
+/// even when a lease lapsed or a new change cleared one, so that a pair is never in two
+/// deliveries at once and a connection's calls stay in order.
 ///
 /// Each servable binding's pairs are read in due order from `outbox_due` and only the first
 /// `limit` overall are locked: the cost follows the batch, not the backlog, even when a paused
 /// binding holds a million pairs ahead of a live one.
-pub fn claim(limit: i64, lease_s: i32) -> Result<Vec<Claimed>> {
+pub fn claim(limit: i64, lease_s: i32, busy: &[i64]) -> Result<Vec<Claimed>> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             "WITH servable AS (
                  SELECT b.id FROM listsync.bindings b
                    JOIN listsync.connections c ON c.id = b.connection_id AND c.state = 'ok'
                         AND (c.throttled_until IS NULL OR c.throttled_until <= now())
+                        AND c.id <> ALL ($3::int8[])
                   WHERE b.state = 'active'),
              candidates AS (
                  SELECT first.binding_id, first.address FROM servable,
@@ -118,7 +123,7 @@ pub fn claim(limit: i64, lease_s: i32) -> Result<Vec<Claimed>> {
                FROM due WHERE o.binding_id = due.binding_id AND o.address = due.address
              RETURNING o.binding_id, o.address, o.generation, o.attempts",
             None,
-            &[limit.into(), lease_s.into()],
+            &[limit.into(), lease_s.into(), busy.to_vec().into()],
         )?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {

@@ -202,9 +202,13 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         return;
     }
     log!("pg_listsync worker serving database \"{database}\"");
+    BackgroundWorker::transaction(pin_search_path);
     BackgroundWorker::transaction(plan_for_keyed_lookups);
 
-    let mut engine = Engine::new();
+    let mut engine = match Engine::new() {
+        Ok(engine) => engine,
+        Err(e) => error!("pg_listsync worker: {e}"),
+    };
     let mut next_housekeeping = Instant::now();
     // SAFETY: a memory context of our own for everything one iteration allocates outside a
     // transaction, reset after each iteration (between transactions CurrentMemoryContext is
@@ -240,11 +244,64 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         if busy {
             continue;
         }
-        if !BackgroundWorker::wait_latch(Some(guc::ms(&guc::POLL_INTERVAL_MS))) {
+        if !wait(&engine, guc::ms(&guc::POLL_INTERVAL_MS)) {
             break;
         }
     }
     log!("pg_listsync worker for database \"{database}\" stopping");
+    let finished = engine.collect_in_flight(SHUTDOWN_GRACE);
+    if !finished.is_empty() {
+        guarded(
+            "delivery",
+            AssertUnwindSafe(|| {
+                BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                    guard_result(engine_record(&mut engine, finished))
+                }))
+            }),
+        );
+    }
+}
+
+/// How long a stopping worker waits for deliveries in flight to come back (each stops after
+/// its current call) before leaving them: an abandoned delivery's pairs stay leased until the
+/// next worker starts, and their intents make whatever was sent right.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Sleeps until the latch is set (a commit, a signal), a delivery thread handed back results,
+/// or `timeout`. Returns false when the worker must stop.
+fn wait(engine: &Engine, timeout: Duration) -> bool {
+    let events = pg_sys::WL_LATCH_SET
+        | pg_sys::WL_TIMEOUT
+        | pg_sys::WL_POSTMASTER_DEATH
+        | pg_sys::WL_SOCKET_READABLE;
+    // SAFETY: waits on this process's own latch and a socket the engine keeps open, then
+    // resets the latch and serves interrupts, as BackgroundWorker::wait_latch does.
+    let woken = unsafe {
+        let woken = pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            engine.wakeup_fd(),
+            timeout.as_millis().try_into().unwrap_or(libc::c_long::MAX),
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::check_for_interrupts!();
+        woken
+    };
+    woken & pg_sys::WL_POSTMASTER_DEATH as i32 == 0 && !BackgroundWorker::sigterm_received()
+}
+
+/// The worker runs as a superuser, and its SQL names functions and operators unqualified
+/// (`now() + $1 * interval '1 second'`): with the default `"$user", public`, or whatever
+/// `ALTER DATABASE ... SET search_path` a database owner chose, anyone who can create in a
+/// schema on the path (an operator `public.*(integer, interval)`, a schema named after the
+/// worker's user) would have their code run by it. A session setting, so that it overrides
+/// the database's and role's defaults applied at connection. Failing to set it is fatal: the
+/// worker must not run without it.
+fn pin_search_path() {
+    if let Err(e) = Spi::run("SET search_path = pg_catalog, pg_temp") {
+        error!("pg_listsync: could not set the worker's search_path: {e}");
+    }
 }
 
 /// Every statement the worker runs looks up a bounded batch of keys (at most
@@ -262,10 +319,14 @@ fn plan_for_keyed_lookups() {
     }
 }
 
-/// One pass: if the extension is installed, run delivery cycles while work is due (bounded, so
-/// that signals and housekeeping get their turn). Returns whether more work may be waiting.
+/// One pass: if the extension is installed, record the deliveries that finished and hand out
+/// new ones to idle connections while work is due (bounded, so that signals and housekeeping
+/// get their turn). Never waits for a delivery in flight. Returns whether more work may be
+/// waiting right now.
 fn run_iteration(engine: &mut Engine, next_housekeeping: &mut Instant) -> bool {
     if !BackgroundWorker::transaction(extension_installed) {
+        // Whatever comes back has nowhere to go (and must not keep the worker awake).
+        engine.collect();
         return false;
     }
     if Instant::now() >= *next_housekeeping {
@@ -276,18 +337,24 @@ fn run_iteration(engine: &mut Engine, next_housekeeping: &mut Instant) -> bool {
         if shutdown_requested() {
             return false;
         }
+        let finished = engine.collect();
+        if !finished.is_empty() {
+            BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                guard_result(engine_record(engine, finished))
+            }));
+        }
         let planned =
             BackgroundWorker::transaction(AssertUnwindSafe(|| guard_result(engine_plan(engine))));
-        let Some(mut cycle) = planned else {
+        let Some(cycle) = planned else {
             return false;
         };
-        if cycle.is_empty() {
+        let exhausted = cycle.exhausted();
+        engine.dispatch(cycle);
+        if exhausted {
+            // Nothing else is due for an idle connection: the next results, a commit or the
+            // polling tick wake the worker.
             return false;
         }
-        engine.deliver(&mut cycle);
-        BackgroundWorker::transaction(AssertUnwindSafe(|| {
-            guard_result(engine_record(engine, cycle))
-        }));
     }
     true
 }

@@ -4,13 +4,15 @@
 //! 1. [`Engine::plan`] (in a transaction): claim due pairs, read each binding's desired state
 //!    for them through its view as the binding's owner (one query per binding), read the
 //!    recorded remote state, and plan each pair (`plan::plan`).
-//! 2. [`Engine::deliver`] (no transaction): prepare lists, send batches within the provider's
-//!    limits, collect one outcome per pair.
-//! 3. [`Engine::record`] (in a transaction): record outcomes (members, dead letters, retries
-//!    with backoff, binding and connection states, the call log) and complete the pairs whose
-//!    generation did not move.
+//! 2. [`Engine::dispatch`] (no transaction): each connection's delivery thread prepares
+//!    lists, sends batches within the provider's limits and collects one outcome per pair,
+//!    while the worker goes on serving the other connections.
+//! 3. [`Engine::record`] (in a transaction), for whatever [`Engine::collect`] found finished:
+//!    record outcomes (members, dead letters, retries with backoff, binding and connection
+//!    states, the call log) and complete the pairs whose generation did not move.
 
 pub mod plan;
+pub mod redact;
 
 use crate::catalog::binding_view;
 use crate::error::{Error, Kind, Result};
@@ -22,8 +24,13 @@ use crate::providers::{self, Member, MemberStatus, OnLeave, Outcome, Provider};
 use pgrx::prelude::*;
 use pgrx::{JsonB, pg_sys};
 use plan::{Action, Recorded};
+use redact::Redactor;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 /// A provider account as the worker needs it.
@@ -84,17 +91,29 @@ pub fn check_connection(connection: &Connection) -> Result<Value> {
     )
     .map_err(|e| Error::invalid(format!("connection \"{}\": {e}", connection.name)))?;
     let mut http = Http::new(http_config(), None);
-    provider
-        .check(&mut http)
-        .map_err(|e| provider_error(&connection.name, e))
+    let result = provider.check(&mut http);
+    let redactor = Redactor::new(&connection.secrets, http.credentials_sent());
+    match result {
+        Ok(mut answer) => {
+            redactor.redact_json(&mut answer);
+            Ok(answer)
+        }
+        Err(e) => Err(provider_error(&connection.name, e, &redactor)),
+    }
 }
 
-fn provider_error(connection: &str, error: ProviderError) -> Error {
+fn provider_error(connection: &str, error: ProviderError, redactor: &Redactor) -> Error {
     let kind = match error {
         ProviderError::Transient { .. } => Kind::ProviderUnavailable,
         _ => Kind::ProviderRejected,
     };
-    Error::new(kind, format!("connection \"{connection}\": {error}"))
+    Error::new(
+        kind,
+        format!(
+            "connection \"{connection}\": {}",
+            redactor.redact(&error.to_string())
+        ),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,15 +420,26 @@ struct Work {
 
 pub struct Cycle {
     work: Vec<Work>,
+    /// The claim took every due pair it could: claiming again before a connection becomes
+    /// idle or a change arrives would find nothing.
+    exhausted: bool,
 }
 
 impl Cycle {
+    fn new(work: Vec<Work>, exhausted: bool) -> Cycle {
+        Cycle { work, exhausted }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.work.is_empty()
     }
 
     pub fn pairs(&self) -> usize {
         self.work.iter().map(|w| w.items.len()).sum()
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.exhausted
     }
 }
 
@@ -419,25 +449,82 @@ struct Runtime {
     http: Http,
 }
 
-/// The worker's long-lived state: one provider client per connection, reused across cycles.
-#[derive(Default)]
+/// One connection's deliveries for one cycle, handed to its delivery thread.
+struct Job {
+    connection: Connection,
+    config: HttpConfig,
+    works: Vec<Work>,
+}
+
+/// A job's results, handed back to the worker's main thread.
+struct Delivered {
+    connection: i64,
+    works: Vec<Work>,
+    panicked: bool,
+}
+
+/// A connection's delivery thread: it serves one job at a time, so calls to a provider stay
+/// sequential (as its limits expect) while other connections' threads go on.
+struct Lane {
+    jobs: mpsc::Sender<Job>,
+    busy: bool,
+}
+
+/// The worker's long-lived state: one delivery thread per connection, each keeping its
+/// provider client across cycles.
+///
+/// Only the worker's main thread calls PostgreSQL: it plans and records, and hands deliveries
+/// to the threads, never waiting for one. A connection whose endpoint hangs therefore delays
+/// only its own pairs; the claim skips its bindings until its results are back.
 pub struct Engine {
-    runtimes: HashMap<i64, Runtime>,
+    lanes: HashMap<i64, Lane>,
+    delivered: mpsc::Sender<Delivered>,
+    results: mpsc::Receiver<Delivered>,
+    /// Delivery threads write a byte when they hand back results, so that the main thread's
+    /// wait (on its latch and this socket) ends without them calling into PostgreSQL.
+    notify: Arc<UnixStream>,
+    wakeup: UnixStream,
+    /// Jobs that could not be handed to a thread: recorded as if delivered with no outcome
+    /// (their pairs are released).
+    undelivered: Vec<Work>,
     random: u64,
     leases_released: bool,
 }
 
 impl Engine {
-    pub fn new() -> Engine {
+    pub fn new() -> Result<Engine> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        Engine {
-            runtimes: HashMap::new(),
+        let (notify, wakeup) = UnixStream::pair()
+            .and_then(|(notify, wakeup)| {
+                notify.set_nonblocking(true)?;
+                wakeup.set_nonblocking(true)?;
+                Ok((notify, wakeup))
+            })
+            .map_err(|e| Error::internal(format!("could not create the wake-up socket: {e}")))?;
+        let (delivered, results) = mpsc::channel();
+        Ok(Engine {
+            lanes: HashMap::new(),
+            delivered,
+            results,
+            notify: Arc::new(notify),
+            wakeup,
+            undelivered: Vec::new(),
             random: seed | 1,
             leases_released: false,
-        }
+        })
+    }
+
+    /// Readable when a delivery thread has handed back results.
+    pub fn wakeup_fd(&self) -> RawFd {
+        self.wakeup.as_raw_fd()
+    }
+
+    /// Whether some connection's delivery is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.lanes.values().any(|l| l.busy)
     }
 
     fn next_random(&mut self) -> f64 {
@@ -456,9 +543,16 @@ impl Engine {
             self.leases_released = true;
         }
         let batch = guc::BATCH_SIZE.get() as usize;
-        let claimed = outbox::claim(batch as i64, guc::LEASE_S.get())?;
+        let busy: Vec<i64> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.busy)
+            .map(|(id, _)| *id)
+            .collect();
+        let claimed = outbox::claim(batch as i64, guc::LEASE_S.get(), &busy)?;
+        let exhausted = claimed.len() < batch;
         if claimed.is_empty() {
-            return Ok(Cycle { work: Vec::new() });
+            return Ok(Cycle::new(Vec::new(), exhausted));
         }
         if claimed.len() >= batch {
             // A backlog: the next cycles should not wait for housekeeping to see its size.
@@ -505,93 +599,103 @@ impl Engine {
             });
         }
         work.sort_by_key(|w| w.id);
-        Ok(Cycle { work })
+        Ok(Cycle::new(work, exhausted))
     }
 
-    /// Phase 2, outside any transaction.
-    /// Connections are served in parallel, one thread each (no PostgreSQL call happens in
-    /// them), so a slow or throttled provider does not hold up the others; within a
-    /// connection, calls stay sequential, as provider limits expect.
-    pub fn deliver(&mut self, cycle: &mut Cycle) {
-        let mut by_connection: HashMap<i64, Vec<&mut Work>> = HashMap::new();
-        for work in &mut cycle.work {
-            by_connection
-                .entry(work.target.connection.id)
-                .or_default()
-                .push(work);
+    /// Phase 2: hands each connection's work to its delivery thread (idle: the claim skipped
+    /// busy connections) and returns at once. Call after the plan's transaction committed:
+    /// the intents must be durable before anything is sent.
+    pub fn dispatch(&mut self, cycle: Cycle) {
+        let config = http_config();
+        let mut by_connection: Vec<(Connection, Vec<Work>)> = Vec::new();
+        for work in cycle.work {
+            let id = work.target.connection.id;
+            match by_connection.iter_mut().find(|(c, _)| c.id == id) {
+                Some((_, works)) => works.push(work),
+                None => by_connection.push((work.target.connection.clone(), vec![work])),
+            }
         }
-        let mut jobs = Vec::new();
         for (connection, works) in by_connection {
-            match self.take_runtime(&works[0].target.connection) {
-                Ok(runtime) => jobs.push((connection, runtime, works)),
-                Err(reason) => {
-                    for work in works {
-                        work.stop = Some(Stop::Binding(reason.clone()));
-                    }
+            let id = connection.id;
+            let job = Job {
+                connection,
+                config: config.clone(),
+                works,
+            };
+            let Some(lane) = self.lane(id) else {
+                self.undelivered.extend(job.works);
+                continue;
+            };
+            match lane.jobs.send(job) {
+                Ok(()) => lane.busy = true,
+                // The thread is gone: a new one serves the connection next time.
+                Err(mpsc::SendError(job)) => {
+                    self.lanes.remove(&id);
+                    self.undelivered.extend(job.works);
                 }
             }
         }
-        std::thread::scope(|scope| {
-            let running: Vec<_> = jobs
-                .into_iter()
-                .map(|(connection, mut runtime, works)| {
-                    let handle = scope.spawn(move || {
-                        block_signals();
-                        deliver_connection(&mut runtime, works);
-                        runtime
-                    });
-                    (connection, handle)
-                })
-                .collect();
-            for (connection, handle) in running {
-                match handle.join() {
-                    Ok(runtime) => {
-                        self.runtimes.insert(connection, runtime);
-                    }
-                    // The pairs of a panicked delivery have no outcome and are released.
-                    Err(_) => {
-                        warning!("pg_listsync: delivery for connection {connection} panicked")
-                    }
-                }
+    }
+
+    fn lane(&mut self, connection: i64) -> Option<&mut Lane> {
+        if !self.lanes.contains_key(&connection) {
+            let (jobs, queue) = mpsc::channel();
+            let delivered = self.delivered.clone();
+            let notify = Arc::clone(&self.notify);
+            let spawned = spawn_without_signals(format!("listsync conn {connection}"), move || {
+                serve_lane(queue, delivered, notify)
+            });
+            if let Err(e) = spawned {
+                warning!(
+                    "pg_listsync: could not start a delivery thread for connection {connection}: {e}"
+                );
+                return None;
             }
-        });
+            self.lanes.insert(connection, Lane { jobs, busy: false });
+        }
+        self.lanes.get_mut(&connection)
     }
 
-    /// The connection's provider client, out of the cache for the duration of a delivery.
-    fn take_runtime(&mut self, connection: &Connection) -> std::result::Result<Runtime, String> {
-        self.runtime(connection)?;
-        Ok(self.runtimes.remove(&connection.id).expect("built above"))
+    /// The results handed back since the last call, to record: never waits.
+    pub fn collect(&mut self) -> Cycle {
+        let mut drained = [0u8; 64];
+        while matches!((&self.wakeup).read(&mut drained), Ok(n) if n > 0) {}
+        let mut work = std::mem::take(&mut self.undelivered);
+        while let Ok(delivered) = self.results.try_recv() {
+            self.take_delivered(delivered, &mut work);
+        }
+        work.sort_by_key(|w| w.id);
+        Cycle::new(work, true)
     }
 
-    fn runtime(&mut self, connection: &Connection) -> std::result::Result<&mut Runtime, String> {
-        let fingerprint = connection.fingerprint();
-        let stale = self
-            .runtimes
-            .get(&connection.id)
-            .is_none_or(|r| r.fingerprint != fingerprint);
-        if stale {
-            let provider = providers::connect(
-                &connection.provider,
-                &connection.settings,
-                &connection.secrets,
-            )
-            .map_err(|e| format!("connection \"{}\": {e}", connection.name))?;
-            let http = Http::new(http_config(), provider.limits().rate);
-            self.runtimes.insert(
-                connection.id,
-                Runtime {
-                    fingerprint,
-                    provider,
-                    http,
-                },
+    /// At shutdown: waits up to `grace` for the deliveries in flight (they stop after their
+    /// current call) and returns what came back. A delivery still running is abandoned: its
+    /// pairs stay leased, and intents make whatever it sent right on the next look.
+    pub fn collect_in_flight(&mut self, grace: Duration) -> Cycle {
+        let deadline = std::time::Instant::now() + grace;
+        let mut cycle = self.collect();
+        while self.in_flight() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.results.recv_timeout(left) {
+                Ok(delivered) => self.take_delivered(delivered, &mut cycle.work),
+                Err(_) => break,
+            }
+        }
+        cycle
+    }
+
+    fn take_delivered(&mut self, delivered: Delivered, into: &mut Vec<Work>) {
+        if let Some(lane) = self.lanes.get_mut(&delivered.connection) {
+            lane.busy = false;
+        }
+        if delivered.panicked {
+            // Pairs the delivery gave no outcome are released when recorded.
+            warning!(
+                "pg_listsync: delivery for connection {} panicked",
+                delivered.connection
             );
         }
-        let runtime = self
-            .runtimes
-            .get_mut(&connection.id)
-            .expect("inserted above");
-        runtime.http.set_config(http_config());
-        Ok(runtime)
+        into.extend(delivered.works);
     }
 
     /// Phase 3, in a transaction. Returns the number of pairs handled.
@@ -905,6 +1009,30 @@ fn deliver_connection(runtime: &mut Runtime, works: Vec<&mut Work>) {
     }
 }
 
+/// Scrubs every provider-originated text of a delivery before it leaves the delivery thread:
+/// from here on it is stored (deliveries, outbox, dead letters, binding and connection states)
+/// where every role can read it.
+fn scrub(work: &mut Work, redactor: &Redactor) {
+    for call in &mut work.calls {
+        if let Some(error) = &mut call.error {
+            *error = redactor.redact(error);
+        }
+    }
+    for item in &mut work.items {
+        match &mut item.outcome {
+            Some(
+                Outcome::Retry { message, .. }
+                | Outcome::Failed { message }
+                | Outcome::Refused { message, .. },
+            ) => *message = redactor.redact(message),
+            Some(Outcome::Member { .. } | Outcome::Removed) | None => {}
+        }
+    }
+    if let Some(Stop::Auth(reason) | Stop::Binding(reason)) = &mut work.stop {
+        *reason = redactor.redact(reason);
+    }
+}
+
 /// SIGTERM arrived. Reads only the flag the signal handler sets: delivery threads must not
 /// call into PostgreSQL.
 fn terminating() -> bool {
@@ -912,15 +1040,107 @@ fn terminating() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-/// Delivery threads leave signals to the worker's main thread, where PostgreSQL's handlers
-/// expect to run.
-fn block_signals() {
-    // SAFETY: builds a full signal set and blocks it for the calling thread only.
-    unsafe {
+/// Starts a delivery thread with every signal blocked from its first instruction on: signals
+/// belong to the worker's main thread, where PostgreSQL's handlers expect to run.
+fn spawn_without_signals(
+    name: String,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // SAFETY: zeroed sigset_t values are valid storage for sigfillset and pthread_sigmask,
+    // which change the calling thread's mask only; a new thread inherits it.
+    let previous = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        previous
+    };
+    let spawned = std::thread::Builder::new().name(name).spawn(body);
+    // SAFETY: restores the main thread's own mask, saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    spawned
+}
+
+/// A connection's delivery thread: serves its jobs until the engine is gone. It calls no
+/// PostgreSQL function (the worker reads every setting it needs for it).
+fn serve_lane(
+    jobs: mpsc::Receiver<Job>,
+    delivered: mpsc::Sender<Delivered>,
+    notify: Arc<UnixStream>,
+) {
+    let mut runtime: Option<Runtime> = None;
+    while let Ok(Job {
+        connection,
+        config,
+        mut works,
+    }) = jobs.recv()
+    {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            deliver_job(&mut runtime, &connection, config, &mut works)
+        }));
+        let redactor = Redactor::new(
+            &connection.secrets,
+            runtime.iter().flat_map(|r| r.http.credentials_sent()),
+        );
+        for work in &mut works {
+            scrub(work, &redactor);
+        }
+        let panicked = outcome.is_err();
+        if panicked {
+            // Its state is unknown: the next job builds a new client.
+            runtime = None;
+        }
+        let sent = delivered.send(Delivered {
+            connection: connection.id,
+            works,
+            panicked,
+        });
+        if sent.is_err() {
+            return;
+        }
+        // A full socket is already readable: the worker wakes anyway.
+        let _ = (&*notify).write(&[1]);
     }
+}
+
+/// Delivers one job with the connection's client, built again when its configuration changed.
+fn deliver_job(
+    runtime: &mut Option<Runtime>,
+    connection: &Connection,
+    config: HttpConfig,
+    works: &mut [Work],
+) {
+    let fingerprint = connection.fingerprint();
+    if runtime
+        .as_ref()
+        .is_none_or(|r| r.fingerprint != fingerprint)
+    {
+        *runtime = None;
+        match providers::connect(
+            &connection.provider,
+            &connection.settings,
+            &connection.secrets,
+        ) {
+            Ok(provider) => {
+                let http = Http::new(config.clone(), provider.limits().rate);
+                *runtime = Some(Runtime {
+                    fingerprint,
+                    provider,
+                    http,
+                });
+            }
+            Err(e) => {
+                let reason = format!("connection \"{}\": {e}", connection.name);
+                for work in works {
+                    work.stop = Some(Stop::Binding(reason.clone()));
+                }
+                return;
+            }
+        }
+    }
+    let runtime = runtime.as_mut().expect("built above");
+    runtime.http.set_config(config);
+    deliver_connection(runtime, works.iter_mut().collect());
 }
 
 /// Sends one binding's planned pairs.
