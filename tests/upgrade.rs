@@ -16,7 +16,9 @@ const DESCRIBE: &str = r#"
 WITH members AS (
     SELECT d.classid, d.objid FROM pg_catalog.pg_depend d
       JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-     WHERE d.refclassid = 'pg_catalog.pg_extension'::regclass AND e.extname = 'pg_listsync' AND d.deptype = 'e')
+     WHERE d.refclassid = 'pg_catalog.pg_extension'::regclass AND e.extname = 'pg_listsync' AND d.deptype = 'e'
+       -- `cargo pgrx test` installs a build whose test functions (schema tests) join the extension
+       AND pg_catalog.pg_describe_object(d.classid, d.objid, 0) !~ '^(schema tests$|function tests\.)')
 SELECT line FROM (
     SELECT pg_catalog.pg_describe_object(m.classid, m.objid, 0) AS line FROM members m
     UNION ALL
