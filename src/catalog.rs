@@ -437,11 +437,10 @@ fn connection_owner(name: &str) -> Result<(i64, pg_sys::Oid)> {
 /// Binding to a connection needs USAGE on it: granted to the caller (or a role whose
 /// privileges it has, or PUBLIC), or being its owner or an admin.
 fn require_usage(connection: &str, id: i64, owner: pg_sys::Oid) -> Result<()> {
-    let caller = privilege::caller();
-    // SAFETY: role membership check by OIDs.
-    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok() {
+    if caller_owns(owner) {
         return Ok(());
     }
+    let caller = privilege::caller();
     let granted: bool = AsExtension::run(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM listsync.connection_usage
@@ -575,10 +574,15 @@ fn load_filter(name: &str) -> Result<FilterRow> {
     })
 }
 
-fn require_owner(what: &str, owner: pg_sys::Oid) -> Result<()> {
-    let caller = privilege::caller();
+/// The caller has the privileges of `owner`, or is an admin.
+fn caller_owns(owner: pg_sys::Oid) -> bool {
     // SAFETY: role membership check by OIDs.
-    if unsafe { pg_sys::has_privs_of_role(caller, owner) } || privilege::require_admin("").is_ok() {
+    let has_privileges = unsafe { pg_sys::has_privs_of_role(privilege::caller(), owner) };
+    has_privileges || privilege::require_admin("").is_ok()
+}
+
+fn require_owner(what: &str, owner: pg_sys::Oid) -> Result<()> {
+    if caller_owns(owner) {
         return Ok(());
     }
     Err(Error::new(

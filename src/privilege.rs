@@ -5,6 +5,8 @@
 //! it, membership in `listsync_admin` to manage connections), and only then switch to the
 //! bootstrap superuser, with a fixed `search_path`, for the catalog writes themselves — the way
 //! a SECURITY DEFINER function with `SET search_path` would, but only around our own SQL.
+//! Evaluating what a user wrote (a filter, a mapped field) outside the writer's own trigger
+//! happens as the binding's owner in a security-restricted operation (`as_owner`).
 
 use crate::error::{Error, Kind, Result};
 use pgrx::pg_sys;
@@ -70,7 +72,7 @@ pub fn caller_has_table_privilege(relid: pg_sys::Oid, privilege: pg_sys::AclMode
 struct Switched {
     user: pg_sys::Oid,
     security_context: i32,
-    guc_level: Option<i32>,
+    _search_path: Option<FixedSearchPath>,
 }
 
 impl Switched {
@@ -78,7 +80,7 @@ impl Switched {
         let mut user = pg_sys::InvalidOid;
         let mut security_context = 0;
         // SAFETY: these functions save and set backend globals, exactly as fmgr does around a
-        // SECURITY DEFINER call; the GUC nest level is popped in Drop (or by transaction abort).
+        // SECURITY DEFINER call; Drop restores them (or transaction abort does).
         unsafe {
             pg_sys::GetUserIdAndSecContext(&mut user, &mut security_context);
             pg_sys::SetUserIdAndSecContext(
@@ -86,68 +88,63 @@ impl Switched {
                 security_context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | extra_context) as i32,
             );
         }
-        let guc_level = fixed_search_path.then(push_fixed_search_path);
         Switched {
             user,
             security_context,
-            guc_level,
+            _search_path: fixed_search_path.then(FixedSearchPath::push),
         }
     }
 }
 
 impl Drop for Switched {
     fn drop(&mut self) {
-        // While an ERROR unwinds, transaction (or subtransaction) abort restores the user and
-        // pops the GUC level itself; calling into PostgreSQL then could raise again.
-        if std::thread::panicking() {
-            return;
+        // While an ERROR unwinds, transaction (or subtransaction) abort restores the user
+        // itself; calling into PostgreSQL then could raise again.
+        if !std::thread::panicking() {
+            // SAFETY: restores exactly what `to` saved, in the same transaction.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.security_context) };
         }
-        // SAFETY: restores exactly what `to` saved, in the same transaction.
+    }
+}
+
+/// While alive, `search_path` is `pg_catalog, pg_temp`: the only path our SQL, and the SQL we
+/// evaluate for others, runs under. Nothing a role can create (a schema named like a user, an
+/// operator in `public`) is found before `pg_catalog`, and temporary objects come last.
+struct FixedSearchPath(i32);
+
+impl FixedSearchPath {
+    fn push() -> FixedSearchPath {
+        // SAFETY: a new GUC nest level, popped in Drop (or by transaction abort).
         unsafe {
-            if let Some(level) = self.guc_level {
-                pg_sys::AtEOXact_GUC(true, level);
-            }
-            pg_sys::SetUserIdAndSecContext(self.user, self.security_context);
+            let level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                c"pg_catalog, pg_temp".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            FixedSearchPath(level)
         }
     }
 }
 
-/// The only search_path our SQL and the SQL we evaluate for others run under: nothing a role
-/// can create (a schema named like a user, an operator in `public`) is found before
-/// `pg_catalog`, and temporary objects come last.
-pub const FIXED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
-
-fn push_fixed_search_path() -> i32 {
-    // SAFETY: a new GUC nest level, popped by whoever called us (AtEOXact_GUC) or by abort.
-    unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            FIXED_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        level
+impl Drop for FixedSearchPath {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            // SAFETY: pops the level pushed in `push`, in the same transaction.
+            unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+        }
     }
 }
 
-/// Runs `body` under the fixed search_path, as the same user: used to deparse an expression
-/// so that every name that is not in `pg_catalog` comes out schema-qualified.
+/// Runs `body` under the fixed search_path, as the same user: catalog reads in the caller's
+/// backend, and deparsing, so that every name outside `pg_catalog` comes out schema-qualified.
 pub fn with_fixed_search_path<T>(body: impl FnOnce() -> T) -> T {
-    struct Pop(i32);
-    impl Drop for Pop {
-        fn drop(&mut self) {
-            if !std::thread::panicking() {
-                // SAFETY: pops the level pushed below, in the same transaction.
-                unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
-            }
-        }
-    }
-    let _pop = Pop(push_fixed_search_path());
+    let _search_path = FixedSearchPath::push();
     body()
 }
 
