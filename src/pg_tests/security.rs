@@ -146,6 +146,24 @@ mod tests {
     }
 
     #[pg_test]
+    fn mapped_fields_follow_the_same_rules() {
+        table_owner();
+        as_crm_app();
+        run("SELECT listsync.create_filter('moscow', 't', $$ city = 'Moscow' $$)");
+        let message = expect_error(
+            r#"SELECT listsync.bind_filter_to_list('moscow', 'hook',
+                 fields => $j${"CITY": "table_to_xml('listsync.connection_secrets'::regclass, false, false, '')::text"}$j$)"#,
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "table_to_xml",
+        );
+        assert!(message.contains("field \"CITY\""), "{message}");
+        run(
+            r#"SELECT listsync.bind_filter_to_list('moscow', 'hook', fields => '{"CITY": "upper(city)"}')"#,
+        );
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
     fn enum_and_domain_columns_are_usable() {
         table_owner();
         as_crm_app();
