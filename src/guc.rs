@@ -107,6 +107,10 @@ pub fn define() {
         365 * 86_400,
         GucFlags::UNIT_S,
     );
+    // A misspelt setting (`listsync.batchsize`) is refused with a WARNING at startup and an
+    // error in SET, instead of being kept silently as a placeholder.
+    // SAFETY: called once while the library loads, after our settings are defined.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"listsync".as_ptr()) };
 }
 
 fn int(

@@ -16,9 +16,12 @@ use pgrx::spi::OwnedPreparedStatement;
 use std::cell::RefCell;
 
 /// The conflict clause of every marking statement (the outbox aliased `o`). Schema-qualified:
-/// it also runs with the writer's search_path.
+/// it also runs with the writer's search_path. A pair marked again is due at the earlier of
+/// its two times: a contact edited while queued by a backfill or waiting in retry backoff is
+/// delivered as a real-time change, not at the later slot.
 pub const ON_CONFLICT_DIRTY: &str = "ON CONFLICT (binding_id, address) DO UPDATE \
-     SET generation = o.generation OPERATOR(pg_catalog.+) 1, lease_until = NULL";
+     SET generation = o.generation OPERATOR(pg_catalog.+) 1, lease_until = NULL, \
+         not_before = LEAST(o.not_before, EXCLUDED.not_before)";
 
 /// `not_before` of pairs marked in bulk (backfill, resync, reconcile).
 pub const BULK_PRIORITY: &str = "'epoch'::timestamptz";

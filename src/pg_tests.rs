@@ -898,6 +898,58 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_pair_changed_while_queued_for_later_is_due_now() {
+        contacts();
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('a@x.io', 'Moscow', 5000), ('b@x.io', 'Moscow', 5000)",
+        );
+        run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Moscow' $$)");
+        let b = value::<i64>("SELECT listsync.bind_filter_to_list('vip', 'hook')").unwrap();
+        // a@ waits in retry backoff; b@ is queued by the backfill.
+        run(&format!(
+            "UPDATE listsync.outbox SET not_before = now() + interval '1 hour' WHERE binding_id = {b} AND address = 'a@x.io'"
+        ));
+        run("UPDATE contacts SET ltv = 6000");
+        let due = |address: &str| {
+            value::<bool>(&format!(
+                "SELECT not_before = '-infinity' FROM listsync.outbox WHERE binding_id = {b} AND address = '{address}'"
+            ))
+        };
+        assert_eq!(
+            due("a@x.io"),
+            Some(false),
+            "ltv is read by no binding: no change"
+        );
+        run("UPDATE contacts SET city = 'Paris' WHERE email = 'a@x.io'");
+        run("UPDATE contacts SET city = 'Paris' WHERE email = 'b@x.io'");
+        assert_eq!(
+            due("a@x.io"),
+            Some(true),
+            "the retry slot gave way to the change"
+        );
+        assert_eq!(
+            due("b@x.io"),
+            Some(true),
+            "the backfill slot gave way to the change"
+        );
+        run(&format!("SELECT listsync.resync({b})"));
+        assert_eq!(
+            due("b@x.io"),
+            Some(true),
+            "bulk marking never delays a due pair"
+        );
+    }
+
+    #[pg_test]
+    fn misspelt_settings_are_refused() {
+        expect_error(
+            "SET listsync.batchsize = 5",
+            PgSqlErrorCode::ERRCODE_INVALID_NAME,
+            "listsync.batchsize",
+        );
+    }
+
+    #[pg_test]
     fn alter_filter_makes_old_and_new_members_dirty() {
         let b = vip_binding();
         run(
