@@ -14,7 +14,7 @@
 //! The per-table state (prepared predicates, which columns matter) is built once per backend
 //! from the filter and binding views and dropped on a relcache invalidation of the table.
 
-use crate::catalog::{binding_view, filter_view, view_oid};
+use crate::catalog::{binding_rule, filter_view, view_oid};
 use crate::error::{Error, Kind, OrRaise};
 use crate::filter::dispatch::Dispatch;
 use crate::filter::eval::{Evaluator, Prepared};
@@ -472,10 +472,7 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         let mut bindings = Vec::new();
         let mut read: Vec<i16> = Vec::new();
         for (binding_id, filter_id, filter_name, paused, owner) in rows {
-            let view = view_oid(&binding_view(binding_id))?.ok_or_else(|| {
-                Error::internal(format!("the view of binding {binding_id} is missing"))
-            })?;
-            let rule = ViewRule::load(view)?;
+            let rule = binding_rule(binding_id)?;
             if let Err(refused) = rule.check_allowed(owner) {
                 // A binding made under older rules that breaks today's is never evaluated; the
                 // worker puts it in state error with this reason (`revalidate_bindings`).

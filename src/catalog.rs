@@ -377,7 +377,7 @@ fn revoke_usage(connection: Option<&str>, role: Option<&str>) {
 
 fn set_usage(connection: &str, role: &str, grant: bool) -> Result<()> {
     let grantee = grantee_oid(role)?;
-    let (id, owner) = AsExtension::run(|| connection_owner(connection))?;
+    let ConnectionRow { id, owner, .. } = AsExtension::run(|| load_connection(connection))?;
     require_owner(&format!("connection \"{connection}\""), owner)?;
     AsExtension::run(|| {
         if grant {
@@ -416,10 +416,17 @@ fn grantee_oid(role: &str) -> Result<pg_sys::Oid> {
     Ok(oid)
 }
 
-fn connection_owner(name: &str) -> Result<(i64, pg_sys::Oid)> {
+/// A connection as the SQL surface needs it: who owns it and which provider it calls.
+struct ConnectionRow {
+    id: i64,
+    provider: String,
+    owner: pg_sys::Oid,
+}
+
+fn load_connection(name: &str) -> Result<ConnectionRow> {
     Spi::connect(|c| {
         let rows = c.select(
-            "SELECT id, owner::oid FROM listsync.connections WHERE name = $1",
+            "SELECT id, provider, owner::oid FROM listsync.connections WHERE name = $1",
             None,
             &[name.into()],
         )?;
@@ -427,10 +434,11 @@ fn connection_owner(name: &str) -> Result<(i64, pg_sys::Oid)> {
             return Err(Error::not_found("connection", name));
         }
         let row = rows.first();
-        Ok((
-            row.get::<i64>(1)?.unwrap_or_default(),
-            row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-        ))
+        Ok(ConnectionRow {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            provider: row.get::<String>(2)?.unwrap_or_default(),
+            owner: row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
+        })
     })
 }
 
@@ -1014,24 +1022,11 @@ struct BindRequest<'a> {
 fn bind_impl(r: BindRequest) -> Result<i64> {
     let name = r.filter;
     let filter = AsExtension::run(|| load_filter(name))?;
-    let (connection_id, provider, connection_owner) = AsExtension::run(|| {
-        Spi::connect(|c| -> Result<(i64, String, pg_sys::Oid)> {
-            let rows = c.select(
-                "SELECT id, provider, owner::oid FROM listsync.connections WHERE name = $1",
-                None,
-                &[r.connection.into()],
-            )?;
-            if rows.is_empty() {
-                return Err(Error::not_found("connection", r.connection));
-            }
-            let row = rows.first();
-            Ok((
-                row.get::<i64>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?.unwrap_or_default(),
-                row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-            ))
-        })
-    })?;
+    let ConnectionRow {
+        id: connection_id,
+        provider,
+        owner: connection_owner,
+    } = AsExtension::run(|| load_connection(r.connection))?;
     require_usage(r.connection, connection_id, connection_owner)?;
     let table = Table::load(filter.source)?;
     for (privilege, word) in [
@@ -1195,9 +1190,7 @@ fn current_identity(filter: &str) -> Result<Identity> {
 
 /// Whether the binding's view identifies contacts by phone as well as by email.
 fn binding_has_phone_identity(binding: i64) -> Result<bool> {
-    let view = view_oid(&binding_view(binding))?
-        .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
-    Ok(crate::filter::view::ViewRule::load(view)?.has_column("phone"))
+    Ok(binding_rule(binding)?.has_column("phone"))
 }
 
 /// The predicate as the filter's view holds it now (it follows column renames).
@@ -1249,9 +1242,14 @@ fn compile_fields(
 
 /// The mapped fields of an existing binding, as its view computes them.
 fn binding_fields(binding: i64) -> Result<BTreeMap<String, String>> {
+    binding_rule(binding)?.fields()
+}
+
+/// The stored rule of the binding's view.
+pub fn binding_rule(binding: i64) -> Result<crate::filter::view::ViewRule> {
     let view = view_oid(&binding_view(binding))?
         .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
-    crate::filter::view::fields_sql(view)
+    crate::filter::view::ViewRule::load(view)
 }
 
 pub fn view_oid(qualified: &str) -> Result<Option<pg_sys::Oid>> {
@@ -1316,9 +1314,7 @@ fn create_binding_view(
 /// The binding's view as stored follows the rules for `owner`, who it is evaluated as (the
 /// filter's predicate was checked for the filter's owner, who may be someone else).
 fn check_binding_view(binding: i64, owner: pg_sys::Oid) -> Result<()> {
-    let view = view_oid(&binding_view(binding))?
-        .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
-    crate::filter::view::ViewRule::load(view)?
+    binding_rule(binding)?
         .check_allowed(owner)
         .map_err(|e| e.in_object(&format!("binding {binding}")))
 }

@@ -207,8 +207,3 @@ impl ViewRule {
 pub fn predicate_sql(view: pg_sys::Oid) -> Result<String> {
     Ok(ViewRule::load(view)?.predicate())
 }
-
-/// A binding view's mapped fields, deparsed.
-pub fn fields_sql(view: pg_sys::Oid) -> Result<BTreeMap<String, String>> {
-    ViewRule::load(view)?.fields()
-}
