@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of pg_listsync (after scripts/setup.sh):
+#  - the core crate's tests (pure logic, every provider against its fake and Prism; no PostgreSQL);
 #  - unit tests and in-database #[pg_test]s, then the integration tests in tests/ (scratch
 #    clusters with the worker running, the provider emulator, faults, crashes, the randomized
 #    convergence workload), then Prism contract tests — all through `cargo pgrx test`, which
@@ -19,6 +20,7 @@ fi
 
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 status=0
+cargo test -p listsync-core || status=$?
 cargo pgrx test pg15 "${runas[@]}" --pgdata "$pgdata" || status=$?
 cargo test -p listsync-emulator || status=$?
 if [ "$status" = 0 ]; then echo "make test: all tests passed"; else echo "make test: FAILED"; fi

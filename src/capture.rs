@@ -344,13 +344,13 @@ unsafe fn address_of(
     phone: Option<i16>,
 ) -> Option<String> {
     // SAFETY: per the contract.
-    let by_email = unsafe { text_of(slot, email) }.and_then(|raw| crate::address::normalize(&raw));
+    let by_email =
+        unsafe { text_of(slot, email) }.and_then(|raw| listsync_core::address::normalize(&raw));
     match (by_email, phone) {
         (Some(address), _) => Some(address),
         // SAFETY: per the contract.
-        (None, Some(phone)) => {
-            unsafe { text_of(slot, phone) }.and_then(|raw| crate::address::phone_identity(&raw))
-        }
+        (None, Some(phone)) => unsafe { text_of(slot, phone) }
+            .and_then(|raw| listsync_core::address::phone_identity(&raw)),
         (None, None) => None,
     }
 }

@@ -11,11 +11,11 @@
 
 use crate::error::{Error, Kind, OrRaise, Result, required};
 use crate::filter::compile::compile_predicate;
-use crate::filter::conditions::{self, ColumnKind, escape_literal, quote_identifier};
 use crate::outbox::{BULK_PRIORITY, ON_CONFLICT_DIRTY};
 use crate::privilege::{self, AsExtension};
-use crate::providers;
 use crate::sql_types::{Jsonb, Regclass, Regprocedure};
+use listsync_core::conditions::{self, ColumnKind, escape_literal, quote_identifier};
+use listsync_core::providers;
 use pgrx::prelude::*;
 use pgrx::{JsonB, pg_sys};
 use serde_json::Value;
@@ -1642,7 +1642,7 @@ fn suppression(address: &str, reason: Option<&str>, add: bool) -> Result<()> {
     } else {
         "unsuppress an address"
     })?;
-    let normalized = crate::address::normalize_identity(address).ok_or_else(|| {
+    let normalized = listsync_core::address::normalize_identity(address).ok_or_else(|| {
         Error::invalid(format!(
             "\"{address}\" is neither an email address nor tel: and a phone number"
         ))
@@ -1681,7 +1681,7 @@ fn forget(address: Option<&str>) -> i64 {
 
 fn forget_impl(address: &str) -> Result<i64> {
     privilege::require_admin("erase an address")?;
-    let normalized = crate::address::normalize_identity(address).ok_or_else(|| {
+    let normalized = listsync_core::address::normalize_identity(address).ok_or_else(|| {
         Error::invalid(format!(
             "\"{address}\" is neither an email address nor tel: and a phone number"
         ))

@@ -339,7 +339,7 @@ mod tests {
             ));
             run(&format!(
                 "INSERT INTO contacts (email, city) VALUES ('{name}@x.io', {})",
-                crate::filter::conditions::escape_literal(city)
+                listsync_core::conditions::escape_literal(city)
             ));
             let preview =
                 value::<pgrx::JsonB>(&format!("SELECT listsync.preview_filter('{name}')"))

@@ -11,20 +11,17 @@
 //!    record outcomes (members, dead letters, retries with backoff, binding and connection
 //!    states, the call log) and complete the pairs whose generation did not move.
 
-pub mod plan;
-pub mod redact;
-
 use crate::catalog::binding_view;
 use crate::error::{Error, Kind, Result};
 use crate::guc;
-use crate::http::{self, Http, HttpConfig, ProviderError};
 use crate::outbox;
 use crate::privilege::{self, AsExtension};
-use crate::providers::{self, Member, MemberStatus, OnLeave, Outcome, Provider};
+use listsync_core::http::{self, Http, HttpConfig, ProviderError};
+use listsync_core::plan::{self, Action, Recorded};
+use listsync_core::providers::{self, Member, MemberStatus, OnLeave, Outcome, Provider};
+use listsync_core::redact::Redactor;
 use pgrx::prelude::*;
 use pgrx::{JsonB, pg_sys};
-use plan::{Action, Recorded};
-use redact::Redactor;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};

@@ -16,7 +16,7 @@ pub struct Prism {
 }
 
 fn contract_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/contract")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/contract")
 }
 
 impl Prism {
