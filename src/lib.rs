@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod error;
 pub mod filter;
 pub mod guc;
+pub mod names;
 pub mod outbox;
 pub mod privilege;
 pub mod query;

@@ -11,9 +11,9 @@
 //!    record outcomes (members, dead letters, retries with backoff, binding and connection
 //!    states, the call log) and complete the pairs whose generation did not move.
 
-use crate::catalog::binding_view;
 use crate::error::{Error, Kind, Result};
 use crate::guc;
+use crate::names::binding_view;
 use crate::outbox;
 use crate::privilege::{self, AsExtension};
 use listsync_core::http::{self, Http, HttpConfig, ProviderError};
@@ -856,7 +856,7 @@ impl Engine {
     /// Periodic work: stop bindings that break the rules for filters, reconcile time-dependent
     /// bindings that are due, trim the call log.
     pub fn housekeeping(&mut self) -> Result<()> {
-        crate::catalog::revalidate_bindings()?;
+        crate::filter::revalidate::revalidate_bindings()?;
         let due: Vec<i64> = Spi::get_one_with_args::<Vec<i64>>(
             "SELECT coalesce(array_agg(b.id), '{}') FROM listsync.bindings b JOIN listsync.filters f ON f.id = b.filter_id
               WHERE f.time_dependent AND b.state IN ('active', 'paused')

@@ -117,73 +117,78 @@ unsafe fn analyze(
 
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
-        (*pstate).p_sourcetext = source.as_ptr();
-        let nsitem = pg_sys::addRangeTableEntryForRelation(
-            pstate,
-            rel,
-            pg_sys::AccessShareLock as i32,
-            std::ptr::null_mut(),
-            false,
-            true,
-        );
-        pg_sys::addNSItemToQuery(pstate, nsitem, true, true, true);
-        let expr = pg_sys::transformExpr(
-            pstate,
-            where_clause,
-            pg_sys::ParseExprKind::EXPR_KIND_CHECK_CONSTRAINT,
-        );
-        let expr = if boolean {
-            pg_sys::coerce_to_boolean(pstate, expr, c"filter".as_ptr())
-        } else {
-            expr
-        };
-        pg_sys::assign_expr_collations(pstate, expr);
+        // Every refusal below returns through here, so the relation is always closed (an ERROR
+        // unwinds into the transaction's abort, which releases it).
+        let analyzed = (|| -> Result<Analyzed> {
+            (*pstate).p_sourcetext = source.as_ptr();
+            let nsitem = pg_sys::addRangeTableEntryForRelation(
+                pstate,
+                rel,
+                pg_sys::AccessShareLock as i32,
+                std::ptr::null_mut(),
+                false,
+                true,
+            );
+            pg_sys::addNSItemToQuery(pstate, nsitem, true, true, true);
+            let expr = pg_sys::transformExpr(
+                pstate,
+                where_clause,
+                pg_sys::ParseExprKind::EXPR_KIND_CHECK_CONSTRAINT,
+            );
+            let expr = if boolean {
+                pg_sys::coerce_to_boolean(pstate, expr, c"filter".as_ptr())
+            } else {
+                expr
+            };
+            pg_sys::assign_expr_collations(pstate, expr);
 
-        let mut columns: *mut pg_sys::Bitmapset = std::ptr::null_mut();
-        pg_sys::pull_varattnos(expr, 1, &mut columns);
-        let mut member = -1;
-        loop {
-            member = pg_sys::bms_next_member(columns, member);
-            if member < 0 {
-                break;
+            let mut columns: *mut pg_sys::Bitmapset = std::ptr::null_mut();
+            pg_sys::pull_varattnos(expr, 1, &mut columns);
+            let mut member = -1;
+            loop {
+                member = pg_sys::bms_next_member(columns, member);
+                if member < 0 {
+                    break;
+                }
+                let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+                if attnum < 0 {
+                    return Err(Error::new(
+                        Kind::FeatureNotSupported,
+                        "system columns cannot be used in a filter",
+                    ));
+                }
+                if attnum == 0 {
+                    return Err(Error::new(
+                        Kind::FeatureNotSupported,
+                        "whole-row references cannot be used in a filter; name the columns",
+                    ));
+                }
             }
-            let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
-            if attnum < 0 {
+            if pg_sys::contain_volatile_functions(expr) {
                 return Err(Error::new(
-                    Kind::FeatureNotSupported,
-                    "system columns cannot be used in a filter",
-                ));
+                    Kind::InvalidObjectDefinition,
+                    "a filter predicate cannot use volatile functions (random(), nextval(), clock_timestamp() ...)",
+                )
+                .with_hint("Stable functions such as now() and current_date are allowed and make the filter time-dependent."));
             }
-            if attnum == 0 {
-                return Err(Error::new(
-                    Kind::FeatureNotSupported,
-                    "whole-row references cannot be used in a filter; name the columns",
-                ));
-            }
-        }
-        if pg_sys::contain_volatile_functions(expr) {
-            return Err(Error::new(
-                Kind::InvalidObjectDefinition,
-                "a filter predicate cannot use volatile functions (random(), nextval(), clock_timestamp() ...)",
-            )
-            .with_hint("Stable functions such as now() and current_date are allowed and make the filter time-dependent."));
-        }
-        let mutable = pg_sys::contain_mutable_functions(expr);
-        crate::filter::allowed::check(expr, owner)?;
+            let mutable = pg_sys::contain_mutable_functions(expr);
+            crate::filter::allowed::check(expr, owner)?;
 
-        let relname =
-            CString::new(crate::catalog::relation_name(relid)).expect("relation names have no NUL");
-        // Names were resolved by the caller's search_path; they are printed for ours, so that
-        // whatever is not in pg_catalog comes out schema-qualified.
-        let sql = crate::privilege::with_fixed_search_path(|| {
-            let context = pg_sys::deparse_context_for(relname.as_ptr(), relid);
-            let deparsed = pg_sys::deparse_expression(expr, context, false, false);
-            CStr::from_ptr(deparsed).to_string_lossy().into_owned()
-        });
+            let relname = CString::new(crate::names::relation_name(relid)?)
+                .map_err(|_| Error::internal("relation name with NUL"))?;
+            // Names were resolved by the caller's search_path; they are printed for ours, so that
+            // whatever is not in pg_catalog comes out schema-qualified.
+            let sql = crate::privilege::with_fixed_search_path(|| {
+                let context = pg_sys::deparse_context_for(relname.as_ptr(), relid);
+                let deparsed = pg_sys::deparse_expression(expr, context, false, false);
+                CStr::from_ptr(deparsed).to_string_lossy().into_owned()
+            });
 
+            Ok(Analyzed { sql, mutable })
+        })();
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Ok(Analyzed { sql, mutable })
+        analyzed
     }
 }
 

@@ -5,4 +5,5 @@ pub mod allowed;
 pub mod compile;
 pub mod dispatch;
 pub mod eval;
+pub mod revalidate;
 pub mod view;

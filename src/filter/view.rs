@@ -21,6 +21,13 @@ pub struct ViewRule {
 }
 
 impl ViewRule {
+    /// The stored rule of the binding's view.
+    pub fn of_binding(binding: i64) -> Result<ViewRule> {
+        let view = crate::names::view_oid(&crate::names::binding_view(binding))?
+            .ok_or_else(|| Error::internal(format!("the view of binding {binding} is missing")))?;
+        ViewRule::load(view)
+    }
+
     /// Loads and parses the view's rule into the current memory context.
     pub fn load(view: pg_sys::Oid) -> Result<ViewRule> {
         let action: Option<String> = crate::query::optional(
@@ -130,8 +137,9 @@ impl ViewRule {
     }
 
     /// Deparses an expression of this view as SQL over the table, unqualified.
-    fn deparse(&self, node: *mut pg_sys::Node) -> String {
-        let relname = CString::new(crate::catalog::relation_name(self.table)).unwrap_or_default();
+    fn deparse(&self, node: *mut pg_sys::Node) -> Result<String> {
+        let relname = CString::new(crate::names::relation_name(self.table)?)
+            .map_err(|_| Error::internal("relation name with NUL"))?;
         // SAFETY: the copy is renumbered to the single-table numbering deparse_context_for
         // builds; deparse_expression returns a palloc'd C string. Printed under the fixed
         // search_path, every name outside pg_catalog comes out schema-qualified.
@@ -140,7 +148,7 @@ impl ViewRule {
             pg_sys::ChangeVarNodes(copy, self.table_index, 1, 0);
             let context = pg_sys::deparse_context_for(relname.as_ptr(), self.table);
             let text = pg_sys::deparse_expression(copy, context, false, false);
-            CStr::from_ptr(text).to_string_lossy().into_owned()
+            Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
         })
     }
 
@@ -175,11 +183,10 @@ impl ViewRule {
 
     /// The mapped fields: provider field name → SQL, as the view computes them now.
     pub fn fields(&self) -> Result<BTreeMap<String, String>> {
-        Ok(self
-            .field_expressions()?
+        self.field_expressions()?
             .into_iter()
-            .map(|(name, node)| (name, self.deparse(node)))
-            .collect())
+            .map(|(name, node)| Ok((name, self.deparse(node)?)))
+            .collect()
     }
 
     /// Whether the predicate and (in a binding's view) the mapped fields follow today's rules
@@ -198,12 +205,12 @@ impl ViewRule {
         Ok(())
     }
 
-    pub fn predicate(&self) -> String {
+    pub fn predicate(&self) -> Result<String> {
         self.deparse(self.quals())
     }
 }
 
 /// The predicate of a filter's view, deparsed as SQL over its table.
 pub fn predicate_sql(view: pg_sys::Oid) -> Result<String> {
-    Ok(ViewRule::load(view)?.predicate())
+    ViewRule::load(view)?.predicate()
 }

@@ -466,7 +466,7 @@ mod tests {
         .unwrap();
         run("RESET ROLE");
         run("SELECT listsync.disallow_function('crmx.is_moscow(text)')");
-        assert_eq!(crate::catalog::revalidate_bindings().unwrap(), 1);
+        assert_eq!(crate::filter::revalidate::revalidate_bindings().unwrap(), 1);
         let (state, reason) = (
             value::<String>(&format!(
                 "SELECT state FROM listsync.bindings WHERE id = {binding}"
