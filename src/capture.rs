@@ -525,14 +525,22 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
             let read = read
                 .into_iter()
                 .map(|attnum| {
-                    let attribute = &*(*descriptor).attrs.as_ptr().add(attnum as usize - 1);
-                    ColumnState {
+                    // Column numbers come from the views' rules: user columns, numbered from 1.
+                    let index = usize::try_from(attnum)
+                        .ok()
+                        .and_then(|n| n.checked_sub(1))
+                        .filter(|&i| i < usize::try_from((*descriptor).natts).unwrap_or(0))
+                        .ok_or_else(|| {
+                            Error::internal(format!("column {attnum} is not a column of the table"))
+                        })?;
+                    let attribute = &*(*descriptor).attrs.as_ptr().add(index);
+                    Ok(ColumnState {
                         attnum,
                         len: attribute.attlen,
                         by_value: attribute.attbyval,
-                    }
+                    })
                 })
-                .collect();
+                .collect::<crate::error::Result<Vec<_>>>()?;
             let conversion = if bound == relid {
                 None
             } else {

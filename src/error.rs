@@ -147,9 +147,28 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// A PostgreSQL ERROR inside SPI unwinds with its own SQLSTATE and never reaches this; what does
+/// is pgrx's report of a call it could not make or a value it could not convert, each mapped
+/// to the SQLSTATE PostgreSQL uses for that condition. Only SPI misuse is internal (XX000).
 impl From<pgrx::spi::Error> for Error {
     fn from(e: pgrx::spi::Error) -> Self {
-        Error::internal(format!("SPI: {e}"))
+        use PgSqlErrorCode::*;
+        use pgrx::spi::{SpiError, SpiErrorCodes};
+        let code = match &e {
+            SpiError::DatumError(_) => ERRCODE_DATATYPE_MISMATCH,
+            SpiError::PreparedStatementArgumentMismatch { .. } => ERRCODE_PROTOCOL_VIOLATION,
+            SpiError::CursorNotFound(_) => ERRCODE_INVALID_CURSOR_NAME,
+            SpiError::SpiError(SpiErrorCodes::RelNotFound) => ERRCODE_UNDEFINED_TABLE,
+            SpiError::SpiError(SpiErrorCodes::RelDuplicate) => ERRCODE_DUPLICATE_TABLE,
+            SpiError::SpiError(SpiErrorCodes::NoAttribute) => ERRCODE_UNDEFINED_COLUMN,
+            SpiError::SpiError(SpiErrorCodes::TypUnknown) => ERRCODE_UNDEFINED_OBJECT,
+            SpiError::SpiError(SpiErrorCodes::NoOutFunc) => ERRCODE_UNDEFINED_FUNCTION,
+            SpiError::SpiError(SpiErrorCodes::Transaction) => ERRCODE_INVALID_TRANSACTION_STATE,
+            SpiError::SpiError(_) | SpiError::InvalidPosition | SpiError::NoTupleTable => {
+                ERRCODE_INTERNAL_ERROR
+            }
+        };
+        Error::new(Kind::Postgres(code), format!("SPI: {e}"))
     }
 }
 
@@ -173,5 +192,28 @@ pub trait OrRaise<T> {
 impl<T> OrRaise<T> for Result<T> {
     fn or_raise(self) -> T {
         self.unwrap_or_else(|e| e.raise())
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use pgrx::spi::{SpiError, SpiErrorCodes};
+
+    #[test]
+    fn spi_errors_keep_a_meaningful_sqlstate() {
+        let code = |e: SpiError| Error::from(e).kind.sqlstate();
+        assert_eq!(
+            code(SpiError::CursorNotFound("c".into())),
+            PgSqlErrorCode::ERRCODE_INVALID_CURSOR_NAME
+        );
+        assert_eq!(
+            code(SpiError::SpiError(SpiErrorCodes::RelNotFound)),
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
+        );
+        assert_eq!(
+            code(SpiError::SpiError(SpiErrorCodes::Connect)),
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
+        );
     }
 }

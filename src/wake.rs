@@ -30,6 +30,9 @@ pub struct Registry {
 // SAFETY: plain Copy data with no pointers, as shared memory requires.
 unsafe impl PGRXSharedMemory for Registry {}
 
+// SAFETY: `PgLwLock::new` is unsafe because the lock is usable only once `pg_shmem_init!` has
+// attached it to shared memory. `init_shared_memory` does so during preload; every use is
+// behind `preloaded()` or in the workers and the utility hook, which exist only when preloaded.
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_listsync_registry") };
 
 /// Set in the postmaster during preload and inherited by every backend it forks: shared memory

@@ -128,10 +128,12 @@ fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
     Spi::connect(|c| {
         let mut targets = HashMap::new();
         for row in c.select(
-            "SELECT b.id, b.filter_name, b.list_id, coalesce(b.list_name, b.list_id), b.tags,
-                    ARRAY(SELECT jsonb_object_keys(b.fields)), b.on_leave, b.new_member_status, b.remote,
-                    b.owner::oid, (b.list_id IS NULL OR NOT b.remote ? 'prepared_at'),
-                    c.id, c.name, c.provider, c.settings, s.secrets
+            "SELECT b.id, b.filter_name, b.list_id, coalesce(b.list_name, b.list_id) AS list_name,
+                    b.tags, ARRAY(SELECT jsonb_object_keys(b.fields)) AS fields, b.on_leave,
+                    b.new_member_status, b.remote, b.owner::oid AS owner,
+                    (b.list_id IS NULL OR NOT b.remote ? 'prepared_at') AS needs_prepare,
+                    c.id AS connection_id, c.name AS connection_name, c.provider, c.settings,
+                    s.secrets
                FROM listsync.bindings b
                JOIN listsync.connections c ON c.id = b.connection_id
                JOIN listsync.connection_secrets s ON s.connection_id = c.id
@@ -139,33 +141,58 @@ fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
             None,
             &[ids.to_vec().into()],
         )? {
-            let id: i64 = row.get(1)?.unwrap_or_default();
+            let id: i64 = row.get_by_name("id")?.unwrap_or_default();
+            let on_leave: String = row.get_by_name("on_leave")?.unwrap_or_default();
+            let on_leave = OnLeave::parse(&on_leave).ok_or_else(|| {
+                Error::new(
+                    Kind::InvalidParameter,
+                    format!("binding {id} has an unknown on_leave \"{on_leave}\""),
+                )
+            })?;
+            let new_member_status = match row
+                .get_by_name::<String, _>("new_member_status")?
+                .as_deref()
+            {
+                Some("pending") => MemberStatus::Pending,
+                Some("subscribed") => MemberStatus::Subscribed,
+                other => {
+                    return Err(Error::new(
+                        Kind::InvalidParameter,
+                        format!("binding {id} has an unknown new_member_status {other:?}"),
+                    ));
+                }
+            };
             let binding = providers::Binding {
                 id,
-                filter: row.get(2)?.unwrap_or_default(),
-                list_id: row.get(3)?,
-                list_name: row.get(4)?.unwrap_or_default(),
-                tags: row.get(5)?.unwrap_or_default(),
-                fields: row.get(6)?.unwrap_or_default(),
-                on_leave: OnLeave::parse(&row.get::<String>(7)?.unwrap_or_default()).unwrap_or(OnLeave::Remove),
-                new_member_status: if row.get::<String>(8)?.as_deref() == Some("pending") {
-                    MemberStatus::Pending
-                } else {
-                    MemberStatus::Subscribed
-                },
-                remote: row.get::<JsonB>(9)?.and_then(|j| j.0.as_object().cloned()).unwrap_or_default(),
+                filter: row.get_by_name("filter_name")?.unwrap_or_default(),
+                list_id: row.get_by_name("list_id")?,
+                list_name: row.get_by_name("list_name")?.unwrap_or_default(),
+                tags: row.get_by_name("tags")?.unwrap_or_default(),
+                fields: row.get_by_name("fields")?.unwrap_or_default(),
+                on_leave,
+                new_member_status,
+                remote: row
+                    .get_by_name::<JsonB, _>("remote")?
+                    .and_then(|j| j.0.as_object().cloned())
+                    .unwrap_or_default(),
+            };
+            let json = |column: &str| -> Result<Value> {
+                Ok(row
+                    .get_by_name::<JsonB, _>(column)?
+                    .map(|j| j.0)
+                    .unwrap_or_default())
             };
             targets.insert(
                 id,
                 Target {
-                    owner: row.get(10)?.unwrap_or(pg_sys::InvalidOid),
-                    needs_prepare: row.get(11)?.unwrap_or(true),
+                    owner: row.get_by_name("owner")?.unwrap_or(pg_sys::InvalidOid),
+                    needs_prepare: row.get_by_name("needs_prepare")?.unwrap_or(true),
                     connection: Connection {
-                        id: row.get(12)?.unwrap_or_default(),
-                        name: row.get(13)?.unwrap_or_default(),
-                        provider: row.get(14)?.unwrap_or_default(),
-                        settings: row.get::<JsonB>(15)?.map(|j| j.0).unwrap_or_default(),
-                        secrets: row.get::<JsonB>(16)?.map(|j| j.0).unwrap_or_default(),
+                        id: row.get_by_name("connection_id")?.unwrap_or_default(),
+                        name: row.get_by_name("connection_name")?.unwrap_or_default(),
+                        provider: row.get_by_name("provider")?.unwrap_or_default(),
+                        settings: json("settings")?,
+                        secrets: json("secrets")?,
                     },
                     binding,
                 },

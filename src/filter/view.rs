@@ -57,8 +57,11 @@ impl ViewRule {
             }
             let table_index = (*(item as *mut pg_sys::RangeTblRef)).rtindex;
             let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
-            let rte = rtable
-                .get_ptr(table_index as usize - 1)
+            // Range-table indexes count from 1.
+            let rte = usize::try_from(table_index)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|i| rtable.get_ptr(i))
                 .ok_or_else(|| Error::internal("bad range table index"))?;
             Ok(ViewRule {
                 query,
