@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench: measures pg_listsync against the targets of DESIGN.md ("Targets") in one run and
+# make bench: measures pg_listsync against the targets of docs/design.md ("Targets") in one run and
 # prints one table. Raw numbers go to target/bench/results.json, the table to results.md.
 #
 # Runs on a scratch cluster of its own (unix socket only, its own directory under /tmp), so it
@@ -59,7 +59,7 @@ echo "bench: scratch cluster in $DIR (port $PORT)" >&2
 as_pg "$PG_BIN/initdb" -D "$DATA" -U postgres -A trust --no-locale -E UTF8 --no-sync >/dev/null
 # Why each setting:
 # - unix socket only: no TCP port to collide with the test clusters others run;
-# - synchronous_commit off: the write-path figures are CPU-bound measurements (DESIGN.md),
+# - synchronous_commit off: the write-path figures are CPU-bound measurements (docs/design.md),
 #   otherwise the WAL flush of every commit hides any trigger cost;
 # - large max_wal_size, long checkpoint_timeout: no checkpoint in the middle of a measurement
 #   (the benchmark checkpoints between runs instead);

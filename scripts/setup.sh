@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PG_MAJOR=15
-PGRX_VERSION=0.18.1
+# The one pin is Cargo.toml's `pgrx = "=X.Y.Z"`; cargo-pgrx must match it exactly.
+PGRX_VERSION=$(sed -n 's/^pgrx = "=\([0-9.]*\)"$/\1/p' Cargo.toml)
+[ -n "$PGRX_VERSION" ] || { echo "setup: no exact pgrx pin in Cargo.toml" >&2; exit 1; }
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -3,8 +3,9 @@
 //!
 //! The in-database half (catalog, filter compilation, the capture trigger, the outbox) runs in
 //! the writing backend; the delivery half (worker, HTTP, providers) runs in background workers.
-//! `DESIGN.md`'s invariants are referred to by number in comments ("semantics 3").
-#![deny(unsafe_op_in_unsafe_fn)]
+//! The invariants in `docs/design.md` are referred to by number in comments ("semantics 3").
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use pgrx::prelude::*;
 

@@ -233,6 +233,7 @@ pub fn install_utility_hook() {
 }
 
 #[pg_guard]
+// The signature is PostgreSQL's ProcessUtility_hook_type.
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     statement: *mut pg_sys::PlannedStmt,

@@ -237,6 +237,8 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
             AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping)),
         )
         .unwrap_or(false);
+        // SAFETY: `previous` was current before the iteration and outlives it; nothing the
+        // iteration allocated in `iteration` is used after the reset.
         unsafe {
             pg_sys::MemoryContextSwitchTo(previous);
             pg_sys::MemoryContextReset(iteration);

@@ -1,4 +1,4 @@
-//! `listsync-bench`: the figures of `make bench` (DESIGN.md, "Targets"), all from one run.
+//! `listsync-bench`: the figures of `make bench` (docs/design.md, "Targets"), all from one run.
 //!
 //! `scripts/bench.sh` starts a scratch cluster with pg_listsync preloaded and runs this program
 //! against it. It starts the provider emulator in-process (so that receipt times and the

@@ -1,4 +1,4 @@
-//! The one table of `make bench`: every figure next to its DESIGN.md target.
+//! The one table of `make bench`: every figure next to its docs/design.md target.
 
 use serde_json::Value;
 
@@ -82,7 +82,7 @@ fn mixed_rows(mixed: &Value) -> Vec<Row> {
             let target_text = if let Some(min) = target["min_ratio"].as_f64() {
                 format!("≥ {min:.2}×")
             } else if let Some(reference) = target["design_reference_ratio"].as_f64() {
-                format!("(DESIGN: peer {reference:.2}×)")
+                format!("(design: peer {reference:.2}×)")
             } else {
                 String::new()
             };
@@ -113,7 +113,7 @@ fn copy_rows(copy: &Value) -> Vec<Row> {
             let target_text = if let Some(max) = target["max_ratio"].as_f64() {
                 format!("≤ {max:.1}× the time")
             } else if let Some(reference) = target["design_reference_ratio"].as_f64() {
-                format!("(DESIGN: peer {reference:.1}×)")
+                format!("(design: peer {reference:.1}×)")
             } else {
                 String::new()
             };

@@ -133,7 +133,7 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// DESIGN.md's targets for pg_listsync, and its reference figures for the PL/pgSQL peer.
+/// docs/design.md's targets for pg_listsync, and its reference figures for the PL/pgSQL peer.
 fn mixed_target(capture: Capture) -> Value {
     match capture {
         Capture::Listsync(1) => json!({"min_ratio": 0.95}),

@@ -11,6 +11,7 @@ const MAX_TAG_CHARS: usize = 100;
 const ON_LEAVE: [&str; 5] = ["remove", "archive", "unsubscribe", "delete", "keep"];
 const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
 
+// The SQL signature is the public contract: named arguments with defaults, one per option.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern]
 fn bind_filter_to_list(

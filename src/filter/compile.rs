@@ -109,9 +109,9 @@ unsafe fn analyze(
     boolean: bool,
     owner: pg_sys::Oid,
 ) -> Result<Analyzed> {
-    // SAFETY (whole function): raw_parser and the analyzer take and return palloc'd node trees
-    // valid for the current memory context; every pointer dereferenced was just returned non-NULL
-    // by PostgreSQL or checked for NULL.
+    // SAFETY: raw_parser and the analyzer take and return palloc'd node trees valid for the
+    // current memory context; every pointer dereferenced was just returned non-NULL by
+    // PostgreSQL or checked for NULL.
     unsafe {
         let where_clause = single_where_clause(source)?;
 

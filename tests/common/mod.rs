@@ -354,7 +354,7 @@ pub fn wait_synced(client: &mut Client, binding: i64, timeout: Duration) -> Stri
     list_id(client, binding).unwrap()
 }
 
-/// The convergence invariant (DESIGN.md semantics 1) for a binding over `contacts` whose
+/// The convergence invariant (docs/design.md semantics 1) for a binding over `contacts` whose
 /// filter is `predicate` and which maps `field` to `first_name`: the provider's list holds
 /// exactly the valid, unsuppressed addresses of matching rows (minus those the provider holds
 /// as unsubscribed), each with the first name of the row with the greatest id. Returns a
