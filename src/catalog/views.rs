@@ -15,20 +15,8 @@ pub(super) fn create_filter_view(
     if let Some(phone) = &identity.phone {
         select.push(format!("{} AS phone", quote_identifier(phone)));
     }
-    select.extend(
-        table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)),
-    );
     let view = filter_view(name);
-    Spi::run(&format!(
-        "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
-        if replace { "OR REPLACE" } else { "" },
-        select.join(", "),
-        table.name
-    ))?;
+    create_view(&view, select, table, predicate, replace)?;
     Spi::run(&format!(
         "COMMENT ON VIEW {view} IS {}",
         escape_literal(&format!("pg_listsync filter {name}"))
@@ -173,6 +161,18 @@ pub(super) fn create_binding_view(
     };
     select.push(format!("{email}::text AS email"));
     select.push(format!("{fields_sql} AS fields"));
+    create_view(&binding_view(id), select, table, predicate, replace)
+}
+
+/// `select` and the table's key columns (`key_1`, ...) of the rows `predicate` matches, read
+/// with the reader's rights (security_invoker), so row-level security applies.
+fn create_view(
+    view: &str,
+    mut select: Vec<String>,
+    table: &Table,
+    predicate: &str,
+    replace: bool,
+) -> Result<()> {
     select.extend(
         table
             .key
@@ -180,7 +180,6 @@ pub(super) fn create_binding_view(
             .enumerate()
             .map(|(i, k)| format!("{} AS key_{}", quote_identifier(k), i + 1)),
     );
-    let view = binding_view(id);
     Spi::run(&format!(
         "CREATE {} VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {} WHERE ({predicate})",
         if replace { "OR REPLACE" } else { "" },
