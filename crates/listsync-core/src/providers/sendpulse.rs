@@ -13,7 +13,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
@@ -890,11 +890,7 @@ impl Provider for SendPulse {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            outcomes.extend(self.upsert_batch(http, binding, book, batch)?);
-        }
-        Ok(outcomes)
+        self.upsert_batch(http, binding, book, members)
     }
 
     fn remove(
@@ -904,32 +900,32 @@ impl Provider for SendPulse {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let path = format!("/addressbooks/{book}/emails");
-            outcomes.extend(match binding.on_leave {
-                OnLeave::Remove => {
-                    self.remove_batch(http, book, "remove contacts", Method::Delete, &path, batch)?
-                }
-                OnLeave::Unsubscribe => self.remove_batch(
-                    http,
-                    book,
-                    "unsubscribe contacts",
-                    Method::Post,
-                    &format!("{path}/unsubscribe"),
-                    batch,
-                )?,
-                OnLeave::Delete => self.delete_everywhere(http, batch)?,
-                OnLeave::Keep => batch.iter().map(|_| Outcome::Removed).collect(),
-                OnLeave::Archive => {
-                    return Err(ProviderError::Binding(
-                        "SendPulse has no archive; use on_leave remove, unsubscribe or delete"
-                            .into(),
-                    ));
-                }
-            });
-        }
-        Ok(outcomes)
+        let path = format!("/addressbooks/{book}/emails");
+        Ok(match binding.on_leave {
+            OnLeave::Remove => self.remove_batch(
+                http,
+                book,
+                "remove contacts",
+                Method::Delete,
+                &path,
+                members,
+            )?,
+            OnLeave::Unsubscribe => self.remove_batch(
+                http,
+                book,
+                "unsubscribe contacts",
+                Method::Post,
+                &format!("{path}/unsubscribe"),
+                members,
+            )?,
+            OnLeave::Delete => self.delete_everywhere(http, members)?,
+            OnLeave::Keep => members.iter().map(|_| Outcome::Removed).collect(),
+            OnLeave::Archive => {
+                return Err(ProviderError::Binding(
+                    "SendPulse has no archive; use on_leave remove, unsubscribe or delete".into(),
+                ));
+            }
+        })
     }
 
     /// SendPulse has no erasure call: the closest is deleting the address from every mailing
