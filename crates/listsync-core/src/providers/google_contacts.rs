@@ -1730,11 +1730,7 @@ impl Provider for GoogleContacts {
         let list = list_group(binding)?;
         let mut groups = vec![list.clone()];
         groups.extend(tag_groups(binding).into_iter().filter(|g| *g != list));
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            outcomes.extend(self.upsert_batch(http, &groups, batch)?);
-        }
-        Ok(outcomes)
+        self.upsert_batch(http, &groups, members)
     }
 
     fn remove(
@@ -1743,24 +1739,18 @@ impl Provider for GoogleContacts {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, DELETE_BATCH) {
-            outcomes.extend(match binding.on_leave {
-                OnLeave::Remove => {
-                    let names = self.resolve(http, batch)?;
-                    self.leave_group(http, &list_group(binding)?, &names)?
-                }
-                OnLeave::Delete => self.delete_members(http, binding, batch)?,
-                OnLeave::Keep => batch.iter().map(|_| Outcome::Removed).collect(),
-                other => {
-                    return Err(ProviderError::Binding(format!(
-                        "Google Contacts cannot {}: it has no consent state (on_leave may be remove, delete or keep)",
-                        other.as_str()
-                    )));
-                }
-            });
+        match binding.on_leave {
+            OnLeave::Remove => {
+                let names = self.resolve(http, members)?;
+                self.leave_group(http, &list_group(binding)?, &names)
+            }
+            OnLeave::Delete => self.delete_members(http, binding, members),
+            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
+            other => Err(ProviderError::Binding(format!(
+                "Google Contacts cannot {}: it has no consent state (on_leave may be remove, delete or keep)",
+                other.as_str()
+            ))),
         }
-        Ok(outcomes)
     }
 
     /// Deletes every contact holding the address (and the one recorded for it), whoever
@@ -1772,34 +1762,32 @@ impl Provider for GoogleContacts {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, DELETE_BATCH) {
-            let directory = self.refresh_directory(http)?;
-            let holders: Vec<BTreeSet<String>> = batch
-                .iter()
-                .map(|m| {
-                    let mut people: BTreeSet<String> =
-                        directory.holders(&m.address).iter().cloned().collect();
-                    people.extend(m.remote_id.clone().filter(|r| r.starts_with("people/")));
-                    people
-                })
-                .collect();
-            let all: Vec<String> = holders
-                .iter()
-                .flatten()
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let failed = self.delete(http, &all)?;
-            outcomes.extend(holders.iter().map(|people| {
-                match people.iter().find_map(|p| failed.get(p)) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                }
-            }));
-        }
+        let directory = self.refresh_directory(http)?;
+        let holders: Vec<BTreeSet<String>> = members
+            .iter()
+            .map(|m| {
+                let mut people: BTreeSet<String> =
+                    directory.holders(&m.address).iter().cloned().collect();
+                people.extend(m.remote_id.clone().filter(|r| r.starts_with("people/")));
+                people
+            })
+            .collect();
+        let all: Vec<String> = holders
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let failed = self.delete(http, &all)?;
+        outcomes.extend(holders.iter().map(
+            |people| match people.iter().find_map(|p| failed.get(p)) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            },
+        ));
         Ok(outcomes)
     }
 }

@@ -20,7 +20,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use serde_json::{Map, Value, json};
@@ -1152,31 +1152,29 @@ impl Provider for SendGrid {
             OnLeave::Remove | OnLeave::Unsubscribe | OnLeave::Delete => {}
         }
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, SEARCH_BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            if binding.on_leave == OnLeave::Unsubscribe {
-                self.suppress(http, &addresses)?;
-            }
-            let search = self.search(http, &addresses)?;
-            let ids: Vec<&str> = batch
-                .iter()
-                .filter_map(|m| search.found.get(&m.address.to_lowercase()))
-                .map(|f| f.id.as_str())
-                .collect();
-            if binding.on_leave == OnLeave::Delete {
-                self.delete_contacts(http, &ids)?;
-            } else {
-                self.leave_list(http, &list, &ids)?;
-            }
-            outcomes.extend(batch.iter().map(
-                |m| match search.invalid.get(&m.address.to_lowercase()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                },
-            ));
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        if binding.on_leave == OnLeave::Unsubscribe {
+            self.suppress(http, &addresses)?;
         }
+        let search = self.search(http, &addresses)?;
+        let ids: Vec<&str> = members
+            .iter()
+            .filter_map(|m| search.found.get(&m.address.to_lowercase()))
+            .map(|f| f.id.as_str())
+            .collect();
+        if binding.on_leave == OnLeave::Delete {
+            self.delete_contacts(http, &ids)?;
+        } else {
+            self.leave_list(http, &list, &ids)?;
+        }
+        outcomes.extend(members.iter().map(
+            |m| match search.invalid.get(&m.address.to_lowercase()) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            },
+        ));
         Ok(outcomes)
     }
 
@@ -1190,27 +1188,25 @@ impl Provider for SendGrid {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, SEARCH_BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            let search = self.search(http, &addresses)?;
-            let ids: Vec<&str> = search.found.values().map(|f| f.id.as_str()).collect();
-            self.delete_contacts(http, &ids)?;
-            let valid: Vec<String> = addresses
-                .iter()
-                .filter(|a| !search.invalid.contains_key(&a.to_lowercase()))
-                .map(|a| a.to_string())
-                .collect();
-            let failed = self.erase_job(http, valid)?;
-            outcomes.extend(batch.iter().map(|m| {
-                let key = m.address.to_lowercase();
-                match search.invalid.get(&key).or_else(|| failed.get(&key)) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                }
-            }));
-        }
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        let search = self.search(http, &addresses)?;
+        let ids: Vec<&str> = search.found.values().map(|f| f.id.as_str()).collect();
+        self.delete_contacts(http, &ids)?;
+        let valid: Vec<String> = addresses
+            .iter()
+            .filter(|a| !search.invalid.contains_key(&a.to_lowercase()))
+            .map(|a| a.to_string())
+            .collect();
+        let failed = self.erase_job(http, valid)?;
+        outcomes.extend(members.iter().map(|m| {
+            let key = m.address.to_lowercase();
+            match search.invalid.get(&key).or_else(|| failed.get(&key)) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            }
+        }));
         Ok(outcomes)
     }
 }
