@@ -34,7 +34,7 @@
 
 use super::{
     Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
-    Spec, chunks,
+    Spec, chunks, kit,
 };
 use crate::address::phone_identity;
 use crate::http::{
@@ -266,12 +266,7 @@ fn group_name(id: &str) -> String {
 }
 
 fn list_group(binding: &Binding) -> Result<String> {
-    binding.list_id.as_deref().map(group_name).ok_or_else(|| {
-        ProviderError::Binding(format!(
-            "binding {} has no Google contact group yet",
-            binding.id
-        ))
-    })
+    kit::list_id(binding, "Google contact group").map(group_name)
 }
 
 fn tag_groups(binding: &Binding) -> Vec<String> {

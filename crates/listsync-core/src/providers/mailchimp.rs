@@ -8,7 +8,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use md5::{Digest, Md5};
@@ -214,16 +214,7 @@ impl Mailchimp {
     }
 
     fn list_segment(binding: &Binding) -> Result<i64> {
-        binding
-            .list_id
-            .as_deref()
-            .and_then(|id| id.parse().ok())
-            .ok_or_else(|| {
-                ProviderError::Binding(format!(
-                    "binding {} has no Mailchimp tag id yet",
-                    binding.id
-                ))
-            })
+        kit::numeric_list_id(binding, "Mailchimp tag id")
     }
 
     fn tag_segments(binding: &Binding) -> Vec<i64> {

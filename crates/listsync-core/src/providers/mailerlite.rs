@@ -14,7 +14,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, chunks, kit,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
@@ -399,12 +399,7 @@ fn last_page(answer: &Value, page: u64) -> bool {
 }
 
 fn list_group(binding: &Binding) -> Result<&str> {
-    binding.list_id.as_deref().ok_or_else(|| {
-        ProviderError::Binding(format!(
-            "binding {} has no MailerLite group yet",
-            binding.id
-        ))
-    })
+    kit::list_id(binding, "MailerLite group")
 }
 
 /// MailerLite's error words: `message`, plus the per-field `errors` of a 422.

@@ -16,6 +16,7 @@ use std::time::Duration;
 pub mod contract;
 pub mod esputnik;
 pub mod google_contacts;
+pub mod kit;
 pub mod mailchimp;
 pub mod mailerlite;
 pub mod sendgrid;

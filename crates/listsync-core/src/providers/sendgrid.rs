@@ -20,7 +20,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use serde_json::{Map, Value, json};
@@ -483,12 +483,7 @@ struct Search {
 
 impl SendGrid {
     fn list_id(binding: &Binding) -> Result<&str> {
-        binding.list_id.as_deref().ok_or_else(|| {
-            ProviderError::Binding(format!(
-                "binding {} has no SendGrid list id yet",
-                binding.id
-            ))
-        })
+        kit::list_id(binding, "SendGrid list id")
     }
 
     fn list_missing(id: &str) -> ProviderError {

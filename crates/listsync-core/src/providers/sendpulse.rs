@@ -13,7 +13,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
@@ -452,16 +452,7 @@ impl SendPulse {
     }
 
     fn book_id(binding: &Binding) -> Result<u64> {
-        binding
-            .list_id
-            .as_deref()
-            .and_then(|id| id.trim().parse().ok())
-            .ok_or_else(|| {
-                ProviderError::Binding(format!(
-                    "binding {} has no SendPulse mailing list id yet",
-                    binding.id
-                ))
-            })
+        kit::numeric_list_id(binding, "SendPulse mailing list id")
     }
 
     /// A mailing list of this exact name, paging through all of them (100 per page).

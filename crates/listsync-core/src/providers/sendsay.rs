@@ -15,7 +15,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result};
 use serde_json::{Value, json};
@@ -304,9 +304,7 @@ impl Sendsay {
     }
 
     fn group(binding: &Binding) -> Result<&str> {
-        binding.list_id.as_deref().ok_or_else(|| {
-            ProviderError::Binding(format!("binding {} has no Sendsay group yet", binding.id))
-        })
+        kit::list_id(binding, "Sendsay group")
     }
 
     /// Sets `-group.<group>` to 0 for each member that exists. Members Sendsay cannot show are

@@ -19,7 +19,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Response, Result, transient};
 use serde_json::{Map, Value, json};
@@ -467,9 +467,7 @@ fn id_text(id: &Value) -> Option<String> {
 }
 
 fn list_id(binding: &Binding) -> Result<&str> {
-    binding.list_id.as_deref().ok_or_else(|| {
-        ProviderError::Binding(format!("binding {} has no Unisender list yet", binding.id))
-    })
+    kit::list_id(binding, "Unisender list")
 }
 
 fn field_types(binding: &Binding) -> Option<&Map<String, Value>> {
