@@ -622,37 +622,35 @@ impl Provider for Unisender {
             columns.push("tags".into());
         }
         columns.extend(binding.fields.iter().cloned());
-        for batch in imports.chunks(IMPORT_ROWS) {
-            let rows: Vec<Vec<String>> = batch
-                .iter()
-                .map(|(i, _)| {
-                    let member = &members[*i];
-                    let mut row = vec![member.address.clone(), list.to_string()];
-                    if !binding.tags.is_empty() {
-                        row.push(binding.tags.join(","));
-                    }
-                    row.extend(binding.fields.iter().map(|name| {
-                        member
-                            .fields
-                            .get(name)
-                            .map(|v| field_text(v, kind(types, name)))
-                            .unwrap_or_default()
-                    }));
-                    row
-                })
-                .collect();
-            let problems = self.import(http, "import contacts", &columns, &rows)?;
-            for (row, (i, status)) in batch.iter().enumerate() {
-                outcomes[*i] = Some(match problems.get(&row.to_string()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.as_str().unwrap_or("rejected").to_string(),
-                    },
-                    None => Outcome::Member {
-                        status: *status,
-                        remote_id: None,
-                    },
-                });
-            }
+        let rows: Vec<Vec<String>> = imports
+            .iter()
+            .map(|(i, _)| {
+                let member = &members[*i];
+                let mut row = vec![member.address.clone(), list.to_string()];
+                if !binding.tags.is_empty() {
+                    row.push(binding.tags.join(","));
+                }
+                row.extend(binding.fields.iter().map(|name| {
+                    member
+                        .fields
+                        .get(name)
+                        .map(|v| field_text(v, kind(types, name)))
+                        .unwrap_or_default()
+                }));
+                row
+            })
+            .collect();
+        let problems = self.import(http, "import contacts", &columns, &rows)?;
+        for (row, (i, status)) in imports.iter().enumerate() {
+            outcomes[*i] = Some(match problems.get(&row.to_string()) {
+                Some(message) => Outcome::Failed {
+                    message: message.as_str().unwrap_or("rejected").to_string(),
+                },
+                None => Outcome::Member {
+                    status: *status,
+                    remote_id: None,
+                },
+            });
         }
         Ok(outcomes
             .into_iter()
