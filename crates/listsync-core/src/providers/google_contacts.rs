@@ -6,7 +6,7 @@
 //! `https://www.googleapis.com/auth/contacts` scope; the provider exchanges it for an access
 //! token at `settings.token_url` (default `https://oauth2.googleapis.com/token`, or
 //! `<settings.base_url>/token` when only the API root is overridden, as the emulator serves
-//! both), keeps the token, renews it a minute before it expires, and once more on a 401.
+//! both), keeps the token in a [`kit::BearerToken`] (renewed before it expires and once on a 401).
 //!
 //! Contacts are people (`people/c…`), not addresses: the person's resource name is returned as
 //! the member's `remote_id` and used from then on. An address seen for the first time is looked
@@ -32,6 +32,7 @@
 //! emails, and by its numbers only when it has no email, the rule rows follow too; so a user's
 //! contact with an email and the same number is not taken over by a phone-only row.
 
+use super::kit::{BearerToken, IssuedToken};
 use super::{
     Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
     Spec, chunks, kit,
@@ -43,7 +44,7 @@ use crate::http::{
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub static SPEC: Spec = Spec {
     name: "google_contacts",
@@ -76,8 +77,6 @@ const DELETE_BATCH: usize = 500;
 /// Names per `members:modify` (added and removed together).
 const MODIFY_BATCH: usize = 1000;
 const PAGE_SIZE: usize = 1000;
-/// Renew the access token this long before Google says it expires.
-const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 const MY_CONTACTS: &str = "contactGroups/myContacts";
 /// What the sync reads of a contact before changing it.
 const READ_FIELDS: &str = "addresses,biographies,birthdays,clientData,emailAddresses,memberships,metadata,names,organizations,phoneNumbers,urls,userDefined";
@@ -161,9 +160,43 @@ fn connect(config: &Config) -> Box<dyn Provider> {
     Box::new(GoogleContacts::new(config))
 }
 
-struct AccessToken {
-    value: String,
-    renew_at: Instant,
+/// A new access token from the refresh token.
+fn refresh_access_token(
+    http: &mut Http,
+    token_url: &str,
+    client_id: &str,
+    client_secret: &str,
+    refresh_token: &str,
+) -> Result<IssuedToken> {
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+        ("refresh_token", refresh_token),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let request = Request::new(Method::Post, token_url.to_string()).form(&form);
+    let response = http.send("refresh access token", request)?;
+    response.check_common(oauth_problem)?;
+    if !response.is_success() {
+        // invalid_grant (revoked or expired refresh token), invalid_client, ...: only an
+        // operator can fix these.
+        return Err(ProviderError::Auth(format!(
+            "the token endpoint refused the refresh token: HTTP {}: {}",
+            response.status,
+            oauth_problem(&response)
+        )));
+    }
+    let body = response.json()?;
+    let value = body["access_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
+        .to_string();
+    Ok(IssuedToken {
+        value,
+        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599)),
+    })
 }
 
 struct GoogleContacts {
@@ -173,7 +206,7 @@ struct GoogleContacts {
     client_id: String,
     client_secret: String,
     refresh_token: String,
-    token: Option<AccessToken>,
+    token: BearerToken,
     /// The account's contacts by address, loaded when an address must be looked up.
     directory: Option<Directory>,
 }
@@ -804,71 +837,21 @@ impl GoogleContacts {
             client_id: secret("client_id"),
             client_secret: secret("client_secret"),
             refresh_token: secret("refresh_token"),
-            token: None,
+            token: BearerToken::default(),
             directory: None,
         }
     }
 
-    /// A live access token: the cached one, or a new one from the refresh token.
-    fn access_token(&mut self, http: &mut Http) -> Result<String> {
-        if let Some(token) = &self.token
-            && Instant::now() < token.renew_at
-        {
-            return Ok(token.value.clone());
-        }
-        self.token = None;
-        let form = [
-            ("grant_type", "refresh_token"),
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.as_str()),
-            ("refresh_token", self.refresh_token.as_str()),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let request = Request::new(Method::Post, self.token_url.clone()).form(&form);
-        let response = http.send("refresh access token", request)?;
-        response.check_common(oauth_problem)?;
-        if !response.is_success() {
-            // invalid_grant (revoked or expired refresh token), invalid_client, ...: only an
-            // operator can fix these.
-            return Err(ProviderError::Auth(format!(
-                "the token endpoint refused the refresh token: HTTP {}: {}",
-                response.status,
-                oauth_problem(&response)
-            )));
-        }
-        let body = response.json()?;
-        let value = body["access_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
-            .to_string();
-        let lifetime = Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599));
-        self.token = Some(AccessToken {
-            value: value.clone(),
-            renew_at: Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN),
-        });
-        Ok(value)
-    }
-
-    /// Sends with the bearer token; on a 401 (a token revoked or expired early) once more with
-    /// a new one.
     fn send(&mut self, http: &mut Http, operation: &str, request: Request) -> Result<Response> {
-        let token = self.access_token(http)?;
-        let response = http.send(
-            operation,
-            request
-                .clone()
-                .header("authorization", format!("Bearer {token}")),
-        )?;
-        if response.status != 401 {
-            return Ok(response);
-        }
-        self.token = None;
-        let token = self.access_token(http)?;
-        http.send(
-            operation,
-            request.header("authorization", format!("Bearer {token}")),
-        )
+        let (url, id, secret, refresh) = (
+            &self.token_url,
+            &self.client_id,
+            &self.client_secret,
+            &self.refresh_token,
+        );
+        self.token.send(http, operation, request, |http| {
+            refresh_access_token(http, url, id, secret, refresh)
+        })
     }
 
     /// Sends and classifies: 401 → Auth; 403 → Auth unless it is a quota; 408/429/5xx →
