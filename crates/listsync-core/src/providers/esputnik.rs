@@ -893,14 +893,7 @@ impl Provider for Esputnik {
 #[cfg(test)]
 mod unit {
     use super::*;
-
-    fn member(address: &str, fields: Value) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(fields).unwrap(),
-            remote_id: None,
-        }
-    }
+    use crate::providers::test_support::member;
 
     #[test]
     fn an_empty_detach_is_never_sent() {
@@ -1004,6 +997,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1042,11 +1036,7 @@ mod fake {
     }
 
     fn member(address: &str, name: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"firstName": name, "town": "Kyiv"})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"firstName": name, "town": "Kyiv"}))
     }
 
     fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http) -> Binding {
@@ -1523,6 +1513,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
@@ -1544,14 +1535,11 @@ mod contract {
     }
 
     fn member(address: &str, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(
-                json!({"firstName": "Ann", "town": "Kyiv", "Birthday": "1990-07-14"}),
-            )
-            .unwrap(),
-            remote_id: remote_id.map(str::to_string),
-        }
+        test_support::known_member(
+            address,
+            json!({"firstName": "Ann", "town": "Kyiv", "Birthday": "1990-07-14"}),
+            remote_id,
+        )
     }
 
     #[test]

@@ -2138,6 +2138,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -2172,14 +2173,6 @@ mod fake {
             on_leave,
             new_member_status: MemberStatus::Subscribed,
             remote: Map::new(),
-        }
-    }
-
-    fn member(address: &str, fields: Value, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: fields.as_object().cloned().unwrap_or_default(),
-            remote_id: remote_id.map(str::to_string),
         }
     }
 
@@ -3137,6 +3130,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
 
     /// A request's kind: its path with the resource ids replaced as the description names them.
@@ -3155,14 +3149,6 @@ mod contract {
             segments[3] = format!("{name}{action}");
         }
         format!("{method} {}", segments.join("/"))
-    }
-
-    fn member(address: &str, fields: Value, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: fields.as_object().cloned().unwrap_or_default(),
-            remote_id: remote_id.map(str::to_string),
-        }
     }
 
     fn id(outcome: &Outcome) -> String {

@@ -593,6 +593,7 @@ mod unit {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
@@ -609,12 +610,7 @@ mod contract {
     }
 
     fn member(address: &str) -> Member {
-        let fields = serde_json::from_value(json!({"FNAME": "Ann", "LNAME": "Lee"})).unwrap();
-        Member {
-            address: address.into(),
-            fields,
-            remote_id: None,
-        }
+        test_support::member(address, json!({"FNAME": "Ann", "LNAME": "Lee"}))
     }
 
     #[test]

@@ -754,6 +754,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
 
@@ -793,12 +794,7 @@ mod fake {
     }
 
     fn member(address: &str, name: &str, score: i64) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": name, "score": score.to_string()}))
-                .unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": name, "score": score.to_string()}))
     }
 
     fn gone(address: &str, remote_id: Option<String>) -> Member {

@@ -22,6 +22,8 @@ pub mod mailerlite;
 pub mod sendgrid;
 pub mod sendpulse;
 pub mod sendsay;
+#[cfg(test)]
+mod test_support;
 pub mod unisender;
 pub mod webhook;
 

@@ -1328,6 +1328,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support::member;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1356,14 +1357,6 @@ mod fake {
             on_leave,
             new_member_status: MemberStatus::Subscribed,
             remote: Map::new(),
-        }
-    }
-
-    fn member(address: &str, fields: Value) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(fields).unwrap(),
-            remote_id: None,
         }
     }
 
@@ -1836,6 +1829,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
 
@@ -1913,14 +1907,10 @@ mod contract {
     }
 
     fn member(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(
-                json!({"first_name": "Jane", "num_orders": 3, "dob": "1990-07-14"}),
-            )
-            .unwrap(),
-            remote_id: None,
-        }
+        test_support::member(
+            address,
+            json!({"first_name": "Jane", "num_orders": 3, "dob": "1990-07-14"}),
+        )
     }
 
     #[test]

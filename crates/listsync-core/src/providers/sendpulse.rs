@@ -2,8 +2,8 @@
 //!
 //! A binding's list is a SendPulse mailing list ("address book"); mapped fields are the book's
 //! variables and binding tags are SendPulse contact tags. Authentication is the OAuth2 client
-//! credentials grant (`POST /oauth/access_token`, a bearer token for an hour, cached in a [`kit::BearerToken`] and
-//! renewed before it expires and once on a 401) or a static API key.
+//! credentials grant (`POST /oauth/access_token`, a bearer token for an hour, cached in a
+//! [`kit::BearerToken`]: renewed before it expires and once on a 401) or a static API key.
 //!
 //! SendPulse answers an add with a bare `{"result": true}`, so consent is read before writing:
 //! `POST /emails` tells which addresses the book already holds, and for those the book's status
@@ -1015,6 +1015,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1057,11 +1058,7 @@ mod fake {
     }
 
     fn member(address: &str, name: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": name, "age": 42})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": name, "age": 42}))
     }
 
     fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http, on_leave: OnLeave) -> Binding {
@@ -1497,6 +1494,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     /// The token endpoint is not in the spec, so the spec's other scheme, a static API key,
     /// authenticates here; the OAuth exchange is covered by the fake.
@@ -1527,11 +1525,7 @@ mod contract {
     }
 
     fn member(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": "Ann"})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": "Ann"}))
     }
 
     #[test]
