@@ -1022,17 +1022,7 @@ mod fake {
     }
 
     fn binding(on_leave: OnLeave) -> Binding {
-        Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["firstName".into(), "town".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
-        }
+        test_support::binding(&["firstName", "town"], on_leave)
     }
 
     fn member(address: &str, name: &str) -> Member {

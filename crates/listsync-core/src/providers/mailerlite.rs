@@ -781,15 +781,8 @@ mod fake {
 
     fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["name".into(), "score".into()],
-            on_leave,
             new_member_status: status,
-            remote: Map::new(),
+            ..test_support::binding(&["name", "score"], on_leave)
         }
     }
 

@@ -1045,15 +1045,8 @@ mod fake {
 
     fn binding(on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec!["name".into(), "age".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&["name", "age"], on_leave)
         }
     }
 

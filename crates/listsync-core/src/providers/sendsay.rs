@@ -671,6 +671,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
 
@@ -691,14 +692,7 @@ mod fake {
     fn binding(on_leave: OnLeave) -> Binding {
         Binding {
             id: 3,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["base.firstName".into(), "custom.city".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Default::default(),
+            ..test_support::binding(&["base.firstName", "custom.city"], on_leave)
         }
     }
 

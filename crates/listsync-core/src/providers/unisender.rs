@@ -801,6 +801,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
@@ -827,24 +828,14 @@ mod fake {
 
     fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec!["Name".into(), "score".into()],
-            on_leave,
             new_member_status: status,
-            remote: Map::new(),
+            ..test_support::binding(&["Name", "score"], on_leave)
         }
     }
 
     fn member(address: &str, name: &str, score: i64) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"Name": name, "score": score})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"Name": name, "score": score}))
     }
 
     fn gone(address: &str) -> Member {
