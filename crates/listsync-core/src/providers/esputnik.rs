@@ -1507,20 +1507,14 @@ mod contract {
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["firstName".into(), "town".into(), "Birthday".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
             remote: serde_json::from_value(json!({
                 "group_id": 200400,
                 "group_name": "vip (crm)",
                 "custom_fields": {"Birthday": {"id": 79814, "type": "DATE"}},
             }))
             .unwrap(),
+            ..test_support::binding(&["firstName", "town", "Birthday"], on_leave)
         }
     }
 

@@ -597,15 +597,9 @@ mod contract {
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec![],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&[], on_leave)
         }
     }
 

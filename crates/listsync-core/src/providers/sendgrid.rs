@@ -1328,6 +1328,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use crate::providers::test_support::member;
     use listsync_emulator::{Emulator, Fault};
 
@@ -1349,14 +1350,7 @@ mod fake {
     fn binding(fields: &[&str], on_leave: OnLeave) -> Binding {
         Binding {
             id: 7,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: fields.iter().map(|f| f.to_string()).collect(),
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(fields, on_leave)
         }
     }
 
