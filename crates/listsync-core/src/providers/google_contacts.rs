@@ -2138,6 +2138,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
 
@@ -2165,14 +2166,8 @@ mod fake {
     fn binding(on_leave: OnLeave, tags: &[&str]) -> Binding {
         Binding {
             id: 7,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            fields: vec!["given_name".into(), "phone".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&["given_name", "phone"], on_leave)
         }
     }
 

@@ -791,11 +791,7 @@ mod fake {
     }
 
     fn gone(address: &str, remote_id: Option<String>) -> Member {
-        Member {
-            address: address.into(),
-            fields: Map::new(),
-            remote_id,
-        }
+        test_support::known_member(address, json!({}), remote_id.as_deref())
     }
 
     /// A prepared binding with `ann` and `bob` upserted; returns their outcomes.

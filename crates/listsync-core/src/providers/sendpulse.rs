@@ -1505,15 +1505,9 @@ mod contract {
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave, tags: &[&str]) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            fields: vec!["name".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&["name"], on_leave)
         }
     }
 

@@ -839,11 +839,7 @@ mod fake {
     }
 
     fn gone(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: Map::new(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({}))
     }
 
     fn prepared(
