@@ -15,7 +15,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode,
@@ -768,68 +768,67 @@ impl Provider for Esputnik {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, IMPORT_BATCH) {
-            let pending = binding.new_member_status == MemberStatus::Pending;
-            // First-time members of a double opt-in binding are subscribed one by one; known
-            // ones are updated by the import, which never asks them to confirm again.
-            let (newcomers, known): (Vec<&Member>, Vec<&Member>) =
-                batch.iter().partition(|m| pending && m.remote_id.is_none());
-            let mut by_address: HashMap<&str, Outcome> = HashMap::new();
-            // Once some subscriptions went through, a transient failure must not make the
-            // engine send them again (each one can mail a confirmation request): the rest of
-            // the batch is retried item by item instead.
-            let mut stalled: Option<Outcome> = None;
-            for member in &newcomers {
-                if let Some(retry) = &stalled {
-                    by_address.insert(&member.address, retry.clone());
-                    continue;
+        let pending = binding.new_member_status == MemberStatus::Pending;
+        // First-time members of a double opt-in binding are subscribed one by one; known
+        // ones are updated by the import, which never asks them to confirm again.
+        let (newcomers, known): (Vec<&Member>, Vec<&Member>) = members
+            .iter()
+            .partition(|m| pending && m.remote_id.is_none());
+        let mut by_address: HashMap<&str, Outcome> = HashMap::new();
+        // Once some subscriptions went through, a transient failure must not make the
+        // engine send them again (each one can mail a confirmation request): the rest of
+        // the members is retried item by item instead.
+        let mut stalled: Option<Outcome> = None;
+        for member in &newcomers {
+            if let Some(retry) = &stalled {
+                by_address.insert(&member.address, retry.clone());
+                continue;
+            }
+            let outcome = match self.subscribe(http, binding, member) {
+                Ok(outcome) => outcome,
+                Err(ProviderError::Transient {
+                    message,
+                    retry_after,
+                }) if !by_address.is_empty() => {
+                    let retry = Outcome::Retry {
+                        message,
+                        retry_after,
+                    };
+                    stalled = Some(retry.clone());
+                    retry
                 }
-                let outcome = match self.subscribe(http, binding, member) {
-                    Ok(outcome) => outcome,
-                    Err(ProviderError::Transient {
-                        message,
-                        retry_after,
-                    }) if !by_address.is_empty() => {
-                        let retry = Outcome::Retry {
-                            message,
-                            retry_after,
-                        };
-                        stalled = Some(retry.clone());
-                        retry
-                    }
-                    Err(e) => return Err(e),
-                };
-                by_address.insert(&member.address, outcome);
-            }
-            let imported = match stalled {
-                Some(retry) => known.iter().map(|_| retry.clone()).collect(),
-                None => match self.import(http, binding, &known, binding.new_member_status) {
-                    Ok(outcomes) => outcomes,
-                    Err(ProviderError::Transient {
-                        message,
-                        retry_after,
-                    }) if !by_address.is_empty() => known
-                        .iter()
-                        .map(|_| Outcome::Retry {
-                            message: message.clone(),
-                            retry_after,
-                        })
-                        .collect(),
-                    Err(e) => return Err(e),
-                },
+                Err(e) => return Err(e),
             };
-            for (member, outcome) in known.iter().zip(imported) {
-                by_address.insert(&member.address, outcome);
-            }
-            outcomes.extend(batch.iter().map(|m| {
-                by_address
-                    .remove(m.address.as_str())
-                    .unwrap_or(Outcome::Retry {
-                        message: format!("{} did not report this contact", self.brand),
-                        retry_after: None,
-                    })
-            }));
+            by_address.insert(&member.address, outcome);
         }
+        let imported = match stalled {
+            Some(retry) => known.iter().map(|_| retry.clone()).collect(),
+            None => match self.import(http, binding, &known, binding.new_member_status) {
+                Ok(outcomes) => outcomes,
+                Err(ProviderError::Transient {
+                    message,
+                    retry_after,
+                }) if !by_address.is_empty() => known
+                    .iter()
+                    .map(|_| Outcome::Retry {
+                        message: message.clone(),
+                        retry_after,
+                    })
+                    .collect(),
+                Err(e) => return Err(e),
+            },
+        };
+        for (member, outcome) in known.iter().zip(imported) {
+            by_address.insert(&member.address, outcome);
+        }
+        outcomes.extend(members.iter().map(|m| {
+            by_address
+                .remove(m.address.as_str())
+                .unwrap_or(Outcome::Retry {
+                    message: format!("{} did not report this contact", self.brand),
+                    retry_after: None,
+                })
+        }));
         Ok(outcomes)
     }
 
@@ -840,42 +839,40 @@ impl Provider for Esputnik {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, DETACH_BATCH) {
-            match binding.on_leave {
-                OnLeave::Remove | OnLeave::Unsubscribe => {
-                    if binding.on_leave == OnLeave::Unsubscribe {
-                        let emails: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-                        let request = self
-                            .request(Method::Post, "/v1/emails/unsubscribed/add")
-                            .json(&json!({ "emails": emails }));
-                        let response = self.send(http, "unsubscribe contacts", request)?;
-                        if !response.is_success() {
-                            return Err(ProviderError::Rejected(format!(
-                                "HTTP {}: {}",
-                                response.status,
-                                response.text_excerpt()
-                            )));
-                        }
+        match binding.on_leave {
+            OnLeave::Remove | OnLeave::Unsubscribe => {
+                if binding.on_leave == OnLeave::Unsubscribe {
+                    let emails: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+                    let request = self
+                        .request(Method::Post, "/v1/emails/unsubscribed/add")
+                        .json(&json!({ "emails": emails }));
+                    let response = self.send(http, "unsubscribe contacts", request)?;
+                    if !response.is_success() {
+                        return Err(ProviderError::Rejected(format!(
+                            "HTTP {}: {}",
+                            response.status,
+                            response.text_excerpt()
+                        )));
                     }
-                    // No segment yet, or no such contact: nobody to detach, which is the goal.
-                    if let Some(group) = self.group_id(http, binding)? {
-                        let ids: Vec<i64> = self
-                            .contact_ids(http, batch)?
-                            .into_iter()
-                            .flatten()
-                            .collect();
-                        self.detach(http, group, &ids)?;
-                    }
-                    outcomes.extend(batch.iter().map(|_| Outcome::Removed));
                 }
-                OnLeave::Delete => outcomes.extend(self.delete_contacts(http, batch, false)?),
-                OnLeave::Keep => outcomes.extend(batch.iter().map(|_| Outcome::Removed)),
-                OnLeave::Archive => {
-                    return Err(ProviderError::Binding(format!(
-                        "{} has no archive; use on_leave remove, unsubscribe or delete",
-                        self.brand
-                    )));
+                // No segment yet, or no such contact: nobody to detach, which is the goal.
+                if let Some(group) = self.group_id(http, binding)? {
+                    let ids: Vec<i64> = self
+                        .contact_ids(http, members)?
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    self.detach(http, group, &ids)?;
                 }
+                outcomes.extend(members.iter().map(|_| Outcome::Removed));
+            }
+            OnLeave::Delete => outcomes.extend(self.delete_contacts(http, members, false)?),
+            OnLeave::Keep => outcomes.extend(members.iter().map(|_| Outcome::Removed)),
+            OnLeave::Archive => {
+                return Err(ProviderError::Binding(format!(
+                    "{} has no archive; use on_leave remove, unsubscribe or delete",
+                    self.brand
+                )));
             }
         }
         Ok(outcomes)
@@ -896,14 +893,7 @@ impl Provider for Esputnik {
 #[cfg(test)]
 mod unit {
     use super::*;
-
-    fn member(address: &str, fields: Value) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(fields).unwrap(),
-            remote_id: None,
-        }
-    }
+    use crate::providers::test_support::member;
 
     #[test]
     fn an_empty_detach_is_never_sent() {
@@ -1007,6 +997,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1031,25 +1022,11 @@ mod fake {
     }
 
     fn binding(on_leave: OnLeave) -> Binding {
-        Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["firstName".into(), "town".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
-        }
+        test_support::binding(&["firstName", "town"], on_leave)
     }
 
     fn member(address: &str, name: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"firstName": name, "town": "Kyiv"})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"firstName": name, "town": "Kyiv"}))
     }
 
     fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http) -> Binding {
@@ -1526,35 +1503,27 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["firstName".into(), "town".into(), "Birthday".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
             remote: serde_json::from_value(json!({
                 "group_id": 200400,
                 "group_name": "vip (crm)",
                 "custom_fields": {"Birthday": {"id": 79814, "type": "DATE"}},
             }))
             .unwrap(),
+            ..test_support::binding(&["firstName", "town", "Birthday"], on_leave)
         }
     }
 
     fn member(address: &str, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(
-                json!({"firstName": "Ann", "town": "Kyiv", "Birthday": "1990-07-14"}),
-            )
-            .unwrap(),
-            remote_id: remote_id.map(str::to_string),
-        }
+        test_support::known_member(
+            address,
+            json!({"firstName": "Ann", "town": "Kyiv", "Birthday": "1990-07-14"}),
+            remote_id,
+        )
     }
 
     #[test]

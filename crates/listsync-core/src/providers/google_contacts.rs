@@ -6,7 +6,7 @@
 //! `https://www.googleapis.com/auth/contacts` scope; the provider exchanges it for an access
 //! token at `settings.token_url` (default `https://oauth2.googleapis.com/token`, or
 //! `<settings.base_url>/token` when only the API root is overridden, as the emulator serves
-//! both), keeps the token, renews it a minute before it expires, and once more on a 401.
+//! both), keeps the token in a [`kit::BearerToken`] (renewed before it expires and once on a 401).
 //!
 //! Contacts are people (`people/c…`), not addresses: the person's resource name is returned as
 //! the member's `remote_id` and used from then on. An address seen for the first time is looked
@@ -32,9 +32,10 @@
 //! emails, and by its numbers only when it has no email, the rule rows follow too; so a user's
 //! contact with an email and the same number is not taken over by a phone-only row.
 
+use super::kit::{BearerToken, IssuedToken};
 use super::{
     Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
-    Spec, chunks,
+    Spec, chunks, kit,
 };
 use crate::address::phone_identity;
 use crate::http::{
@@ -43,7 +44,7 @@ use crate::http::{
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub static SPEC: Spec = Spec {
     name: "google_contacts",
@@ -76,8 +77,6 @@ const DELETE_BATCH: usize = 500;
 /// Names per `members:modify` (added and removed together).
 const MODIFY_BATCH: usize = 1000;
 const PAGE_SIZE: usize = 1000;
-/// Renew the access token this long before Google says it expires.
-const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 const MY_CONTACTS: &str = "contactGroups/myContacts";
 /// What the sync reads of a contact before changing it.
 const READ_FIELDS: &str = "addresses,biographies,birthdays,clientData,emailAddresses,memberships,metadata,names,organizations,phoneNumbers,urls,userDefined";
@@ -161,9 +160,43 @@ fn connect(config: &Config) -> Box<dyn Provider> {
     Box::new(GoogleContacts::new(config))
 }
 
-struct AccessToken {
-    value: String,
-    renew_at: Instant,
+/// A new access token from the refresh token.
+fn refresh_access_token(
+    http: &mut Http,
+    token_url: &str,
+    client_id: &str,
+    client_secret: &str,
+    refresh_token: &str,
+) -> Result<IssuedToken> {
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", client_id),
+        ("client_secret", client_secret),
+        ("refresh_token", refresh_token),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let request = Request::new(Method::Post, token_url.to_string()).form(&form);
+    let response = http.send("refresh access token", request)?;
+    response.check_common(oauth_problem)?;
+    if !response.is_success() {
+        // invalid_grant (revoked or expired refresh token), invalid_client, ...: only an
+        // operator can fix these.
+        return Err(ProviderError::Auth(format!(
+            "the token endpoint refused the refresh token: HTTP {}: {}",
+            response.status,
+            oauth_problem(&response)
+        )));
+    }
+    let body = response.json()?;
+    let value = body["access_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
+        .to_string();
+    Ok(IssuedToken {
+        value,
+        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599)),
+    })
 }
 
 struct GoogleContacts {
@@ -173,7 +206,7 @@ struct GoogleContacts {
     client_id: String,
     client_secret: String,
     refresh_token: String,
-    token: Option<AccessToken>,
+    token: BearerToken,
     /// The account's contacts by address, loaded when an address must be looked up.
     directory: Option<Directory>,
 }
@@ -266,12 +299,7 @@ fn group_name(id: &str) -> String {
 }
 
 fn list_group(binding: &Binding) -> Result<String> {
-    binding.list_id.as_deref().map(group_name).ok_or_else(|| {
-        ProviderError::Binding(format!(
-            "binding {} has no Google contact group yet",
-            binding.id
-        ))
-    })
+    kit::list_id(binding, "Google contact group").map(group_name)
 }
 
 fn tag_groups(binding: &Binding) -> Vec<String> {
@@ -809,71 +837,21 @@ impl GoogleContacts {
             client_id: secret("client_id"),
             client_secret: secret("client_secret"),
             refresh_token: secret("refresh_token"),
-            token: None,
+            token: BearerToken::default(),
             directory: None,
         }
     }
 
-    /// A live access token: the cached one, or a new one from the refresh token.
-    fn access_token(&mut self, http: &mut Http) -> Result<String> {
-        if let Some(token) = &self.token
-            && Instant::now() < token.renew_at
-        {
-            return Ok(token.value.clone());
-        }
-        self.token = None;
-        let form = [
-            ("grant_type", "refresh_token"),
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.as_str()),
-            ("refresh_token", self.refresh_token.as_str()),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let request = Request::new(Method::Post, self.token_url.clone()).form(&form);
-        let response = http.send("refresh access token", request)?;
-        response.check_common(oauth_problem)?;
-        if !response.is_success() {
-            // invalid_grant (revoked or expired refresh token), invalid_client, ...: only an
-            // operator can fix these.
-            return Err(ProviderError::Auth(format!(
-                "the token endpoint refused the refresh token: HTTP {}: {}",
-                response.status,
-                oauth_problem(&response)
-            )));
-        }
-        let body = response.json()?;
-        let value = body["access_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
-            .to_string();
-        let lifetime = Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599));
-        self.token = Some(AccessToken {
-            value: value.clone(),
-            renew_at: Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN),
-        });
-        Ok(value)
-    }
-
-    /// Sends with the bearer token; on a 401 (a token revoked or expired early) once more with
-    /// a new one.
     fn send(&mut self, http: &mut Http, operation: &str, request: Request) -> Result<Response> {
-        let token = self.access_token(http)?;
-        let response = http.send(
-            operation,
-            request
-                .clone()
-                .header("authorization", format!("Bearer {token}")),
-        )?;
-        if response.status != 401 {
-            return Ok(response);
-        }
-        self.token = None;
-        let token = self.access_token(http)?;
-        http.send(
-            operation,
-            request.header("authorization", format!("Bearer {token}")),
-        )
+        let (url, id, secret, refresh) = (
+            &self.token_url,
+            &self.client_id,
+            &self.client_secret,
+            &self.refresh_token,
+        );
+        self.token.send(http, operation, request, |http| {
+            refresh_access_token(http, url, id, secret, refresh)
+        })
     }
 
     /// Sends and classifies: 401 → Auth; 403 → Auth unless it is a quota; 408/429/5xx →
@@ -1730,11 +1708,7 @@ impl Provider for GoogleContacts {
         let list = list_group(binding)?;
         let mut groups = vec![list.clone()];
         groups.extend(tag_groups(binding).into_iter().filter(|g| *g != list));
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            outcomes.extend(self.upsert_batch(http, &groups, batch)?);
-        }
-        Ok(outcomes)
+        self.upsert_batch(http, &groups, members)
     }
 
     fn remove(
@@ -1743,24 +1717,18 @@ impl Provider for GoogleContacts {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, DELETE_BATCH) {
-            outcomes.extend(match binding.on_leave {
-                OnLeave::Remove => {
-                    let names = self.resolve(http, batch)?;
-                    self.leave_group(http, &list_group(binding)?, &names)?
-                }
-                OnLeave::Delete => self.delete_members(http, binding, batch)?,
-                OnLeave::Keep => batch.iter().map(|_| Outcome::Removed).collect(),
-                other => {
-                    return Err(ProviderError::Binding(format!(
-                        "Google Contacts cannot {}: it has no consent state (on_leave may be remove, delete or keep)",
-                        other.as_str()
-                    )));
-                }
-            });
+        match binding.on_leave {
+            OnLeave::Remove => {
+                let names = self.resolve(http, members)?;
+                self.leave_group(http, &list_group(binding)?, &names)
+            }
+            OnLeave::Delete => self.delete_members(http, binding, members),
+            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
+            other => Err(ProviderError::Binding(format!(
+                "Google Contacts cannot {}: it has no consent state (on_leave may be remove, delete or keep)",
+                other.as_str()
+            ))),
         }
-        Ok(outcomes)
     }
 
     /// Deletes every contact holding the address (and the one recorded for it), whoever
@@ -1772,34 +1740,32 @@ impl Provider for GoogleContacts {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, DELETE_BATCH) {
-            let directory = self.refresh_directory(http)?;
-            let holders: Vec<BTreeSet<String>> = batch
-                .iter()
-                .map(|m| {
-                    let mut people: BTreeSet<String> =
-                        directory.holders(&m.address).iter().cloned().collect();
-                    people.extend(m.remote_id.clone().filter(|r| r.starts_with("people/")));
-                    people
-                })
-                .collect();
-            let all: Vec<String> = holders
-                .iter()
-                .flatten()
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let failed = self.delete(http, &all)?;
-            outcomes.extend(holders.iter().map(|people| {
-                match people.iter().find_map(|p| failed.get(p)) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                }
-            }));
-        }
+        let directory = self.refresh_directory(http)?;
+        let holders: Vec<BTreeSet<String>> = members
+            .iter()
+            .map(|m| {
+                let mut people: BTreeSet<String> =
+                    directory.holders(&m.address).iter().cloned().collect();
+                people.extend(m.remote_id.clone().filter(|r| r.starts_with("people/")));
+                people
+            })
+            .collect();
+        let all: Vec<String> = holders
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let failed = self.delete(http, &all)?;
+        outcomes.extend(holders.iter().map(
+            |people| match people.iter().find_map(|p| failed.get(p)) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            },
+        ));
         Ok(outcomes)
     }
 }
@@ -2172,6 +2138,8 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
+    use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -2198,22 +2166,8 @@ mod fake {
     fn binding(on_leave: OnLeave, tags: &[&str]) -> Binding {
         Binding {
             id: 7,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            fields: vec!["given_name".into(), "phone".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
-        }
-    }
-
-    fn member(address: &str, fields: Value, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: fields.as_object().cloned().unwrap_or_default(),
-            remote_id: remote_id.map(str::to_string),
+            ..test_support::binding(&["given_name", "phone"], on_leave)
         }
     }
 
@@ -3171,6 +3125,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
 
     /// A request's kind: its path with the resource ids replaced as the description names them.
@@ -3189,14 +3144,6 @@ mod contract {
             segments[3] = format!("{name}{action}");
         }
         format!("{method} {}", segments.join("/"))
-    }
-
-    fn member(address: &str, fields: Value, remote_id: Option<&str>) -> Member {
-        Member {
-            address: address.into(),
-            fields: fields.as_object().cloned().unwrap_or_default(),
-            remote_id: remote_id.map(str::to_string),
-        }
     }
 
     fn id(outcome: &Outcome) -> String {

@@ -8,7 +8,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use md5::{Digest, Md5};
@@ -214,16 +214,7 @@ impl Mailchimp {
     }
 
     fn list_segment(binding: &Binding) -> Result<i64> {
-        binding
-            .list_id
-            .as_deref()
-            .and_then(|id| id.parse().ok())
-            .ok_or_else(|| {
-                ProviderError::Binding(format!(
-                    "binding {} has no Mailchimp tag id yet",
-                    binding.id
-                ))
-            })
+        kit::numeric_list_id(binding, "Mailchimp tag id")
     }
 
     fn tag_segments(binding: &Binding) -> Vec<i64> {
@@ -419,94 +410,89 @@ impl Provider for Mailchimp {
             .get("merge_field_types")
             .and_then(Value::as_object);
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let body: Vec<Value> = batch
-                .iter()
-                .map(|m| {
-                    let merge_fields: Map<String, Value> = m
-                        .fields
-                        .iter()
-                        .map(|(tag, v)| {
-                            (
-                                tag.clone(),
-                                merge_value(
-                                    v,
-                                    types.and_then(|t| t.get(tag)).and_then(Value::as_str),
-                                ),
-                            )
-                        })
-                        .collect();
-                    json!({
-                        "email_address": m.address,
-                        "status_if_new": binding.new_member_status.as_str(),
-                        "merge_fields": merge_fields,
+        let body: Vec<Value> = members
+            .iter()
+            .map(|m| {
+                let merge_fields: Map<String, Value> = m
+                    .fields
+                    .iter()
+                    .map(|(tag, v)| {
+                        (
+                            tag.clone(),
+                            merge_value(v, types.and_then(|t| t.get(tag)).and_then(Value::as_str)),
+                        )
                     })
+                    .collect();
+                json!({
+                    "email_address": m.address,
+                    "status_if_new": binding.new_member_status.as_str(),
+                    "merge_fields": merge_fields,
                 })
-                .collect();
-            let answer = self.batch_subscribe(http, "upsert members", body)?;
-            let mut by_address: HashMap<String, Outcome> = HashMap::new();
-            for member in ["new_members", "updated_members"]
-                .iter()
-                .flat_map(|k| answer[*k].as_array().cloned().unwrap_or_default())
-            {
-                let Some(address) = member["email_address"].as_str() else {
-                    continue;
-                };
-                let status = member["status"].as_str().unwrap_or("subscribed");
-                let outcome = match consent(status) {
-                    Some(consent) => Outcome::Refused {
-                        status: consent,
-                        message: format!("the contact is {status} at Mailchimp"),
+            })
+            .collect();
+        let answer = self.batch_subscribe(http, "upsert members", body)?;
+        let mut by_address: HashMap<String, Outcome> = HashMap::new();
+        for member in ["new_members", "updated_members"]
+            .iter()
+            .flat_map(|k| answer[*k].as_array().cloned().unwrap_or_default())
+        {
+            let Some(address) = member["email_address"].as_str() else {
+                continue;
+            };
+            let status = member["status"].as_str().unwrap_or("subscribed");
+            let outcome = match consent(status) {
+                Some(consent) => Outcome::Refused {
+                    status: consent,
+                    message: format!("the contact is {status} at Mailchimp"),
+                },
+                None => Outcome::Member {
+                    status: if status == "pending" {
+                        MemberStatus::Pending
+                    } else {
+                        MemberStatus::Subscribed
                     },
-                    None => Outcome::Member {
-                        status: if status == "pending" {
-                            MemberStatus::Pending
-                        } else {
-                            MemberStatus::Subscribed
-                        },
-                        remote_id: member["id"].as_str().map(str::to_string),
-                    },
-                };
-                by_address.insert(address.to_lowercase(), outcome);
+                    remote_id: member["id"].as_str().map(str::to_string),
+                },
+            };
+            by_address.insert(address.to_lowercase(), outcome);
+        }
+        for error in answer["errors"].as_array().into_iter().flatten() {
+            let Some(address) = error["email_address"].as_str() else {
+                continue;
+            };
+            let mut message = error["error"].as_str().unwrap_or("rejected").to_string();
+            if let Some(field) = error["field_message"].as_str().filter(|f| !f.is_empty()) {
+                message = format!("{message} ({field})");
             }
-            for error in answer["errors"].as_array().into_iter().flatten() {
-                let Some(address) = error["email_address"].as_str() else {
-                    continue;
-                };
-                let mut message = error["error"].as_str().unwrap_or("rejected").to_string();
-                if let Some(field) = error["field_message"].as_str().filter(|f| !f.is_empty()) {
-                    message = format!("{message} ({field})");
-                }
-                by_address.insert(address.to_lowercase(), Outcome::Failed { message });
-            }
+            by_address.insert(address.to_lowercase(), Outcome::Failed { message });
+        }
 
-            let tagged: Vec<&str> = batch
-                .iter()
-                .filter(|m| matches!(by_address.get(&m.address), Some(Outcome::Member { .. })))
-                .map(|m| m.address.as_str())
-                .collect();
-            let mut untagged = HashMap::new();
-            if !tagged.is_empty() {
-                for segment in std::iter::once(segment).chain(Self::tag_segments(binding)) {
-                    untagged.extend(self.update_segment(http, segment, &tagged, &[])?);
-                }
+        let tagged: Vec<&str> = members
+            .iter()
+            .filter(|m| matches!(by_address.get(&m.address), Some(Outcome::Member { .. })))
+            .map(|m| m.address.as_str())
+            .collect();
+        let mut untagged = HashMap::new();
+        if !tagged.is_empty() {
+            for segment in std::iter::once(segment).chain(Self::tag_segments(binding)) {
+                untagged.extend(self.update_segment(http, segment, &tagged, &[])?);
             }
-            for member in batch {
-                let outcome = match (
-                    by_address.remove(&member.address),
-                    untagged.get(&member.address),
-                ) {
-                    (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed {
-                        message: format!("could not be tagged: {message}"),
-                    },
-                    (Some(outcome), _) => outcome,
-                    (None, _) => Outcome::Retry {
-                        message: "Mailchimp did not report this member".into(),
-                        retry_after: None,
-                    },
-                };
-                outcomes.push(outcome);
-            }
+        }
+        for member in members {
+            let outcome = match (
+                by_address.remove(&member.address),
+                untagged.get(&member.address),
+            ) {
+                (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed {
+                    message: format!("could not be tagged: {message}"),
+                },
+                (Some(outcome), _) => outcome,
+                (None, _) => Outcome::Retry {
+                    message: "Mailchimp did not report this member".into(),
+                    retry_after: None,
+                },
+            };
+            outcomes.push(outcome);
         }
         Ok(outcomes)
     }
@@ -520,29 +506,27 @@ impl Provider for Mailchimp {
         let segment = Self::list_segment(binding)?;
         let audience = self.audience.clone();
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            match binding.on_leave {
-                OnLeave::Remove | OnLeave::Unsubscribe => {
-                    if binding.on_leave == OnLeave::Unsubscribe {
-                        let body = batch
-                            .iter()
-                            .map(|m| json!({"email_address": m.address, "status": "unsubscribed"}))
-                            .collect();
-                        self.batch_subscribe(http, "unsubscribe members", body)?;
-                    }
-                    // Addresses the segment no longer holds are what we wanted: removed.
-                    self.update_segment(http, segment, &[], &addresses)?;
-                    outcomes.extend(batch.iter().map(|_| Outcome::Removed));
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        match binding.on_leave {
+            OnLeave::Remove | OnLeave::Unsubscribe => {
+                if binding.on_leave == OnLeave::Unsubscribe {
+                    let body = members
+                        .iter()
+                        .map(|m| json!({"email_address": m.address, "status": "unsubscribed"}))
+                        .collect();
+                    self.batch_subscribe(http, "unsubscribe members", body)?;
                 }
-                OnLeave::Archive => {
-                    outcomes.extend(self.each_member(http, "archive member", batch, |hash| {
-                        self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
-                    })?)
-                }
-                OnLeave::Delete => outcomes.extend(self.erase(http, binding, batch)?),
-                OnLeave::Keep => outcomes.extend(batch.iter().map(|_| Outcome::Removed)),
+                // Addresses the segment no longer holds are what we wanted: removed.
+                self.update_segment(http, segment, &[], &addresses)?;
+                outcomes.extend(members.iter().map(|_| Outcome::Removed));
             }
+            OnLeave::Archive => {
+                outcomes.extend(self.each_member(http, "archive member", members, |hash| {
+                    self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
+                })?)
+            }
+            OnLeave::Delete => outcomes.extend(self.erase(http, binding, members)?),
+            OnLeave::Keep => outcomes.extend(members.iter().map(|_| Outcome::Removed)),
         }
         Ok(outcomes)
     }
@@ -609,28 +593,18 @@ mod unit {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec![],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&[], on_leave)
         }
     }
 
     fn member(address: &str) -> Member {
-        let fields = serde_json::from_value(json!({"FNAME": "Ann", "LNAME": "Lee"})).unwrap();
-        Member {
-            address: address.into(),
-            fields,
-            remote_id: None,
-        }
+        test_support::member(address, json!({"FNAME": "Ann", "LNAME": "Lee"}))
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, chunks, kit,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
@@ -399,12 +399,7 @@ fn last_page(answer: &Value, page: u64) -> bool {
 }
 
 fn list_group(binding: &Binding) -> Result<&str> {
-    binding.list_id.as_deref().ok_or_else(|| {
-        ProviderError::Binding(format!(
-            "binding {} has no MailerLite group yet",
-            binding.id
-        ))
-    })
+    kit::list_id(binding, "MailerLite group")
 }
 
 /// MailerLite's error words: `message`, plus the per-field `errors` of a 422.
@@ -759,6 +754,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
 
@@ -785,33 +781,17 @@ mod fake {
 
     fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["name".into(), "score".into()],
-            on_leave,
             new_member_status: status,
-            remote: Map::new(),
+            ..test_support::binding(&["name", "score"], on_leave)
         }
     }
 
     fn member(address: &str, name: &str, score: i64) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": name, "score": score.to_string()}))
-                .unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": name, "score": score.to_string()}))
     }
 
     fn gone(address: &str, remote_id: Option<String>) -> Member {
-        Member {
-            address: address.into(),
-            fields: Map::new(),
-            remote_id,
-        }
+        test_support::known_member(address, json!({}), remote_id.as_deref())
     }
 
     /// A prepared binding with `ann` and `bob` upserted; returns their outcomes.

@@ -16,11 +16,14 @@ use std::time::Duration;
 pub mod contract;
 pub mod esputnik;
 pub mod google_contacts;
+pub mod kit;
 pub mod mailchimp;
 pub mod mailerlite;
 pub mod sendgrid;
 pub mod sendpulse;
 pub mod sendsay;
+#[cfg(test)]
+mod test_support;
 pub mod unisender;
 pub mod webhook;
 

@@ -20,7 +20,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use serde_json::{Map, Value, json};
@@ -483,12 +483,7 @@ struct Search {
 
 impl SendGrid {
     fn list_id(binding: &Binding) -> Result<&str> {
-        binding.list_id.as_deref().ok_or_else(|| {
-            ProviderError::Binding(format!(
-                "binding {} has no SendGrid list id yet",
-                binding.id
-            ))
-        })
+        kit::list_id(binding, "SendGrid list id")
     }
 
     fn list_missing(id: &str) -> ProviderError {
@@ -1152,31 +1147,29 @@ impl Provider for SendGrid {
             OnLeave::Remove | OnLeave::Unsubscribe | OnLeave::Delete => {}
         }
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, SEARCH_BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            if binding.on_leave == OnLeave::Unsubscribe {
-                self.suppress(http, &addresses)?;
-            }
-            let search = self.search(http, &addresses)?;
-            let ids: Vec<&str> = batch
-                .iter()
-                .filter_map(|m| search.found.get(&m.address.to_lowercase()))
-                .map(|f| f.id.as_str())
-                .collect();
-            if binding.on_leave == OnLeave::Delete {
-                self.delete_contacts(http, &ids)?;
-            } else {
-                self.leave_list(http, &list, &ids)?;
-            }
-            outcomes.extend(batch.iter().map(
-                |m| match search.invalid.get(&m.address.to_lowercase()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                },
-            ));
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        if binding.on_leave == OnLeave::Unsubscribe {
+            self.suppress(http, &addresses)?;
         }
+        let search = self.search(http, &addresses)?;
+        let ids: Vec<&str> = members
+            .iter()
+            .filter_map(|m| search.found.get(&m.address.to_lowercase()))
+            .map(|f| f.id.as_str())
+            .collect();
+        if binding.on_leave == OnLeave::Delete {
+            self.delete_contacts(http, &ids)?;
+        } else {
+            self.leave_list(http, &list, &ids)?;
+        }
+        outcomes.extend(members.iter().map(
+            |m| match search.invalid.get(&m.address.to_lowercase()) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            },
+        ));
         Ok(outcomes)
     }
 
@@ -1190,27 +1183,25 @@ impl Provider for SendGrid {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, SEARCH_BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            let search = self.search(http, &addresses)?;
-            let ids: Vec<&str> = search.found.values().map(|f| f.id.as_str()).collect();
-            self.delete_contacts(http, &ids)?;
-            let valid: Vec<String> = addresses
-                .iter()
-                .filter(|a| !search.invalid.contains_key(&a.to_lowercase()))
-                .map(|a| a.to_string())
-                .collect();
-            let failed = self.erase_job(http, valid)?;
-            outcomes.extend(batch.iter().map(|m| {
-                let key = m.address.to_lowercase();
-                match search.invalid.get(&key).or_else(|| failed.get(&key)) {
-                    Some(message) => Outcome::Failed {
-                        message: message.clone(),
-                    },
-                    None => Outcome::Removed,
-                }
-            }));
-        }
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        let search = self.search(http, &addresses)?;
+        let ids: Vec<&str> = search.found.values().map(|f| f.id.as_str()).collect();
+        self.delete_contacts(http, &ids)?;
+        let valid: Vec<String> = addresses
+            .iter()
+            .filter(|a| !search.invalid.contains_key(&a.to_lowercase()))
+            .map(|a| a.to_string())
+            .collect();
+        let failed = self.erase_job(http, valid)?;
+        outcomes.extend(members.iter().map(|m| {
+            let key = m.address.to_lowercase();
+            match search.invalid.get(&key).or_else(|| failed.get(&key)) {
+                Some(message) => Outcome::Failed {
+                    message: message.clone(),
+                },
+                None => Outcome::Removed,
+            }
+        }));
         Ok(outcomes)
     }
 }
@@ -1337,6 +1328,8 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
+    use crate::providers::test_support::member;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1357,22 +1350,7 @@ mod fake {
     fn binding(fields: &[&str], on_leave: OnLeave) -> Binding {
         Binding {
             id: 7,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: fields.iter().map(|f| f.to_string()).collect(),
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
-        }
-    }
-
-    fn member(address: &str, fields: Value) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(fields).unwrap(),
-            remote_id: None,
+            ..test_support::binding(fields, on_leave)
         }
     }
 
@@ -1845,6 +1823,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
 
@@ -1922,14 +1901,10 @@ mod contract {
     }
 
     fn member(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(
-                json!({"first_name": "Jane", "num_orders": 3, "dob": "1990-07-14"}),
-            )
-            .unwrap(),
-            remote_id: None,
-        }
+        test_support::member(
+            address,
+            json!({"first_name": "Jane", "num_orders": 3, "dob": "1990-07-14"}),
+        )
     }
 
     #[test]

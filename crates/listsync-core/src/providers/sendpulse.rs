@@ -2,8 +2,8 @@
 //!
 //! A binding's list is a SendPulse mailing list ("address book"); mapped fields are the book's
 //! variables and binding tags are SendPulse contact tags. Authentication is the OAuth2 client
-//! credentials grant (`POST /oauth/access_token`, a bearer token for an hour, cached here and
-//! renewed before it expires and once on a 401) or a static API key.
+//! credentials grant (`POST /oauth/access_token`, a bearer token for an hour, cached in a
+//! [`kit::BearerToken`]: renewed before it expires and once on a 401) or a static API key.
 //!
 //! SendPulse answers an add with a bare `{"result": true}`, so consent is read before writing:
 //! `POST /emails` tells which addresses the book already holds, and for those the book's status
@@ -11,16 +11,17 @@
 //! complained addresses apart; those are never sent again. A batch the API rejects is split in
 //! halves until the offending address is alone, so one bad address fails only itself.
 
+use super::kit::{BearerToken, IssuedToken};
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{
     Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
 };
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub static SPEC: Spec = Spec {
     name: "sendpulse",
@@ -49,8 +50,6 @@ const DEFAULT_ROOT: &str = "https://api.sendpulse.com";
 /// Addresses per call: the documented maximum of the removal calls, and small enough that the
 /// per-address status reads of one upsert batch stay within seconds at 10 requests/s.
 const BATCH: usize = 100;
-/// Renew a token this long before it expires (the official PHP SDK's margin).
-const RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// SendPulse's error code for "more than 10 requests per second".
 const TOO_MANY_REQUESTS: i64 = 2_020_202_020;
 /// SendPulse's error code for "mailing list not found".
@@ -116,7 +115,7 @@ fn build(config: &Config) -> SendPulse {
         None => Auth::Client {
             id: secret("client_id").unwrap_or_default(),
             secret: secret("client_secret").unwrap_or_default(),
-            token: None,
+            token: BearerToken::default(),
         },
     };
     SendPulse {
@@ -137,13 +136,47 @@ enum Auth {
     Client {
         id: String,
         secret: String,
-        token: Option<Token>,
+        token: BearerToken,
     },
 }
 
-struct Token {
-    value: String,
-    renew_at: Instant,
+/// A token for the client credentials (`POST /oauth/access_token`).
+fn exchange_credentials(
+    http: &mut Http,
+    root: &str,
+    id: &str,
+    secret: &str,
+) -> Result<IssuedToken> {
+    let request = Request::new(Method::Post, format!("{root}/oauth/access_token")).form(&[
+        ("grant_type".into(), "client_credentials".into()),
+        ("client_id".into(), id.into()),
+        ("client_secret".into(), secret.into()),
+    ]);
+    let response = http.send("get access token", request)?;
+    if matches!(response.status, 400..=499) && response.status != 408 && response.status != 429 {
+        return Err(ProviderError::Auth(format!(
+            "SendPulse refused the client credentials (HTTP {}): {}",
+            response.status,
+            describe(&response)
+        )));
+    }
+    response.check_common(describe)?;
+    if !response.is_success() {
+        return Err(transient(format!(
+            "HTTP {} from the token endpoint: {}",
+            response.status,
+            describe(&response)
+        )));
+    }
+    let body = response.json()?;
+    let value = body["access_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| transient("SendPulse's token answer has no access_token"))?;
+    Ok(IssuedToken {
+        value: value.to_string(),
+        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3600)),
+    })
 }
 
 struct SendPulse {
@@ -314,87 +347,19 @@ impl SendPulse {
         format!("{}{path}", self.root)
     }
 
-    /// The bearer credential: the API key, or a token that is fetched when missing or about to
-    /// expire.
-    fn bearer(&mut self, http: &mut Http) -> Result<String> {
-        let (id, secret) = match &self.auth {
-            Auth::Key(key) => return Ok(key.clone()),
-            Auth::Client {
-                token: Some(token), ..
-            } if Instant::now() < token.renew_at => return Ok(token.value.clone()),
-            Auth::Client { id, secret, .. } => (id.clone(), secret.clone()),
-        };
-        let token = self.fetch_token(http, &id, &secret)?;
-        let value = token.value.clone();
-        if let Auth::Client { token: slot, .. } = &mut self.auth {
-            *slot = Some(token);
-        }
-        Ok(value)
-    }
-
-    fn fetch_token(&self, http: &mut Http, id: &str, secret: &str) -> Result<Token> {
-        let request = Request::new(Method::Post, self.url("/oauth/access_token")).form(&[
-            ("grant_type".into(), "client_credentials".into()),
-            ("client_id".into(), id.into()),
-            ("client_secret".into(), secret.into()),
-        ]);
-        let response = http.send("get access token", request)?;
-        if matches!(response.status, 400..=499) && response.status != 408 && response.status != 429
-        {
-            return Err(ProviderError::Auth(format!(
-                "SendPulse refused the client credentials (HTTP {}): {}",
-                response.status,
-                describe(&response)
-            )));
-        }
-        response.check_common(describe)?;
-        if !response.is_success() {
-            return Err(transient(format!(
-                "HTTP {} from the token endpoint: {}",
-                response.status,
-                describe(&response)
-            )));
-        }
-        let body = response.json()?;
-        let value = body["access_token"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| transient("SendPulse's token answer has no access_token"))?;
-        let lifetime = Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3600));
-        Ok(Token {
-            value: value.to_string(),
-            renew_at: Instant::now() + lifetime.saturating_sub(RENEW_BEFORE.min(lifetime / 2)),
-        })
-    }
-
-    fn forget_token(&mut self) -> bool {
-        match &mut self.auth {
-            Auth::Client { token, .. } => {
-                *token = None;
-                true
-            }
-            Auth::Key(_) => false,
-        }
-    }
-
-    /// Sends with the bearer credential; a 401 on a cached token (revoked, or expired early)
-    /// gets one new token and one retry.
     fn send(&mut self, http: &mut Http, operation: &str, request: Request) -> Result<Response> {
-        let bearer = self.bearer(http)?;
-        let response = http.send(
-            operation,
-            request
-                .clone()
-                .header("authorization", format!("Bearer {bearer}")),
-        )?;
-        if response.status != 401 || !self.forget_token() {
-            return Ok(response);
+        match &mut self.auth {
+            Auth::Key(key) => http.send(
+                operation,
+                request.header("authorization", format!("Bearer {key}")),
+            ),
+            Auth::Client { id, secret, token } => {
+                let root = &self.root;
+                token.send(http, operation, request, |http| {
+                    exchange_credentials(http, root, id, secret)
+                })
+            }
         }
-        let bearer = self.bearer(http)?;
-        http.send(
-            operation,
-            request.header("authorization", format!("Bearer {bearer}")),
-        )
     }
 
     /// Sends and classifies: 401/403 → Auth, 429/5xx and SendPulse's rate-limit code →
@@ -452,16 +417,7 @@ impl SendPulse {
     }
 
     fn book_id(binding: &Binding) -> Result<u64> {
-        binding
-            .list_id
-            .as_deref()
-            .and_then(|id| id.trim().parse().ok())
-            .ok_or_else(|| {
-                ProviderError::Binding(format!(
-                    "binding {} has no SendPulse mailing list id yet",
-                    binding.id
-                ))
-            })
+        kit::numeric_list_id(binding, "SendPulse mailing list id")
     }
 
     /// A mailing list of this exact name, paging through all of them (100 per page).
@@ -890,11 +846,7 @@ impl Provider for SendPulse {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            outcomes.extend(self.upsert_batch(http, binding, book, batch)?);
-        }
-        Ok(outcomes)
+        self.upsert_batch(http, binding, book, members)
     }
 
     fn remove(
@@ -904,32 +856,32 @@ impl Provider for SendPulse {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let path = format!("/addressbooks/{book}/emails");
-            outcomes.extend(match binding.on_leave {
-                OnLeave::Remove => {
-                    self.remove_batch(http, book, "remove contacts", Method::Delete, &path, batch)?
-                }
-                OnLeave::Unsubscribe => self.remove_batch(
-                    http,
-                    book,
-                    "unsubscribe contacts",
-                    Method::Post,
-                    &format!("{path}/unsubscribe"),
-                    batch,
-                )?,
-                OnLeave::Delete => self.delete_everywhere(http, batch)?,
-                OnLeave::Keep => batch.iter().map(|_| Outcome::Removed).collect(),
-                OnLeave::Archive => {
-                    return Err(ProviderError::Binding(
-                        "SendPulse has no archive; use on_leave remove, unsubscribe or delete"
-                            .into(),
-                    ));
-                }
-            });
-        }
-        Ok(outcomes)
+        let path = format!("/addressbooks/{book}/emails");
+        Ok(match binding.on_leave {
+            OnLeave::Remove => self.remove_batch(
+                http,
+                book,
+                "remove contacts",
+                Method::Delete,
+                &path,
+                members,
+            )?,
+            OnLeave::Unsubscribe => self.remove_batch(
+                http,
+                book,
+                "unsubscribe contacts",
+                Method::Post,
+                &format!("{path}/unsubscribe"),
+                members,
+            )?,
+            OnLeave::Delete => self.delete_everywhere(http, members)?,
+            OnLeave::Keep => members.iter().map(|_| Outcome::Removed).collect(),
+            OnLeave::Archive => {
+                return Err(ProviderError::Binding(
+                    "SendPulse has no archive; use on_leave remove, unsubscribe or delete".into(),
+                ));
+            }
+        })
     }
 
     /// SendPulse has no erasure call: the closest is deleting the address from every mailing
@@ -1063,6 +1015,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1092,24 +1045,13 @@ mod fake {
 
     fn binding(on_leave: OnLeave) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec!["name".into(), "age".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&["name", "age"], on_leave)
         }
     }
 
     fn member(address: &str, name: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": name, "age": 42})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": name, "age": 42}))
     }
 
     fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http, on_leave: OnLeave) -> Binding {
@@ -1545,6 +1487,7 @@ mod fake {
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};
+    use crate::providers::test_support;
 
     /// The token endpoint is not in the spec, so the spec's other scheme, a static API key,
     /// authenticates here; the OAuth exchange is covered by the fake.
@@ -1562,24 +1505,14 @@ mod contract {
 
     fn binding(list_id: Option<&str>, on_leave: OnLeave, tags: &[&str]) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
             list_id: list_id.map(str::to_string),
-            list_name: "vip (crm)".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            fields: vec!["name".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Map::new(),
+            ..test_support::binding(&["name"], on_leave)
         }
     }
 
     fn member(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"name": "Ann"})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"name": "Ann"}))
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec, chunks,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result};
 use serde_json::{Value, json};
@@ -304,9 +304,7 @@ impl Sendsay {
     }
 
     fn group(binding: &Binding) -> Result<&str> {
-        binding.list_id.as_deref().ok_or_else(|| {
-            ProviderError::Binding(format!("binding {} has no Sendsay group yet", binding.id))
-        })
+        kit::list_id(binding, "Sendsay group")
     }
 
     /// Sets `-group.<group>` to 0 for each member that exists. Members Sendsay cannot show are
@@ -466,103 +464,101 @@ impl Provider for Sendsay {
         let group = Self::group(binding)?.to_string();
         let confirm = i32::from(binding.new_member_status == MemberStatus::Pending);
         let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-            let mut reads = vec![json!({"action": "stoplist.get", "list": addresses})];
-            reads.extend(
-                addresses
-                    .iter()
-                    .map(|a| json!({"action": "member.get", "email": a, "addr_type": "email"})),
-            );
-            let mut read = self.batch(http, "read consent", reads)?.into_iter();
-            let stopped: HashSet<String> = match read.next() {
-                Some(Ok(answer)) => answer["list"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(str::to_lowercase)
-                    .collect(),
-                Some(Err(error)) => return Err(error.into_error()),
-                None => HashSet::new(),
-            };
-            let mut refused: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
-            for (member, existing) in batch.iter().zip(read) {
-                // A member Sendsay cannot show is new (or invalid, which member.set will say).
-                let unsubscribed = existing
-                    .as_ref()
-                    .is_ok_and(|a| present(&member_object(a)["member"]["lockremove"]));
-                refused.push(if stopped.contains(&member.address.to_lowercase()) {
-                    Some(Outcome::Refused {
-                        status: ConsentStatus::Cleaned,
-                        message:
-                            "the address is in Sendsay's stop list (bounced, complained or blocked)"
-                                .into(),
-                    })
-                } else if unsubscribed {
-                    Some(Outcome::Refused {
-                        status: ConsentStatus::Unsubscribed,
-                        message: "the member unsubscribed at Sendsay (member.lockremove)".into(),
-                    })
-                } else {
-                    None
-                });
-            }
-            let writes: Vec<Value> = batch
+        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        let mut reads = vec![json!({"action": "stoplist.get", "list": addresses})];
+        reads.extend(
+            addresses
                 .iter()
-                .zip(&refused)
-                .filter(|(_, r)| r.is_none())
-                .map(|(m, _)| {
-                    let mut datakey = vec![json!([format!("-group.{group}"), "set", 1])];
-                    datakey.extend(
-                        m.fields
-                            .iter()
-                            .map(|(key, value)| json!([key, "set", datakey_value(value)])),
-                    );
-                    json!({
-                        "action": "member.set",
-                        "email": m.address,
-                        "addr_type": "email",
-                        "if_exists": "overwrite",
-                        "newbie.confirm": confirm,
-                        "return_fresh_obj": 1,
-                        "datakey": datakey,
-                    })
+                .map(|a| json!({"action": "member.get", "email": a, "addr_type": "email"})),
+        );
+        let mut read = self.batch(http, "read consent", reads)?.into_iter();
+        let stopped: HashSet<String> = match read.next() {
+            Some(Ok(answer)) => answer["list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_lowercase)
+                .collect(),
+            Some(Err(error)) => return Err(error.into_error()),
+            None => HashSet::new(),
+        };
+        let mut refused: Vec<Option<Outcome>> = Vec::with_capacity(members.len());
+        for (member, existing) in members.iter().zip(read) {
+            // A member Sendsay cannot show is new (or invalid, which member.set will say).
+            let unsubscribed = existing
+                .as_ref()
+                .is_ok_and(|a| present(&member_object(a)["member"]["lockremove"]));
+            refused.push(if stopped.contains(&member.address.to_lowercase()) {
+                Some(Outcome::Refused {
+                    status: ConsentStatus::Cleaned,
+                    message:
+                        "the address is in Sendsay's stop list (bounced, complained or blocked)"
+                            .into(),
                 })
-                .collect();
-            let mut written = if writes.is_empty() {
-                Vec::new()
+            } else if unsubscribed {
+                Some(Outcome::Refused {
+                    status: ConsentStatus::Unsubscribed,
+                    message: "the member unsubscribed at Sendsay (member.lockremove)".into(),
+                })
             } else {
-                self.batch(http, "upsert members", writes)?
-            }
-            .into_iter();
-            for outcome in refused {
-                outcomes.push(match outcome {
-                    Some(refusal) => refusal,
-                    None => match written.next() {
-                        Some(Ok(answer)) => {
-                            let member = &member_object(&answer)["member"];
-                            Outcome::Member {
-                                status: if present(&member["lockconfirm"]) {
-                                    MemberStatus::Pending
-                                } else {
-                                    MemberStatus::Subscribed
-                                },
-                                remote_id: match &member["id"] {
-                                    Value::Number(n) => Some(n.to_string()),
-                                    Value::String(s) => Some(s.clone()),
-                                    _ => None,
-                                },
-                            }
+                None
+            });
+        }
+        let writes: Vec<Value> = members
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| {
+                let mut datakey = vec![json!([format!("-group.{group}"), "set", 1])];
+                datakey.extend(
+                    m.fields
+                        .iter()
+                        .map(|(key, value)| json!([key, "set", datakey_value(value)])),
+                );
+                json!({
+                    "action": "member.set",
+                    "email": m.address,
+                    "addr_type": "email",
+                    "if_exists": "overwrite",
+                    "newbie.confirm": confirm,
+                    "return_fresh_obj": 1,
+                    "datakey": datakey,
+                })
+            })
+            .collect();
+        let mut written = if writes.is_empty() {
+            Vec::new()
+        } else {
+            self.batch(http, "upsert members", writes)?
+        }
+        .into_iter();
+        for outcome in refused {
+            outcomes.push(match outcome {
+                Some(refusal) => refusal,
+                None => match written.next() {
+                    Some(Ok(answer)) => {
+                        let member = &member_object(&answer)["member"];
+                        Outcome::Member {
+                            status: if present(&member["lockconfirm"]) {
+                                MemberStatus::Pending
+                            } else {
+                                MemberStatus::Subscribed
+                            },
+                            remote_id: match &member["id"] {
+                                Value::Number(n) => Some(n.to_string()),
+                                Value::String(s) => Some(s.clone()),
+                                _ => None,
+                            },
                         }
-                        Some(Err(error)) => error.outcome(),
-                        None => Outcome::Retry {
-                            message: "Sendsay did not report this member".into(),
-                            retry_after: None,
-                        },
+                    }
+                    Some(Err(error)) => error.outcome(),
+                    None => Outcome::Retry {
+                        message: "Sendsay did not report this member".into(),
+                        retry_after: None,
                     },
-                });
-            }
+                },
+            });
         }
         Ok(outcomes)
     }
@@ -574,29 +570,24 @@ impl Provider for Sendsay {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let group = Self::group(binding)?.to_string();
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            match binding.on_leave {
-                OnLeave::Keep => outcomes.extend(batch.iter().map(|_| Outcome::Removed)),
-                OnLeave::Archive => {
-                    return Err(ProviderError::Binding(
-                        "Sendsay has no archived members: use on_leave remove, unsubscribe, delete or keep".into(),
-                    ));
-                }
-                OnLeave::Remove => outcomes.extend(self.leave_group(http, &group, batch)?),
-                OnLeave::Unsubscribe => {
-                    let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
-                    self.call(
-                        http,
-                        "stop-list members",
-                        &json!({"action": "stoplist.add", "list": addresses}),
-                    )?;
-                    outcomes.extend(self.leave_group(http, &group, batch)?);
-                }
-                OnLeave::Delete => outcomes.extend(self.delete(http, "delete members", batch)?),
+        match binding.on_leave {
+            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
+            OnLeave::Archive => Err(ProviderError::Binding(
+                "Sendsay has no archived members: use on_leave remove, unsubscribe, delete or keep"
+                    .into(),
+            )),
+            OnLeave::Remove => self.leave_group(http, &group, members),
+            OnLeave::Unsubscribe => {
+                let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+                self.call(
+                    http,
+                    "stop-list members",
+                    &json!({"action": "stoplist.add", "list": addresses}),
+                )?;
+                self.leave_group(http, &group, members)
             }
+            OnLeave::Delete => self.delete(http, "delete members", members),
         }
-        Ok(outcomes)
     }
 
     /// Sendsay's reference has no separate erasure call: `member.delete` removes the member
@@ -608,11 +599,7 @@ impl Provider for Sendsay {
         _binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            outcomes.extend(self.delete(http, "erase members", batch)?);
-        }
-        Ok(outcomes)
+        self.delete(http, "erase members", members)
     }
 }
 
@@ -684,6 +671,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
 
@@ -704,14 +692,7 @@ mod fake {
     fn binding(on_leave: OnLeave) -> Binding {
         Binding {
             id: 3,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
-            tags: vec![],
-            fields: vec!["base.firstName".into(), "custom.city".into()],
-            on_leave,
-            new_member_status: MemberStatus::Subscribed,
-            remote: Default::default(),
+            ..test_support::binding(&["base.firstName", "custom.city"], on_leave)
         }
     }
 

@@ -19,7 +19,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Response, Result, transient};
 use serde_json::{Map, Value, json};
@@ -467,9 +467,7 @@ fn id_text(id: &Value) -> Option<String> {
 }
 
 fn list_id(binding: &Binding) -> Result<&str> {
-    binding.list_id.as_deref().ok_or_else(|| {
-        ProviderError::Binding(format!("binding {} has no Unisender list yet", binding.id))
-    })
+    kit::list_id(binding, "Unisender list")
 }
 
 fn field_types(binding: &Binding) -> Option<&Map<String, Value>> {
@@ -624,37 +622,35 @@ impl Provider for Unisender {
             columns.push("tags".into());
         }
         columns.extend(binding.fields.iter().cloned());
-        for batch in imports.chunks(IMPORT_ROWS) {
-            let rows: Vec<Vec<String>> = batch
-                .iter()
-                .map(|(i, _)| {
-                    let member = &members[*i];
-                    let mut row = vec![member.address.clone(), list.to_string()];
-                    if !binding.tags.is_empty() {
-                        row.push(binding.tags.join(","));
-                    }
-                    row.extend(binding.fields.iter().map(|name| {
-                        member
-                            .fields
-                            .get(name)
-                            .map(|v| field_text(v, kind(types, name)))
-                            .unwrap_or_default()
-                    }));
-                    row
-                })
-                .collect();
-            let problems = self.import(http, "import contacts", &columns, &rows)?;
-            for (row, (i, status)) in batch.iter().enumerate() {
-                outcomes[*i] = Some(match problems.get(&row.to_string()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.as_str().unwrap_or("rejected").to_string(),
-                    },
-                    None => Outcome::Member {
-                        status: *status,
-                        remote_id: None,
-                    },
-                });
-            }
+        let rows: Vec<Vec<String>> = imports
+            .iter()
+            .map(|(i, _)| {
+                let member = &members[*i];
+                let mut row = vec![member.address.clone(), list.to_string()];
+                if !binding.tags.is_empty() {
+                    row.push(binding.tags.join(","));
+                }
+                row.extend(binding.fields.iter().map(|name| {
+                    member
+                        .fields
+                        .get(name)
+                        .map(|v| field_text(v, kind(types, name)))
+                        .unwrap_or_default()
+                }));
+                row
+            })
+            .collect();
+        let problems = self.import(http, "import contacts", &columns, &rows)?;
+        for (row, (i, status)) in imports.iter().enumerate() {
+            outcomes[*i] = Some(match problems.get(&row.to_string()) {
+                Some(message) => Outcome::Failed {
+                    message: message.as_str().unwrap_or("rejected").to_string(),
+                },
+                None => Outcome::Member {
+                    status: *status,
+                    remote_id: None,
+                },
+            });
         }
         Ok(outcomes
             .into_iter()
@@ -805,6 +801,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
@@ -831,32 +828,18 @@ mod fake {
 
     fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
         Binding {
-            id: 1,
-            filter: "vip".into(),
-            list_id: None,
-            list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
-            fields: vec!["Name".into(), "score".into()],
-            on_leave,
             new_member_status: status,
-            remote: Map::new(),
+            ..test_support::binding(&["Name", "score"], on_leave)
         }
     }
 
     fn member(address: &str, name: &str, score: i64) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(json!({"Name": name, "score": score})).unwrap(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({"Name": name, "score": score}))
     }
 
     fn gone(address: &str) -> Member {
-        Member {
-            address: address.into(),
-            fields: Map::new(),
-            remote_id: None,
-        }
+        test_support::member(address, json!({}))
     }
 
     fn prepared(

@@ -8,7 +8,6 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec,
-    chunks,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
 use base64::Engine;
@@ -238,22 +237,18 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let changes = batch
-                .iter()
-                .map(|m| {
-                    json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
-                           "status_if_new": binding.new_member_status.as_str()})
-                })
-                .collect();
-            let ok = Outcome::Member {
-                status: binding.new_member_status,
-                remote_id: None,
-            };
-            outcomes.extend(self.deliver(http, binding, "upsert members", changes, batch, ok)?);
-        }
-        Ok(outcomes)
+        let changes = members
+            .iter()
+            .map(|m| {
+                json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
+                       "status_if_new": binding.new_member_status.as_str()})
+            })
+            .collect();
+        let ok = Outcome::Member {
+            status: binding.new_member_status,
+            remote_id: None,
+        };
+        self.deliver(http, binding, "upsert members", changes, members, ok)
     }
 
     fn remove(
@@ -262,19 +257,15 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let changes = batch.iter().map(|m| json!({"action": "remove", "email": m.address, "on_leave": binding.on_leave.as_str()})).collect();
-            outcomes.extend(self.deliver(
-                http,
-                binding,
-                "remove members",
-                changes,
-                batch,
-                Outcome::Removed,
-            )?);
-        }
-        Ok(outcomes)
+        let changes = members.iter().map(|m| json!({"action": "remove", "email": m.address, "on_leave": binding.on_leave.as_str()})).collect();
+        self.deliver(
+            http,
+            binding,
+            "remove members",
+            changes,
+            members,
+            Outcome::Removed,
+        )
     }
 
     fn erase(
@@ -283,22 +274,18 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
-        for batch in chunks(members, BATCH) {
-            let changes = batch
-                .iter()
-                .map(|m| json!({"action": "erase", "email": m.address}))
-                .collect();
-            outcomes.extend(self.deliver(
-                http,
-                binding,
-                "erase members",
-                changes,
-                batch,
-                Outcome::Removed,
-            )?);
-        }
-        Ok(outcomes)
+        let changes = members
+            .iter()
+            .map(|m| json!({"action": "erase", "email": m.address}))
+            .collect();
+        self.deliver(
+            http,
+            binding,
+            "erase members",
+            changes,
+            members,
+            Outcome::Removed,
+        )
     }
 }
 
