@@ -1639,7 +1639,7 @@ impl Provider for GoogleContacts {
     fn limits(&self) -> Limits {
         // People API quotas are per minute, per project and per user, set in the Cloud
         // Console; Google answers 429 RESOURCE_EXHAUSTED beyond them, which the engine backs
-        // off from. The worker makes one call at a time, as Google asks for mutations.
+        // off from. A connection makes one call at a time (one delivery thread each), as Google asks for mutations.
         Limits {
             upsert_batch: BATCH,
             remove_batch: DELETE_BATCH,

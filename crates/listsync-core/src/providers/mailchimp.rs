@@ -305,7 +305,7 @@ fn consent(status: &str) -> Option<ConsentStatus> {
 impl Provider for Mailchimp {
     fn limits(&self) -> Limits {
         // Mailchimp limits simultaneous connections (10), not the request rate; the worker
-        // makes one call at a time per database.
+        // makes one call at a time per connection (one delivery thread each).
         Limits {
             upsert_batch: BATCH,
             remove_batch: BATCH,
