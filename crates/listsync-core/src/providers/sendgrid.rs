@@ -205,6 +205,28 @@ fn unix_now() -> i64 {
 }
 
 /// SendGrid's words: `errors[].message`, prefixed by the field when there is one.
+/// A deletion SendGrid queued answers with a JSON object naming the job (whose id the
+/// official description types sometimes as a string, sometimes as an object). A success whose
+/// body is not one (cut short on the way) does not show that anything was queued: recording the
+/// members as removed would leave them in the list for good, so the removal is tried again.
+fn queued(response: &Response) -> Result<()> {
+    match response.json()? {
+        Value::Object(_) => Ok(()),
+        _ => Err(unconfirmed(response, "the job it queued")),
+    }
+}
+
+fn unconfirmed(response: &Response, missing: &str) -> ProviderError {
+    ProviderError::Transient {
+        message: format!(
+            "SendGrid answered HTTP {} without {missing}: {}",
+            response.status,
+            describe(response)
+        ),
+        retry_after: None,
+    }
+}
+
 fn describe(response: &Response) -> String {
     let messages: Vec<String> = error_items(response)
         .into_iter()
@@ -842,7 +864,7 @@ impl SendGrid {
         let path = format!("/v3/marketing/lists/{}/contacts", percent_encode(list));
         let response = self.delete_ids(http, "remove from list", &path, "contact_ids", ids)?;
         match response.status {
-            200..=299 => Ok(()),
+            200..=299 => queued(&response),
             404 => {
                 self.check_list(http, list)?;
                 Err(ProviderError::Transient {
@@ -868,7 +890,7 @@ impl SendGrid {
             ids,
         )?;
         if response.is_success() {
-            Ok(())
+            queued(&response)
         } else {
             Err(rejected(&response))
         }
@@ -882,6 +904,9 @@ impl SendGrid {
         let response = self.api.send(http, "unsubscribe", request)?;
         if !response.is_success() {
             return Err(rejected(&response));
+        }
+        if !response.json()?["recipient_emails"].is_array() {
+            return Err(unconfirmed(&response, "the addresses it unsubscribed"));
         }
         for address in addresses {
             self.suppressions
@@ -1729,6 +1754,44 @@ mod fake {
             ));
         }
         assert!(provider.check(&mut http).is_ok());
+    }
+
+    #[test]
+    fn a_garbled_success_is_not_taken_for_a_removal() {
+        let emulator = Emulator::start();
+        let mut http = http();
+        for (on_leave, method, path) in [
+            (OnLeave::Remove, "DELETE", "/v3/marketing/lists/"),
+            (OnLeave::Delete, "DELETE", "/v3/marketing/contacts"),
+            (OnLeave::Unsubscribe, "POST", "/v3/asm/suppressions/global"),
+        ] {
+            emulator.reset();
+            let (mut provider, bound) = prepared(&emulator, &mut http, on_leave);
+            let list = bound.list_id.clone().unwrap();
+            let ann = [member("ann@example.com", json!({"first_name": "Ann"}))];
+            assert!(is_member(
+                &provider.upsert(&mut http, &bound, &ann).unwrap()[0]
+            ));
+            emulator
+                .faults("sendgrid")
+                .push(Fault::MalformedJson.on_method(method).on_path(path));
+            assert!(
+                matches!(
+                    provider.remove(&mut http, &bound, &ann),
+                    Err(ProviderError::Transient { .. })
+                ),
+                "{on_leave:?}"
+            );
+            assert_eq!(
+                provider.remove(&mut http, &bound, &ann).unwrap(),
+                vec![Outcome::Removed],
+                "{on_leave:?}"
+            );
+            assert!(
+                emulator.list_members("sendgrid", &list).is_empty(),
+                "{on_leave:?}"
+            );
+        }
     }
 
     #[test]
