@@ -384,20 +384,15 @@ impl Esputnik {
         let mut resolved = Map::new();
         for name in wanted {
             let Some((_, field)) = known.iter().find(|(names, _)| names.contains(name)) else {
-                let mut available: Vec<&str> = known
+                // Listed by name, with the standard fields, which are mapped by name too.
+                let additional = known
                     .iter()
-                    .filter_map(|(names, _)| names.last().map(String::as_str))
-                    .collect();
-                available.sort_unstable();
-                return Err(ProviderError::Binding(format!(
-                    "{} has no contact field \"{name}\": map firstName, lastName, sms, address, town, region, postcode, languageCode, timeZone, or an additional field by id, key or name ({})",
+                    .filter_map(|(names, _)| names.last().map(String::as_str));
+                return Err(super::kit::unknown_field(
                     self.brand,
-                    if available.is_empty() {
-                        "none defined".to_string()
-                    } else {
-                        available.join(", ")
-                    }
-                )));
+                    name,
+                    STANDARD_FIELDS.into_iter().chain(additional),
+                ));
             };
             resolved.insert((*name).clone(), field.clone());
         }
@@ -713,6 +708,7 @@ impl Provider for Esputnik {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
+        // Not kit::resolve_list: the API cannot create a segment, and the list id may be a name.
         let wanted = binding.list_id.clone().unwrap_or(binding.list_name.clone());
         let (list_id, name) = match wanted.trim().parse::<i64>() {
             Ok(id) => {

@@ -32,7 +32,7 @@
 //! emails, and by its numbers only when it has no email, the rule rows follow too; so a user's
 //! contact with an email and the same number is not taken over by a phone-only row.
 
-use super::kit::{BearerToken, IssuedToken};
+use super::kit::{BearerToken, IssuedToken, ListDirectory};
 use super::{
     Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
     Spec, chunks, kit,
@@ -919,25 +919,47 @@ impl GoogleContacts {
             }
         }
     }
+}
 
-    /// The user group named `name`, created when there is none.
-    fn group_named(
-        &mut self,
-        http: &mut Http,
-        groups: &mut BTreeMap<String, (String, bool)>,
-        name: &str,
-    ) -> Result<String> {
-        let find = |groups: &BTreeMap<String, (String, bool)>| {
-            groups
-                .iter()
-                .find(|(_, (n, user))| *user && n == name)
-                .map(|(rn, _)| rn.clone())
-        };
-        if let Some(rn) = find(groups) {
-            return Ok(rn);
+/// The account's contact groups, listed once for the binding's group and its tags, and kept
+/// current as groups are created.
+struct ContactGroups<'a> {
+    google: &'a mut GoogleContacts,
+    /// Resource name → (name, whether a user group).
+    groups: BTreeMap<String, (String, bool)>,
+}
+
+impl kit::ListDirectory for ContactGroups<'_> {
+    const KIND: &'static str = "contact group";
+    const PROVIDER: &'static str = "Google Contacts";
+
+    /// A group given by id is stored as its resource name.
+    fn list_by_id(&mut self, _: &mut Http, id: &str) -> Result<Option<String>> {
+        let rn = group_name(id);
+        match self.groups.get(&rn) {
+            Some((_, true)) => Ok(Some(rn)),
+            Some((name, false)) => Err(ProviderError::Binding(format!(
+                "{rn} (\"{name}\") is a system group of Google Contacts: bind to a label of your own"
+            ))),
+            None => Ok(None),
         }
+    }
+
+    /// Only user groups: a system group of the same name is not the binding's.
+    fn list_by_name(&mut self, _: &mut Http, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .groups
+            .iter()
+            .find(|(_, (n, user))| *user && n == name)
+            .map(|(rn, _)| rn.clone()))
+    }
+
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
         let body = json!({"contactGroup": {"name": name}, "readGroupFields": "name,groupType"});
-        match self.post(http, "create contact group", "/contactGroups", &body)? {
+        match self
+            .google
+            .post(http, "create contact group", "/contactGroups", &body)?
+        {
             Ok(group) => {
                 let rn = group["resourceName"].as_str().unwrap_or("").to_string();
                 if rn.is_empty() {
@@ -945,13 +967,13 @@ impl GoogleContacts {
                         "Google created contact group \"{name}\" without a resource name"
                     )));
                 }
-                groups.insert(rn.clone(), (name.to_string(), true));
+                self.groups.insert(rn.clone(), (name.to_string(), true));
                 Ok(rn)
             }
             // Created meanwhile (another worker, the user): use it.
             Err(e) if e.http == 409 => {
-                *groups = self.groups(http)?;
-                find(groups).ok_or_else(|| {
+                self.groups = self.google.groups(http)?;
+                self.list_by_name(http, name)?.ok_or_else(|| {
                     ProviderError::Binding(format!("cannot create contact group \"{name}\": {e}"))
                 })
             }
@@ -960,7 +982,9 @@ impl GoogleContacts {
             ))),
         }
     }
+}
 
+impl GoogleContacts {
     /// One pass over `people/me/connections`, in full or since a sync token. The inner error
     /// is Google's refusal (an expired sync token, typically).
     fn list_contacts(
@@ -1667,29 +1691,14 @@ impl Provider for GoogleContacts {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let mut groups = self.groups(http)?;
-        let list = match &binding.list_id {
-            Some(id) => {
-                let rn = group_name(id);
-                match groups.get(&rn) {
-                    Some((_, true)) => rn,
-                    Some((name, false)) => {
-                        return Err(ProviderError::Binding(format!(
-                            "{rn} (\"{name}\") is a system group of Google Contacts: bind to a label of your own"
-                        )));
-                    }
-                    None => {
-                        return Err(ProviderError::Binding(format!(
-                            "contact group {rn} does not exist at Google Contacts"
-                        )));
-                    }
-                }
-            }
-            None => self.group_named(http, &mut groups, &binding.list_name)?,
+        let mut groups = ContactGroups {
+            groups: self.groups(http)?,
+            google: self,
         };
+        let list = kit::resolve_list(http, &mut groups, binding)?;
         let mut tags = Map::new();
         for tag in &binding.tags {
-            let rn = self.group_named(http, &mut groups, tag)?;
+            let rn = groups.find_or_create(http, tag)?;
             tags.insert(tag.clone(), json!(rn));
         }
         binding.list_id = Some(list);

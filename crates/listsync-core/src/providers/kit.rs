@@ -2,6 +2,7 @@
 
 use super::Binding;
 use crate::http::{Http, ProviderError, Request, Response, Result};
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,87 @@ pub fn numeric_list_id<T: FromStr>(binding: &Binding, list: &str) -> Result<T> {
 
 fn not_prepared(binding: &Binding, list: &str) -> ProviderError {
     ProviderError::Binding(format!("binding {} has no {list} yet", binding.id))
+}
+
+/// A provider's lists as `prepare` sees them: looked up by id or by name, or created.
+pub trait ListDirectory {
+    /// What the provider calls a list ("group", "mailing list", ...), for error messages.
+    const KIND: &'static str;
+    /// The provider's name as its users know it, for error messages.
+    const PROVIDER: &'static str;
+
+    /// The list's id as the provider spells it, or `None` when there is no such list.
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>>;
+
+    /// The id of the list named exactly `name`, if there is one.
+    fn list_by_name(&mut self, http: &mut Http, name: &str) -> Result<Option<String>>;
+
+    /// Creates a list named `name` and returns its id.
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String>;
+
+    /// The id of the list named `name`, created when there is none.
+    fn find_or_create(&mut self, http: &mut Http, name: &str) -> Result<String> {
+        match self.list_by_name(http, name)? {
+            Some(id) => Ok(id),
+            None => self.create_list(http, name),
+        }
+    }
+}
+
+/// The error for a list id the provider does not know.
+pub fn list_missing<D: ListDirectory>(id: &str) -> ProviderError {
+    ProviderError::Binding(format!(
+        "{} {id} does not exist at {}",
+        D::KIND,
+        D::PROVIDER
+    ))
+}
+
+/// The id of the binding's list: `binding.list_id` once checked, else the list named
+/// `binding.list_name`, found or created (a given id that is not found is an error, never a
+/// new list).
+pub fn resolve_list<D: ListDirectory>(
+    http: &mut Http,
+    lists: &mut D,
+    binding: &Binding,
+) -> Result<String> {
+    match &binding.list_id {
+        Some(id) => lists
+            .list_by_id(http, id)?
+            .ok_or_else(|| list_missing::<D>(id)),
+        None => lists.find_or_create(http, &binding.list_name),
+    }
+}
+
+/// Fails unless every mapped field in `wanted` is `known` to the provider, naming the first
+/// missing one and the known ones, so the user can fix the mapping from the message alone.
+pub fn require_fields<'a>(
+    provider: &str,
+    wanted: &[String],
+    known: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    let known: BTreeSet<&str> = known.into_iter().collect();
+    match wanted.iter().find(|f| !known.contains(f.as_str())) {
+        Some(missing) => Err(unknown_field(provider, missing, known)),
+        None => Ok(()),
+    }
+}
+
+/// The error for a mapped field the provider does not have, listing the ones it has (sorted).
+pub fn unknown_field<'a>(
+    provider: &str,
+    field: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> ProviderError {
+    let known: BTreeSet<&str> = known.into_iter().collect();
+    let known = if known.is_empty() {
+        "none".to_string()
+    } else {
+        known.into_iter().collect::<Vec<_>>().join(", ")
+    };
+    ProviderError::Binding(format!(
+        "field {field} does not exist at {provider} (fields: {known})"
+    ))
 }
 
 /// Renew an OAuth access token this long before it expires. Google renewed a minute early,

@@ -251,6 +251,37 @@ impl Mailchimp {
     }
 }
 
+/// The audience's tags (static segments) by name, listed once for the binding's tag and its
+/// other tags.
+struct Segments<'a> {
+    mailchimp: &'a Mailchimp,
+    by_name: HashMap<String, i64>,
+}
+
+impl kit::ListDirectory for Segments<'_> {
+    const KIND: &'static str = "tag (static segment)";
+    const PROVIDER: &'static str = "Mailchimp";
+
+    fn list_by_id(&mut self, _: &mut Http, id: &str) -> Result<Option<String>> {
+        let id: i64 = id.parse().map_err(|_| {
+            ProviderError::Binding(format!("Mailchimp tag id \"{id}\" is not a number"))
+        })?;
+        Ok(self
+            .by_name
+            .values()
+            .any(|s| *s == id)
+            .then(|| id.to_string()))
+    }
+
+    fn list_by_name(&mut self, _: &mut Http, name: &str) -> Result<Option<String>> {
+        Ok(self.by_name.get(name).map(i64::to_string))
+    }
+
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
+        Ok(self.mailchimp.create_segment(http, name)?.to_string())
+    }
+}
+
 /// Mailchimp's error words: problem+json `title: detail`, plus field errors when present.
 fn problem(response: &Response) -> String {
     let Ok(body) = serde_json::from_slice::<Value>(&response.body) else {
@@ -348,47 +379,25 @@ impl Provider for Mailchimp {
             .flatten()
             .filter_map(|f| Some((f["tag"].as_str()?.to_string(), f["type"].clone())))
             .collect();
-        if let Some(missing) = binding.fields.iter().find(|f| !types.contains_key(*f)) {
-            let mut defined: Vec<&String> = types.keys().collect();
-            defined.sort();
-            return Err(ProviderError::Binding(format!(
-                "merge field {missing} is not defined in audience \"{}\" (defined: {})",
-                self.audience,
-                defined
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        let segments = self.static_segments(http)?;
-        let list = match &binding.list_id {
-            Some(id) => {
-                let id: i64 = id.parse().map_err(|_| {
-                    ProviderError::Binding(format!("Mailchimp tag id \"{id}\" is not a number"))
-                })?;
-                if !segments.values().any(|s| *s == id) {
-                    return Err(ProviderError::Binding(format!(
-                        "tag (static segment) {id} does not exist in audience \"{}\"",
-                        self.audience
-                    )));
-                }
-                id
-            }
-            None => match segments.get(&binding.list_name) {
-                Some(id) => *id,
-                None => self.create_segment(http, &binding.list_name)?,
-            },
+        kit::require_fields(
+            "Mailchimp",
+            &binding.fields,
+            types.keys().map(String::as_str),
+        )?;
+        let mut segments = Segments {
+            by_name: self.static_segments(http)?,
+            mailchimp: self,
         };
+        let list = kit::resolve_list(http, &mut segments, binding)?;
         let mut tag_segments = Map::new();
         for tag in &binding.tags {
-            let id = match segments.get(tag) {
+            let id = match segments.by_name.get(tag) {
                 Some(id) => *id,
                 None => self.create_segment(http, tag)?,
             };
             tag_segments.insert(tag.clone(), json!(id));
         }
-        binding.list_id = Some(list.to_string());
+        binding.list_id = Some(list);
         binding
             .remote
             .insert("merge_field_types".into(), Value::Object(types));

@@ -319,9 +319,27 @@ impl MailerLite {
         Ok(types)
     }
 
-    /// The id of the group named exactly `name`, if there is one (`filter[name]` matches
-    /// partially).
-    fn find_group(&self, http: &mut Http, name: &str) -> Result<Option<String>> {
+    fn no_api(&self) -> ProviderError {
+        ProviderError::Binding(format!(
+            "no MailerLite API at {}/api (settings.base_url?)",
+            self.root
+        ))
+    }
+}
+
+impl kit::ListDirectory for MailerLite {
+    const KIND: &'static str = "group";
+    const PROVIDER: &'static str = "MailerLite";
+
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
+        let path = format!("api/groups/{}/subscribers?limit=1", percent_encode(id));
+        Ok(self
+            .call(http, "check group", Method::Get, &path, None)?
+            .map(|_| id.to_string()))
+    }
+
+    /// `filter[name]` matches partially: the exact name is picked from its answer.
+    fn list_by_name(&mut self, http: &mut Http, name: &str) -> Result<Option<String>> {
         for page in 1.. {
             let path = format!(
                 "api/groups?{}={}&limit=100&page={page}",
@@ -346,7 +364,7 @@ impl MailerLite {
         Ok(None)
     }
 
-    fn create_group(&self, http: &mut Http, name: &str) -> Result<String> {
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
         let created = self
             .call(
                 http,
@@ -367,13 +385,6 @@ impl MailerLite {
                 "MailerLite created group \"{name}\" without telling its id"
             ))
         })
-    }
-
-    fn no_api(&self) -> ProviderError {
-        ProviderError::Binding(format!(
-            "no MailerLite API at {}/api (settings.base_url?)",
-            self.root
-        ))
     }
 }
 
@@ -520,31 +531,12 @@ impl Provider for MailerLite {
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
         let types = self.field_types(http)?;
-        if let Some(missing) = binding.fields.iter().find(|f| !types.contains_key(*f)) {
-            let known: Vec<&str> = types.keys().map(String::as_str).collect();
-            return Err(ProviderError::Binding(format!(
-                "field {missing} does not exist at MailerLite (fields: {})",
-                known.join(", ")
-            )));
-        }
-        let group = match &binding.list_id {
-            Some(id) => {
-                let path = format!("api/groups/{}/subscribers?limit=1", percent_encode(id));
-                if self
-                    .call(http, "check group", Method::Get, &path, None)?
-                    .is_none()
-                {
-                    return Err(ProviderError::Binding(format!(
-                        "group {id} does not exist at MailerLite"
-                    )));
-                }
-                id.clone()
-            }
-            None => match self.find_group(http, &binding.list_name)? {
-                Some(id) => id,
-                None => self.create_group(http, &binding.list_name)?,
-            },
-        };
+        kit::require_fields(
+            "MailerLite",
+            &binding.fields,
+            types.keys().map(String::as_str),
+        )?;
+        let group = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(group);
         binding
             .remote

@@ -509,11 +509,25 @@ impl SendGrid {
     }
 
     fn list_missing(id: &str) -> ProviderError {
-        ProviderError::Binding(format!("list {id} does not exist at SendGrid"))
+        kit::list_missing::<Self>(id)
+    }
+}
+
+/// SendGrid list names are 1 to 100 characters.
+fn list_name(name: &str) -> String {
+    name.chars().take(100).collect()
+}
+
+impl kit::ListDirectory for SendGrid {
+    const KIND: &'static str = "list";
+    const PROVIDER: &'static str = "SendGrid";
+
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
+        Ok(self.list_exists(http, id)?.then(|| id.to_string()))
     }
 
-    /// The id of the list named `name`, if there is one.
-    fn find_list(&self, http: &mut Http, name: &str) -> Result<Option<String>> {
+    fn list_by_name(&mut self, http: &mut Http, name: &str) -> Result<Option<String>> {
+        let name = list_name(name);
         let mut token: Option<String> = None;
         // A bound on pages guards against a `next` link that never ends.
         for _ in 0..1000 {
@@ -529,7 +543,7 @@ impl SendGrid {
             }
             let page = response.json()?;
             for list in page["result"].as_array().into_iter().flatten() {
-                if list["name"].as_str() == Some(name)
+                if list["name"].as_str() == Some(name.as_str())
                     && let Some(id) = list["id"].as_str()
                 {
                     return Ok(Some(id.to_string()));
@@ -545,7 +559,8 @@ impl SendGrid {
         Ok(None)
     }
 
-    fn create_list(&self, http: &mut Http, name: &str) -> Result<String> {
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
+        let name = list_name(name);
         let request = self
             .api
             .request(Method::Post, "/v3/marketing/lists")
@@ -558,20 +573,22 @@ impl SendGrid {
             });
         }
         // Another worker may have created it meanwhile: the name is the key.
-        match self.find_list(http, name)? {
+        match self.list_by_name(http, &name)? {
             Some(id) => Ok(id),
             None => Err(rejected(&response)),
         }
     }
+}
 
-    fn check_list(&self, http: &mut Http, id: &str) -> Result<()> {
+impl SendGrid {
+    fn list_exists(&self, http: &mut Http, id: &str) -> Result<bool> {
         let path = format!("/v3/marketing/lists/{}", percent_encode(id));
         let response = self
             .api
             .send(http, "get list", self.api.request(Method::Get, &path))?;
         match response.status {
-            200..=299 => Ok(()),
-            404 => Err(Self::list_missing(id)),
+            200..=299 => Ok(true),
+            404 => Ok(false),
             _ => Err(rejected(&response)),
         }
     }
@@ -866,7 +883,9 @@ impl SendGrid {
         match response.status {
             200..=299 => queued(&response),
             404 => {
-                self.check_list(http, list)?;
+                if !self.list_exists(http, list)? {
+                    return Err(Self::list_missing(list));
+                }
                 Err(ProviderError::Transient {
                     message:
                         "a contact was deleted at SendGrid while it was being removed from the list"
@@ -1069,41 +1088,22 @@ impl Provider for SendGrid {
             .filter_map(|f| f["name"].as_str())
             .filter(|name| !IDENTIFIERS.contains(name))
             .collect();
+        kit::require_fields(
+            "SendGrid",
+            &binding.fields,
+            custom.keys().map(String::as_str).chain(writable),
+        )?;
         let mut used_custom = Map::new();
         let mut used_reserved = Vec::new();
         for field in &binding.fields {
-            if let Some(definition) = custom.get(field) {
-                used_custom.insert(field.clone(), definition.clone());
-            } else if writable.contains(&field.as_str()) {
-                used_reserved.push(json!(field));
-            } else {
-                let mut known: Vec<&str> = custom.keys().map(String::as_str).collect();
-                known.sort_unstable();
-                return Err(ProviderError::Binding(format!(
-                    "field {field} is neither a custom field nor a writable reserved field at SendGrid (custom fields: {}; reserved: {}); create it under Marketing > Custom Fields",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    },
-                    writable.join(", ")
-                )));
+            match custom.get(field) {
+                Some(definition) => {
+                    used_custom.insert(field.clone(), definition.clone());
+                }
+                None => used_reserved.push(json!(field)),
             }
         }
-        let list = match &binding.list_id {
-            Some(id) => {
-                self.check_list(http, id)?;
-                id.clone()
-            }
-            None => {
-                // SendGrid list names are 1 to 100 characters.
-                let name: String = binding.list_name.chars().take(100).collect();
-                match self.find_list(http, &name)? {
-                    Some(id) => id,
-                    None => self.create_list(http, &name)?,
-                }
-            }
-        };
+        let list = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(list);
         binding
             .remote

@@ -412,16 +412,21 @@ impl SendPulse {
         self.call(http, operation, request)
     }
 
-    fn book_gone(book: u64) -> ProviderError {
+    fn book_gone(book: impl std::fmt::Display) -> ProviderError {
         ProviderError::Binding(format!("mailing list {book} no longer exists at SendPulse"))
     }
 
     fn book_id(binding: &Binding) -> Result<u64> {
         kit::numeric_list_id(binding, "SendPulse mailing list id")
     }
+}
 
-    /// A mailing list of this exact name, paging through all of them (100 per page).
-    fn find_book(&mut self, http: &mut Http, name: &str) -> Result<Option<u64>> {
+impl kit::ListDirectory for SendPulse {
+    const KIND: &'static str = "mailing list";
+    const PROVIDER: &'static str = "SendPulse";
+
+    /// Pages through all the mailing lists (100 per page).
+    fn list_by_name(&mut self, http: &mut Http, name: &str) -> Result<Option<String>> {
         let mut offset = 0;
         loop {
             let path = format!("/addressbooks?limit=100&offset={offset}");
@@ -430,7 +435,7 @@ impl SendPulse {
                 .map_err(|e| e.rejected())?;
             let books = page.as_array().cloned().unwrap_or_default();
             if let Some(book) = books.iter().find(|b| b["name"].as_str() == Some(name)) {
-                return Ok(as_id(&book["id"]));
+                return Ok(as_id(&book["id"]).map(|id| id.to_string()));
             }
             if books.len() < 100 {
                 return Ok(None);
@@ -439,7 +444,7 @@ impl SendPulse {
         }
     }
 
-    fn create_book(&mut self, http: &mut Http, name: &str) -> Result<u64> {
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
         let answer = self.with_body(
             http,
             "create mailing list",
@@ -448,36 +453,38 @@ impl SendPulse {
             &json!({"bookName": name}),
         )?;
         match answer {
-            Ok(created) => as_id(&created["id"]).ok_or_else(|| {
-                ProviderError::Rejected(format!(
-                    "SendPulse returned no id for the new mailing list \"{name}\""
-                ))
-            }),
+            Ok(created) => as_id(&created["id"])
+                .map(|id| id.to_string())
+                .ok_or_else(|| {
+                    ProviderError::Rejected(format!(
+                        "SendPulse returned no id for the new mailing list \"{name}\""
+                    ))
+                }),
             // Created meanwhile by another worker: use it.
             Err(e) if e.code == Some(NAME_IN_USE) => {
-                self.find_book(http, name)?.ok_or_else(|| e.rejected())
+                self.list_by_name(http, name)?.ok_or_else(|| e.rejected())
             }
             Err(e) => Err(e.rejected()),
         }
     }
 
-    fn check_book(&mut self, http: &mut Http, id: &str) -> Result<u64> {
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
         let book: u64 = id.trim().parse().map_err(|_| {
             ProviderError::Binding(format!(
                 "SendPulse mailing list id \"{id}\" is not a number"
             ))
         })?;
         match self.get(http, "get mailing list", &format!("/addressbooks/{book}"))? {
-            Ok(Value::Array(found)) if !found.is_empty() => Ok(book),
-            Ok(Value::Object(_)) => Ok(book),
+            Ok(Value::Array(found)) if !found.is_empty() => Ok(Some(book.to_string())),
+            Ok(Value::Object(_)) => Ok(Some(book.to_string())),
             Ok(_) => Err(Self::book_gone(book)),
-            Err(e) if e.book_missing() => Err(ProviderError::Binding(format!(
-                "mailing list {book} does not exist at SendPulse"
-            ))),
+            Err(e) if e.book_missing() => Ok(None),
             Err(e) => Err(e.rejected()),
         }
     }
+}
 
+impl SendPulse {
     /// Tag name → id, creating missing tags. SendPulse queues tag creation, so a tag that is
     /// not listed yet right after its creation makes `prepare` retry later.
     fn resolve_tags(&mut self, http: &mut Http, names: &[String]) -> Result<Map<String, Value>> {
@@ -804,20 +811,14 @@ impl Provider for SendPulse {
                 "double opt-in (new_member_status pending) needs settings.sender_email: the confirmed SendPulse sender of the confirmation email".into(),
             ));
         }
-        let book = match binding.list_id.clone() {
-            Some(id) => self.check_book(http, &id)?,
-            None => match self.find_book(http, &binding.list_name)? {
-                Some(id) => id,
-                None => self.create_book(http, &binding.list_name)?,
-            },
-        };
+        let book = kit::resolve_list(http, self, binding)?;
         let variables = match self.get(
             http,
             "list variables",
             &format!("/addressbooks/{book}/variables"),
         )? {
             Ok(v) => v,
-            Err(e) if e.book_missing() => return Err(Self::book_gone(book)),
+            Err(e) if e.book_missing() => return Err(Self::book_gone(&book)),
             Err(e) => return Err(e.rejected()),
         };
         let types: Map<String, Value> = variables
@@ -831,7 +832,7 @@ impl Provider for SendPulse {
         } else {
             self.resolve_tags(http, &binding.tags)?
         };
-        binding.list_id = Some(book.to_string());
+        binding.list_id = Some(book);
         binding
             .remote
             .insert("variable_types".into(), Value::Object(types));

@@ -307,6 +307,15 @@ impl Sendsay {
         kit::list_id(binding, "Sendsay group")
     }
 
+    fn groups(&mut self, http: &mut Http) -> Result<Vec<Value>> {
+        let answer = self.call(
+            http,
+            "list groups",
+            &json!({"action": "group.get", "id": ["*"]}),
+        )?;
+        Ok(answer["list"].as_array().cloned().unwrap_or_default())
+    }
+
     /// Sets `-group.<group>` to 0 for each member that exists. Members Sendsay cannot show are
     /// not written: `member.set` would create them.
     fn leave_group(
@@ -370,6 +379,54 @@ impl Sendsay {
     }
 }
 
+fn group_id(group: &Value) -> Option<String> {
+    match &group["id"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl kit::ListDirectory for Sendsay {
+    const KIND: &'static str = "group";
+    const PROVIDER: &'static str = "Sendsay";
+
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
+        let groups = self.groups(http)?;
+        let Some(group) = groups.iter().find(|g| group_id(g).as_deref() == Some(id)) else {
+            return Ok(None);
+        };
+        if group["type"].as_str().is_some_and(|t| t != "list") {
+            return Err(ProviderError::Binding(format!(
+                "Sendsay group {id} is a {} group, whose members Sendsay computes; bind to a list group",
+                group["type"].as_str().unwrap_or("filter")
+            )));
+        }
+        Ok(Some(id.to_string()))
+    }
+
+    fn list_by_name(&mut self, http: &mut Http, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .groups(http)?
+            .iter()
+            .find(|g| {
+                g["name"].as_str() == Some(name) && g["type"].as_str().is_none_or(|t| t == "list")
+            })
+            .and_then(group_id))
+    }
+
+    fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
+        let created = self.call(
+            http,
+            "create group",
+            &json!({"action": "group.create", "name": name, "type": "list", "addr_type": "email"}),
+        )?;
+        group_id(&created).ok_or_else(|| {
+            ProviderError::Rejected(format!("Sendsay returned no id for group \"{name}\""))
+        })
+    }
+}
+
 impl Provider for Sendsay {
     fn limits(&self) -> Limits {
         // Sendsay's reference publishes no rate; integrators report 80 requests/s per account.
@@ -401,56 +458,7 @@ impl Provider for Sendsay {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let answer = self.call(
-            http,
-            "list groups",
-            &json!({"action": "group.get", "id": ["*"]}),
-        )?;
-        let groups = answer["list"].as_array().cloned().unwrap_or_default();
-        let id_of = |g: &Value| match &g["id"] {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        };
-        let group = match &binding.list_id {
-            Some(id) => {
-                let group = groups
-                    .iter()
-                    .find(|g| id_of(g).as_deref() == Some(id.as_str()))
-                    .ok_or_else(|| {
-                        ProviderError::Binding(format!("group {id} does not exist at Sendsay"))
-                    })?;
-                if group["type"].as_str().is_some_and(|t| t != "list") {
-                    return Err(ProviderError::Binding(format!(
-                        "Sendsay group {id} is a {} group, whose members Sendsay computes; bind to a list group",
-                        group["type"].as_str().unwrap_or("filter")
-                    )));
-                }
-                id.clone()
-            }
-            None => {
-                let existing = groups.iter().find(|g| {
-                    g["name"].as_str() == Some(binding.list_name.as_str())
-                        && g["type"].as_str().is_none_or(|t| t == "list")
-                });
-                match existing.and_then(id_of) {
-                    Some(id) => id,
-                    None => {
-                        let created = self.call(
-                            http,
-                            "create group",
-                            &json!({"action": "group.create", "name": binding.list_name, "type": "list", "addr_type": "email"}),
-                        )?;
-                        id_of(&created).ok_or_else(|| {
-                            ProviderError::Rejected(format!(
-                                "Sendsay returned no id for group \"{}\"",
-                                binding.list_name
-                            ))
-                        })?
-                    }
-                }
-            }
-        };
+        let group = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(group);
         Ok(())
     }

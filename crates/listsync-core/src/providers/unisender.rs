@@ -193,8 +193,29 @@ impl Unisender {
             .filter_map(|l| Some((id_text(&l["id"])?, l["title"].as_str()?.to_string())))
             .collect())
     }
+}
 
-    fn create_list(&self, http: &mut Http, title: &str) -> Result<String> {
+impl kit::ListDirectory for Unisender {
+    const KIND: &'static str = "list";
+    const PROVIDER: &'static str = "Unisender";
+
+    fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .lists(http)?
+            .into_iter()
+            .find(|(l, _)| l == id)
+            .map(|(l, _)| l))
+    }
+
+    fn list_by_name(&mut self, http: &mut Http, title: &str) -> Result<Option<String>> {
+        Ok(self
+            .lists(http)?
+            .into_iter()
+            .find(|(_, t)| t == title)
+            .map(|(id, _)| id))
+    }
+
+    fn create_list(&mut self, http: &mut Http, title: &str) -> Result<String> {
         match self.call(
             http,
             "create list",
@@ -207,20 +228,17 @@ impl Unisender {
                 ))
             }),
             // Titles are unique: another run may have just created it.
-            Answer::Error { code, message } => self
-                .lists(http)?
-                .into_iter()
-                .find(|(_, t)| t == title)
-                .map(|(id, _)| id)
-                .ok_or_else(|| {
-                    ProviderError::Binding(format!(
-                        "Unisender refused to create list \"{title}\": {}",
-                        Answer::describe(&code, &message)
-                    ))
-                }),
+            Answer::Error { code, message } => self.list_by_name(http, title)?.ok_or_else(|| {
+                ProviderError::Binding(format!(
+                    "Unisender refused to create list \"{title}\": {}",
+                    Answer::describe(&code, &message)
+                ))
+            }),
         }
     }
+}
 
+impl Unisender {
     fn look_up(&self, http: &mut Http, address: &str, list: &str) -> Result<Contact> {
         let params = vec![
             ("email".to_string(), address.to_string()),
@@ -545,19 +563,7 @@ impl Provider for Unisender {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let lists = self.lists(http)?;
-        let list = match &binding.list_id {
-            Some(id) if lists.iter().any(|(l, _)| l == id) => id.clone(),
-            Some(id) => {
-                return Err(ProviderError::Binding(format!(
-                    "list {id} does not exist at Unisender"
-                )));
-            }
-            None => match lists.iter().find(|(_, title)| *title == binding.list_name) {
-                Some((id, _)) => id.clone(),
-                None => self.create_list(http, &binding.list_name)?,
-            },
-        };
+        let list = kit::resolve_list(http, self, binding)?;
         let fields = self.result(http, "list fields", "getFields", Vec::new())?;
         let types: Map<String, Value> = fields
             .as_array()
@@ -565,13 +571,11 @@ impl Provider for Unisender {
             .flatten()
             .filter_map(|f| Some((f["name"].as_str()?.to_string(), f["type"].clone())))
             .collect();
-        if let Some(missing) = binding.fields.iter().find(|f| !types.contains_key(*f)) {
-            let known: Vec<&str> = types.keys().map(String::as_str).collect();
-            return Err(ProviderError::Binding(format!(
-                "field {missing} does not exist at Unisender (fields: {})",
-                known.join(", ")
-            )));
-        }
+        kit::require_fields(
+            "Unisender",
+            &binding.fields,
+            types.keys().map(String::as_str),
+        )?;
         binding.list_id = Some(list);
         binding
             .remote
