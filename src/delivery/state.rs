@@ -47,18 +47,15 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                     format!("binding {id} has an unknown on_leave \"{on_leave}\""),
                 )
             })?;
-            let new_member_status = match row
-                .get_by_name::<String, _>("new_member_status")?
-                .as_deref()
-            {
-                Some("pending") => MemberStatus::Pending,
-                Some("subscribed") => MemberStatus::Subscribed,
-                other => {
-                    return Err(Error::new(
-                        Kind::InvalidParameter,
-                        format!("binding {id} has an unknown new_member_status {other:?}"),
-                    ));
-                }
+            let status: Option<String> = row.get_by_name("new_member_status")?;
+            let Some(new_member_status) = status.as_deref().and_then(MemberStatus::parse) else {
+                return Err(Error::new(
+                    Kind::InvalidParameter,
+                    format!(
+                        "binding {id} has an unknown new_member_status {:?}",
+                        status.as_deref()
+                    ),
+                ));
             };
             let binding = providers::Binding {
                 id,

@@ -2,11 +2,8 @@
 //! state (the filter's rows, now) and the remote state recorded after earlier deliveries
 //! (semantics 3). Pure logic; the same for delivery, resync and dry-run.
 
-use crate::providers::OnLeave;
+use crate::providers::{MemberStatus, OnLeave};
 use serde_json::{Map, Value};
-
-/// The statuses under which an address counts as a member of the list.
-pub const MEMBER_STATUSES: [&str; 2] = ["subscribed", "pending"];
 
 /// What the worker recorded at the provider for an address.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +17,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn is_member(&self) -> bool {
-        MEMBER_STATUSES.contains(&self.status.as_str())
+        MemberStatus::parse(&self.status).is_some()
     }
 }
 

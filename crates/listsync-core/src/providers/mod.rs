@@ -42,15 +42,18 @@ pub enum OnLeave {
 }
 
 impl OnLeave {
+    /// Every value `on_leave` may take.
+    pub const ALL: [OnLeave; 5] = [
+        OnLeave::Remove,
+        OnLeave::Archive,
+        OnLeave::Unsubscribe,
+        OnLeave::Delete,
+        OnLeave::Keep,
+    ];
+
+    /// The setting `text` names; `None` when it names none.
     pub fn parse(text: &str) -> Option<OnLeave> {
-        Some(match text {
-            "remove" => OnLeave::Remove,
-            "archive" => OnLeave::Archive,
-            "unsubscribe" => OnLeave::Unsubscribe,
-            "delete" => OnLeave::Delete,
-            "keep" => OnLeave::Keep,
-            _ => return None,
-        })
+        OnLeave::ALL.into_iter().find(|o| o.as_str() == text)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +75,14 @@ pub enum MemberStatus {
 }
 
 impl MemberStatus {
+    /// Every status a member of a list can have.
+    pub const ALL: [MemberStatus; 2] = [MemberStatus::Subscribed, MemberStatus::Pending];
+
+    /// The status `text` names; `None` when it names none.
+    pub fn parse(text: &str) -> Option<MemberStatus> {
+        MemberStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MemberStatus::Subscribed => "subscribed",
@@ -395,6 +406,35 @@ pub fn chunks<T>(items: &[T], size: usize) -> std::slice::Chunks<'_, T> {
 mod unit {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn settings_read_back_what_they_write() {
+        assert_eq!(
+            OnLeave::ALL.map(OnLeave::as_str),
+            ["remove", "archive", "unsubscribe", "delete", "keep"]
+        );
+        for on_leave in OnLeave::ALL {
+            assert_eq!(OnLeave::parse(on_leave.as_str()), Some(on_leave));
+        }
+        assert_eq!(OnLeave::parse("vanish"), None);
+        assert_eq!(
+            MemberStatus::ALL.map(MemberStatus::as_str),
+            ["subscribed", "pending"]
+        );
+        for status in MemberStatus::ALL {
+            assert_eq!(MemberStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(MemberStatus::parse("unsubscribed"), None);
+    }
+
+    #[test]
+    fn providers_declare_only_known_on_leave_values() {
+        for spec in SPECS {
+            for value in spec.capabilities.on_leave {
+                assert!(OnLeave::parse(value).is_some(), "{}: {value}", spec.name);
+            }
+        }
+    }
 
     #[test]
     fn unknown_and_missing_keys_are_named() {
