@@ -19,6 +19,8 @@ pub(super) struct Target {
     pub(super) owner: pg_sys::Oid,
     pub(super) connection: Connection,
     pub(super) binding: providers::Binding,
+    /// Not part of `binding`: providers are handed only the action to apply, never `keep`.
+    pub(super) on_leave: OnLeave,
     pub(super) needs_prepare: bool,
 }
 
@@ -64,7 +66,6 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                 list_name: row.get_by_name("list_name")?.unwrap_or_default(),
                 tags: row.get_by_name("tags")?.unwrap_or_default(),
                 fields: row.get_by_name("fields")?.unwrap_or_default(),
-                on_leave,
                 new_member_status,
                 remote: row
                     .get_by_name::<JsonB, _>("remote")?
@@ -82,6 +83,7 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                 Target {
                     owner: row.get_by_name("owner")?.unwrap_or(pg_sys::InvalidOid),
                     needs_prepare: row.get_by_name("needs_prepare")?.unwrap_or(true),
+                    on_leave,
                     connection: Connection {
                         id: row.get_by_name("connection_id")?.unwrap_or_default(),
                         name: row.get_by_name("connection_name")?.unwrap_or_default(),

@@ -27,8 +27,9 @@ mod test_support;
 pub mod unisender;
 pub mod webhook;
 
+/// What [`Provider::remove`] does at the provider to members who left the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnLeave {
+pub enum LeaveAction {
     /// Untag / remove from the list; the contact stays at the provider.
     Remove,
     /// Archive the contact (where the provider has archiving).
@@ -37,17 +38,35 @@ pub enum OnLeave {
     Unsubscribe,
     /// Delete the contact.
     Delete,
-    /// Leave it where it is.
+}
+
+impl LeaveAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaveAction::Remove => "remove",
+            LeaveAction::Archive => "archive",
+            LeaveAction::Unsubscribe => "unsubscribe",
+            LeaveAction::Delete => "delete",
+        }
+    }
+}
+
+/// A binding's `on_leave`: what becomes of members who leave its filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLeave {
+    /// Leave them as they are at the provider: the sync forgets them and sends nothing.
     Keep,
+    /// Apply the action at the provider.
+    Act(LeaveAction),
 }
 
 impl OnLeave {
     /// Every value `on_leave` may take.
     pub const ALL: [OnLeave; 5] = [
-        OnLeave::Remove,
-        OnLeave::Archive,
-        OnLeave::Unsubscribe,
-        OnLeave::Delete,
+        OnLeave::Act(LeaveAction::Remove),
+        OnLeave::Act(LeaveAction::Archive),
+        OnLeave::Act(LeaveAction::Unsubscribe),
+        OnLeave::Act(LeaveAction::Delete),
         OnLeave::Keep,
     ];
 
@@ -58,11 +77,8 @@ impl OnLeave {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            OnLeave::Remove => "remove",
-            OnLeave::Archive => "archive",
-            OnLeave::Unsubscribe => "unsubscribe",
-            OnLeave::Delete => "delete",
             OnLeave::Keep => "keep",
+            OnLeave::Act(action) => action.as_str(),
         }
     }
 }
@@ -124,7 +140,6 @@ pub struct Binding {
     pub tags: Vec<String>,
     /// The provider field names the binding maps.
     pub fields: Vec<String>,
-    pub on_leave: OnLeave,
     pub new_member_status: MemberStatus,
     /// Provider-specific ids resolved by `prepare` (segment ids, field ids, ...), kept in
     /// `listsync.bindings.remote`.
@@ -197,12 +212,13 @@ pub trait Provider: Send {
         members: &[Member],
     ) -> Result<Vec<Outcome>>;
 
-    /// Applies `binding.on_leave` (never `Keep`) to members that left the filter (at most
-    /// `limits().remove_batch`): one outcome per member, in order.
+    /// Applies `action` to members that left the filter (at most `limits().remove_batch`): one
+    /// outcome per member, in order.
     fn remove(
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>>;
 
