@@ -3,13 +3,12 @@
 use super::rows::*;
 use super::views::*;
 use super::*;
+use listsync_core::providers::{MemberStatus, OnLeave};
 
 /// Every member carries every tag of its binding, in every call: bounded, so that one binding
 /// cannot make requests of unbounded size.
 const MAX_TAGS: usize = 50;
 const MAX_TAG_CHARS: usize = 100;
-const ON_LEAVE: [&str; 5] = ["remove", "archive", "unsubscribe", "delete", "keep"];
-const NEW_MEMBER_STATUS: [&str; 2] = ["subscribed", "pending"];
 
 // The SQL signature is the public contract: named arguments with defaults, one per option.
 #[allow(clippy::too_many_arguments)]
@@ -82,19 +81,21 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             .with_hint(format!("Binding installs a trigger on the table, which needs the same rights as CREATE TRIGGER: GRANT {word} ON {} TO {}.", table.name, quote_identifier(&privilege::role_name(privilege::caller())))));
         }
     }
-    if !ON_LEAVE.contains(&r.on_leave) {
+    if OnLeave::parse(r.on_leave).is_none() {
         return Err(
-            Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave))
-                .with_hint("on_leave is one of remove, archive, unsubscribe, delete, keep."),
+            Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave)).with_hint(format!(
+                "on_leave is one of {}.",
+                OnLeave::ALL.map(OnLeave::as_str).join(", ")
+            )),
         );
     }
-    if !NEW_MEMBER_STATUS.contains(&r.new_member_status) {
+    let Some(new_member_status) = MemberStatus::parse(r.new_member_status) else {
         return Err(Error::invalid(format!(
             "invalid new_member_status \"{}\"",
             r.new_member_status
         ))
         .with_hint("new_member_status is subscribed or pending (double opt-in)."));
-    }
+    };
     let capabilities = providers::capabilities(&provider)
         .ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
     if !capabilities.on_leave.contains(&r.on_leave) {
@@ -107,7 +108,7 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             capabilities.on_leave.join(", ")
         )));
     }
-    if r.new_member_status == "pending" && !capabilities.double_opt_in {
+    if new_member_status == MemberStatus::Pending && !capabilities.double_opt_in {
         return Err(Error::new(
             Kind::FeatureNotSupported,
             format!("provider {provider} has no double opt-in (new_member_status => 'pending')"),

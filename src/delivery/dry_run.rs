@@ -39,10 +39,9 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
         );
         addresses.sort_unstable();
         addresses.dedup();
-        let on_leave = target.binding.on_leave;
         let mut steps = Vec::new();
         for chunk in addresses.chunks(5_000) {
-            for planned in plan_binding(binding, target.owner, on_leave, chunk)? {
+            for planned in plan_binding(binding, target.owner, target.on_leave, chunk)? {
                 let reason = match &planned.action {
                     Action::Nothing => continue,
                     Action::Refrain(why) => Some(why.clone()),
@@ -52,7 +51,7 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
                     .then(|| Value::Object(planned.fields.clone()));
                 steps.push(DryRunStep {
                     address: planned.address,
-                    operation: planned.action.describe(on_leave).into(),
+                    operation: planned.action.describe().into(),
                     fields,
                     reason,
                 });

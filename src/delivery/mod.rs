@@ -411,7 +411,6 @@ impl Engine {
         let base = guc::ms(&guc::RETRY_BASE_MS);
         let max = guc::ms(&guc::RETRY_MAX_MS);
         let max_attempts = guc::MAX_ATTEMPTS.get();
-        let on_leave = work.target.binding.on_leave;
         let (mut succeeded, mut last_error) = (false, None::<String>);
         for item in work.items {
             let Some(planned) = item.planned else {
@@ -423,7 +422,7 @@ impl Engine {
                 }
                 continue;
             };
-            let operation = planned.action.describe(on_leave);
+            let operation = planned.action.describe();
             let outcome = match (item.outcome, &planned.action) {
                 (Some(outcome), _) => outcome,
                 (None, Action::Nothing | Action::Refrain(_)) => {
@@ -568,7 +567,7 @@ fn plan_pairs(id: i64, target: &Target, pairs: Vec<outbox::Claimed>) -> Result<V
         });
     }
     let mut planned: HashMap<String, Planned> =
-        plan_binding(id, target.owner, target.binding.on_leave, &addresses)?
+        plan_binding(id, target.owner, target.on_leave, &addresses)?
             .into_iter()
             .map(|p| (p.address.clone(), p))
             .collect();

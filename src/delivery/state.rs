@@ -19,6 +19,8 @@ pub(super) struct Target {
     pub(super) owner: pg_sys::Oid,
     pub(super) connection: Connection,
     pub(super) binding: providers::Binding,
+    /// Not part of `binding`: providers are handed only the action to apply, never `keep`.
+    pub(super) on_leave: OnLeave,
     pub(super) needs_prepare: bool,
 }
 
@@ -47,18 +49,15 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                     format!("binding {id} has an unknown on_leave \"{on_leave}\""),
                 )
             })?;
-            let new_member_status = match row
-                .get_by_name::<String, _>("new_member_status")?
-                .as_deref()
-            {
-                Some("pending") => MemberStatus::Pending,
-                Some("subscribed") => MemberStatus::Subscribed,
-                other => {
-                    return Err(Error::new(
-                        Kind::InvalidParameter,
-                        format!("binding {id} has an unknown new_member_status {other:?}"),
-                    ));
-                }
+            let status: Option<String> = row.get_by_name("new_member_status")?;
+            let Some(new_member_status) = status.as_deref().and_then(MemberStatus::parse) else {
+                return Err(Error::new(
+                    Kind::InvalidParameter,
+                    format!(
+                        "binding {id} has an unknown new_member_status {:?}",
+                        status.as_deref()
+                    ),
+                ));
             };
             let binding = providers::Binding {
                 id,
@@ -67,7 +66,6 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                 list_name: row.get_by_name("list_name")?.unwrap_or_default(),
                 tags: row.get_by_name("tags")?.unwrap_or_default(),
                 fields: row.get_by_name("fields")?.unwrap_or_default(),
-                on_leave,
                 new_member_status,
                 remote: row
                     .get_by_name::<JsonB, _>("remote")?
@@ -85,6 +83,7 @@ pub(super) fn load_targets(ids: &[i64]) -> Result<HashMap<i64, Target>> {
                 Target {
                     owner: row.get_by_name("owner")?.unwrap_or(pg_sys::InvalidOid),
                     needs_prepare: row.get_by_name("needs_prepare")?.unwrap_or(true),
+                    on_leave,
                     connection: Connection {
                         id: row.get_by_name("connection_id")?.unwrap_or_default(),
                         name: row.get_by_name("connection_name")?.unwrap_or_default(),

@@ -3,7 +3,7 @@
 
 use listsync_core::http::{Http, HttpConfig, ProviderError};
 use listsync_core::plan::Action;
-use listsync_core::providers::{self, Member, Outcome};
+use listsync_core::providers::{self, LeaveAction, Member, OnLeave, Outcome};
 use listsync_core::redact::Redactor;
 use pgrx::pg_sys;
 use std::io::Write;
@@ -180,7 +180,15 @@ pub(super) fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
         }
     }
     let limits = provider.limits();
-    for call in [Call::Upsert, Call::Remove, Call::Erase] {
+    // A `keep` binding has nothing to send for members who leave: the planner forgets them.
+    let leave = match work.target.on_leave {
+        OnLeave::Keep => None,
+        OnLeave::Act(action) => Some(Call::Remove(action)),
+    };
+    for call in [Some(Call::Upsert), leave, Some(Call::Erase)]
+        .into_iter()
+        .flatten()
+    {
         let indices: Vec<usize> = (0..work.items.len())
             .filter(|i| {
                 work.items[*i]
@@ -209,7 +217,7 @@ pub(super) fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
             let binding = &work.target.binding;
             let result = match call {
                 Call::Upsert => provider.upsert(http, binding, &members),
-                Call::Remove => provider.remove(http, binding, &members),
+                Call::Remove(action) => provider.remove(http, binding, action, &members),
                 Call::Erase => provider.erase(http, binding, &members),
             };
             match result {
@@ -247,7 +255,7 @@ pub(super) fn deliver_work(runtime: &mut Runtime, work: &mut Work) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Call {
     Upsert,
-    Remove,
+    Remove(LeaveAction),
     Erase,
 }
 
@@ -255,7 +263,7 @@ impl Call {
     pub(super) fn carries(self, action: &Action) -> bool {
         match self {
             Call::Upsert => matches!(action, Action::Add | Action::Update),
-            Call::Remove => matches!(action, Action::Leave),
+            Call::Remove(leave) => *action == Action::Leave(leave),
             Call::Erase => matches!(action, Action::Erase),
         }
     }

@@ -2,11 +2,8 @@
 //! state (the filter's rows, now) and the remote state recorded after earlier deliveries
 //! (semantics 3). Pure logic; the same for delivery, resync and dry-run.
 
-use crate::providers::OnLeave;
+use crate::providers::{LeaveAction, MemberStatus, OnLeave};
 use serde_json::{Map, Value};
-
-/// The statuses under which an address counts as a member of the list.
-pub const MEMBER_STATUSES: [&str; 2] = ["subscribed", "pending"];
 
 /// What the worker recorded at the provider for an address.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +17,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn is_member(&self) -> bool {
-        MEMBER_STATUSES.contains(&self.status.as_str())
+        MemberStatus::parse(&self.status).is_some()
     }
 }
 
@@ -30,8 +27,8 @@ pub enum Action {
     Add,
     /// A member whose fields changed.
     Update,
-    /// Left the filter: apply the binding's `on_leave`.
-    Leave,
+    /// Left the filter: apply the binding's leave action at the provider.
+    Leave(LeaveAction),
     /// Left the filter of an `on_leave => keep` binding: stop tracking it, call nothing.
     Forget,
     /// Erase it at the provider for good (a GDPR request).
@@ -44,12 +41,12 @@ pub enum Action {
 
 impl Action {
     /// The operation's name in `listsync.dry_run` and the delivery log.
-    pub fn describe(&self, on_leave: OnLeave) -> &'static str {
+    pub fn describe(&self) -> &'static str {
         match self {
             Action::Add => "add",
             Action::Update => "update",
-            Action::Leave => on_leave.as_str(),
-            Action::Forget => "keep",
+            Action::Leave(action) => action.as_str(),
+            Action::Forget => OnLeave::Keep.as_str(),
             Action::Erase => "erase",
             Action::Refrain(_) => "skip",
             Action::Nothing => "none",
@@ -84,8 +81,10 @@ pub fn plan(
         (Some(_), Some(_)) => Action::Update,
         (Some(_), None) => Action::Add,
         (None, Some(r)) if !r.is_member() => Action::Nothing,
-        (None, Some(_)) if on_leave == OnLeave::Keep => Action::Forget,
-        (None, Some(_)) => Action::Leave,
+        (None, Some(_)) => match on_leave {
+            OnLeave::Keep => Action::Forget,
+            OnLeave::Act(action) => Action::Leave(action),
+        },
         (None, None) => Action::Nothing,
     }
 }
@@ -94,6 +93,8 @@ pub fn plan(
 mod unit {
     use super::*;
     use serde_json::json;
+
+    const REMOVE: OnLeave = OnLeave::Act(LeaveAction::Remove);
 
     fn fields(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
@@ -111,17 +112,14 @@ mod unit {
     #[test]
     fn entering_changing_and_leaving() {
         let ann = fields(json!({"FNAME": "Ann"}));
-        assert_eq!(
-            plan(Some(&ann), None, false, false, OnLeave::Remove),
-            Action::Add
-        );
+        assert_eq!(plan(Some(&ann), None, false, false, REMOVE), Action::Add);
         assert_eq!(
             plan(
                 Some(&ann),
                 Some(&recorded("subscribed", json!({"FNAME": "Ann"}))),
                 false,
                 false,
-                OnLeave::Remove
+                REMOVE
             ),
             Action::Nothing
         );
@@ -131,7 +129,7 @@ mod unit {
                 Some(&recorded("pending", json!({"FNAME": "Anne"}))),
                 false,
                 false,
-                OnLeave::Remove
+                REMOVE
             ),
             Action::Update
         );
@@ -141,9 +139,9 @@ mod unit {
                 Some(&recorded("subscribed", json!({}))),
                 false,
                 false,
-                OnLeave::Archive
+                OnLeave::Act(LeaveAction::Archive)
             ),
-            Action::Leave
+            Action::Leave(LeaveAction::Archive)
         );
         assert_eq!(
             plan(
@@ -155,10 +153,38 @@ mod unit {
             ),
             Action::Forget
         );
-        assert_eq!(
-            plan(None, None, false, false, OnLeave::Remove),
-            Action::Nothing
-        );
+        assert_eq!(plan(None, None, false, false, REMOVE), Action::Nothing);
+    }
+
+    /// `keep` is the absence of a leave action: a member who leaves the filter, or is
+    /// suppressed, is only forgotten and nothing is sent for it.
+    #[test]
+    fn keep_forgets_and_every_other_setting_leaves_with_its_action() {
+        let ann = fields(json!({}));
+        let member = recorded("subscribed", json!({}));
+        for (desired, suppressed) in [(None, false), (Some(&ann), true)] {
+            let planned = |on_leave| plan(desired, Some(&member), suppressed, false, on_leave);
+            assert_eq!(planned(OnLeave::Keep), Action::Forget);
+            for action in [
+                LeaveAction::Remove,
+                LeaveAction::Archive,
+                LeaveAction::Unsubscribe,
+                LeaveAction::Delete,
+            ] {
+                assert_eq!(planned(OnLeave::Act(action)), Action::Leave(action));
+            }
+        }
+    }
+
+    /// `dry_run` and the delivery log name what happens to a leaving member as its binding's
+    /// `on_leave` is written.
+    #[test]
+    fn leaving_is_described_by_the_setting() {
+        let member = recorded("subscribed", json!({}));
+        for on_leave in OnLeave::ALL {
+            let action = plan(None, Some(&member), false, false, on_leave);
+            assert_eq!(action.describe(), on_leave.as_str());
+        }
     }
 
     #[test]
@@ -167,7 +193,7 @@ mod unit {
         let mut unverified = recorded("subscribed", json!({"FNAME": "Ann"}));
         unverified.verified = false;
         assert_eq!(
-            plan(Some(&ann), Some(&unverified), false, false, OnLeave::Remove),
+            plan(Some(&ann), Some(&unverified), false, false, REMOVE),
             Action::Update
         );
     }
@@ -188,7 +214,7 @@ mod unit {
                     Some(&recorded(status, json!({}))),
                     false,
                     false,
-                    OnLeave::Remove
+                    REMOVE
                 ),
                 Action::Refrain(_)
             ));
@@ -198,7 +224,7 @@ mod unit {
                     Some(&recorded(status, json!({}))),
                     false,
                     false,
-                    OnLeave::Remove
+                    REMOVE
                 ),
                 Action::Nothing
             );
@@ -214,14 +240,11 @@ mod unit {
                 Some(&recorded("subscribed", json!({}))),
                 true,
                 false,
-                OnLeave::Remove
+                REMOVE
             ),
-            Action::Leave
+            Action::Leave(LeaveAction::Remove)
         );
-        assert_eq!(
-            plan(Some(&ann), None, true, false, OnLeave::Remove),
-            Action::Nothing
-        );
+        assert_eq!(plan(Some(&ann), None, true, false, REMOVE), Action::Nothing);
     }
 
     #[test]
@@ -236,9 +259,6 @@ mod unit {
             ),
             Action::Erase
         );
-        assert_eq!(
-            plan(None, None, true, true, OnLeave::Remove),
-            Action::Nothing
-        );
+        assert_eq!(plan(None, None, true, true, REMOVE), Action::Nothing);
     }
 }

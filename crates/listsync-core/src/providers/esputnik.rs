@@ -14,7 +14,7 @@
 //! by contact id, and never with an empty id list, which eSputnik reads as "detach everyone".
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec,
 };
 use crate::http::{
@@ -832,12 +832,13 @@ impl Provider for Esputnik {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(members.len());
-        match binding.on_leave {
-            OnLeave::Remove | OnLeave::Unsubscribe => {
-                if binding.on_leave == OnLeave::Unsubscribe {
+        match action {
+            LeaveAction::Remove | LeaveAction::Unsubscribe => {
+                if action == LeaveAction::Unsubscribe {
                     let emails: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
                     let request = self
                         .request(Method::Post, "/v1/emails/unsubscribed/add")
@@ -862,9 +863,8 @@ impl Provider for Esputnik {
                 }
                 outcomes.extend(members.iter().map(|_| Outcome::Removed));
             }
-            OnLeave::Delete => outcomes.extend(self.delete_contacts(http, members, false)?),
-            OnLeave::Keep => outcomes.extend(members.iter().map(|_| Outcome::Removed)),
-            OnLeave::Archive => {
+            LeaveAction::Delete => outcomes.extend(self.delete_contacts(http, members, false)?),
+            LeaveAction::Archive => {
                 return Err(ProviderError::Binding(format!(
                     "{} has no archive; use on_leave remove, unsubscribe or delete",
                     self.brand
@@ -1017,8 +1017,8 @@ mod fake {
         (emulator, provider, http())
     }
 
-    fn binding(on_leave: OnLeave) -> Binding {
-        test_support::binding(&["firstName", "town"], on_leave)
+    fn binding() -> Binding {
+        test_support::binding(&["firstName", "town"])
     }
 
     fn member(address: &str, name: &str) -> Member {
@@ -1026,7 +1026,7 @@ mod fake {
     }
 
     fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http) -> Binding {
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         provider.prepare(http, &mut b).expect("prepare");
         b
     }
@@ -1072,7 +1072,7 @@ mod fake {
 
         let again = prepared(&mut provider, &mut http);
         assert_eq!(again.list_id, Some(id.to_string()), "a resync finds its id");
-        let mut given = binding(OnLeave::Remove);
+        let mut given = binding();
         given.list_id = Some(id.to_string());
         provider
             .prepare(&mut http, &mut given)
@@ -1101,7 +1101,7 @@ mod fake {
         let es = emulator.esputnik();
         let birthday = es.add_field("Birthday", "DATE");
         es.add_field("Loyalty", "TEXTFIELD");
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         b.fields.push("Birthday".into());
         provider.prepare(&mut http, &mut b).unwrap();
         assert_eq!(b.remote["custom_fields"]["Birthday"]["id"], birthday);
@@ -1125,7 +1125,7 @@ mod fake {
             "a null clears"
         );
 
-        let mut unknown = binding(OnLeave::Remove);
+        let mut unknown = binding();
         unknown.fields.push("Shoe size".into());
         let e = provider.prepare(&mut http, &mut unknown).unwrap_err();
         assert!(
@@ -1210,7 +1210,7 @@ mod fake {
     fn every_on_leave_and_erase() {
         let (emulator, mut provider, mut http) = setup();
         let es = emulator.esputnik();
-        let mut b = prepared(&mut provider, &mut http);
+        let b = prepared(&mut provider, &mut http);
         let everyone: Vec<Member> = [
             "r@example.com",
             "u@example.com",
@@ -1226,33 +1226,22 @@ mod fake {
         // A contact whose id was never recorded is found by its address.
         sent[0].remote_id = None;
         let group = es.group_id("vip (crm)").unwrap();
-        let leave = |provider: &mut Box<dyn Provider>,
-                     http: &mut Http,
-                     b: &mut Binding,
-                     on_leave,
-                     m: &Member| {
-            b.on_leave = on_leave;
+        let leave = |provider: &mut Box<dyn Provider>, http: &mut Http, action, m: &Member| {
             assert_eq!(
-                provider.remove(http, b, std::slice::from_ref(m)).unwrap(),
+                provider
+                    .remove(http, &b, action, std::slice::from_ref(m))
+                    .unwrap(),
                 vec![Outcome::Removed]
             );
         };
-        leave(&mut provider, &mut http, &mut b, OnLeave::Remove, &sent[0]);
+        leave(&mut provider, &mut http, LeaveAction::Remove, &sent[0]);
         assert!(!es.group_members(group).contains_key("r@example.com"));
         assert!(es.contact("r@example.com").is_some(), "the contact stays");
-        leave(
-            &mut provider,
-            &mut http,
-            &mut b,
-            OnLeave::Unsubscribe,
-            &sent[1],
-        );
+        leave(&mut provider, &mut http, LeaveAction::Unsubscribe, &sent[1]);
         assert!(es.unsubscribed().contains("u@example.com"));
         assert!(!es.group_members(group).contains_key("u@example.com"));
-        leave(&mut provider, &mut http, &mut b, OnLeave::Delete, &sent[2]);
+        leave(&mut provider, &mut http, LeaveAction::Delete, &sent[2]);
         assert!(es.contact("d@example.com").unwrap().deleted);
-        leave(&mut provider, &mut http, &mut b, OnLeave::Keep, &sent[3]);
-        assert!(es.group_members(group).contains_key("k@example.com"));
         assert_eq!(
             provider.erase(&mut http, &b, &sent[4..5]).unwrap(),
             vec![Outcome::Removed]
@@ -1262,10 +1251,11 @@ mod fake {
 
         // Leaving again, or leaving without ever having been there, detaches nobody: an
         // empty detach would have emptied the segment.
-        b.on_leave = OnLeave::Remove;
         let strangers = [member("never@example.com", "N"), sent[0].clone()];
         assert_eq!(
-            provider.remove(&mut http, &b, &strangers).unwrap(),
+            provider
+                .remove(&mut http, &b, LeaveAction::Remove, &strangers)
+                .unwrap(),
             vec![Outcome::Removed; 2]
         );
         assert!(
@@ -1297,7 +1287,12 @@ mod fake {
         let (emulator, mut provider, mut http) = setup();
         let b = prepared(&mut provider, &mut http);
         let outcomes = provider
-            .remove(&mut http, &b, &[member("a@example.com", "A")])
+            .remove(
+                &mut http,
+                &b,
+                LeaveAction::Remove,
+                &[member("a@example.com", "A")],
+            )
             .unwrap();
         assert_eq!(outcomes, vec![Outcome::Removed]);
         assert!(
@@ -1318,7 +1313,9 @@ mod fake {
             &b,
             &[member("old@example.com", "Ann")],
         );
-        provider.remove(&mut http, &b, &old).unwrap();
+        provider
+            .remove(&mut http, &b, LeaveAction::Remove, &old)
+            .unwrap();
         delivered(
             &mut provider,
             &mut http,
@@ -1335,7 +1332,7 @@ mod fake {
         let yespo = emulator.yespo();
         let mut provider = provider(&emulator, "yespo", "any");
         let mut http = http();
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         b.new_member_status = MemberStatus::Pending;
         provider.prepare(&mut http, &mut b).unwrap();
         yespo.set_status("blocked@example.com", "unsubscribed");
@@ -1398,7 +1395,7 @@ mod fake {
             matches!(&e, ProviderError::Auth(m) if !m.contains("not-the-key")),
             "{e:?}"
         );
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         assert!(matches!(
             wrong.prepare(&mut http, &mut b),
             Err(ProviderError::Auth(_))
@@ -1439,7 +1436,7 @@ mod fake {
         let es = emulator.esputnik();
         let mut provider = provider(&emulator, "esputnik", "k");
         let mut http = http();
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         b.new_member_status = MemberStatus::Pending;
         provider.prepare(&mut http, &mut b).unwrap();
         let faults = emulator.faults("esputnik");
@@ -1485,7 +1482,9 @@ mod fake {
             &[member("d@example.com", "D")],
         );
         faults.push(Fault::MalformedJson.on_path("/detach"));
-        let e = provider.remove(&mut http, &b, &sent).unwrap_err();
+        let e = provider
+            .remove(&mut http, &b, LeaveAction::Remove, &sent)
+            .unwrap_err();
         assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
         assert!(
             emulator
@@ -1501,7 +1500,7 @@ mod contract {
     use crate::providers::contract::{Prism, assert_all_valid};
     use crate::providers::test_support;
 
-    fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
+    fn binding(list_id: Option<&str>) -> Binding {
         Binding {
             list_id: list_id.map(str::to_string),
             remote: serde_json::from_value(json!({
@@ -1510,7 +1509,7 @@ mod contract {
                 "custom_fields": {"Birthday": {"id": 79814, "type": "DATE"}},
             }))
             .unwrap(),
-            ..test_support::binding(&["firstName", "town", "Birthday"], on_leave)
+            ..test_support::binding(&["firstName", "town", "Birthday"])
         }
     }
 
@@ -1534,26 +1533,30 @@ mod contract {
         provider.check(&mut http).expect("check");
         // The mock's segments are not ours: the first prepare waits for the import to
         // create the segment; the second looks up a given id.
-        let mut created = binding(None, OnLeave::Remove);
+        let mut created = binding(None);
         created.remote = Map::new();
         let _ = provider.prepare(&mut http, &mut created);
-        let mut given = binding(Some("200400"), OnLeave::Remove);
+        let mut given = binding(Some("200400"));
         let _ = provider.prepare(&mut http, &mut given);
 
         let members = [
             member("ann@example.com", Some("12345")),
             member("bob@example.com", None),
         ];
-        let b = binding(Some("200400"), OnLeave::Remove);
+        let b = binding(Some("200400"));
         provider.upsert(&mut http, &b, &members).expect("import");
         let mut pending = b.clone();
         pending.new_member_status = MemberStatus::Pending;
         provider
             .upsert(&mut http, &pending, &members)
             .expect("subscribe and import");
-        for on_leave in [OnLeave::Remove, OnLeave::Unsubscribe, OnLeave::Delete] {
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
+        ] {
             provider
-                .remove(&mut http, &binding(Some("200400"), on_leave), &members)
+                .remove(&mut http, &b, action, &members)
                 .expect("remove");
         }
         provider.erase(&mut http, &b, &members).expect("erase");

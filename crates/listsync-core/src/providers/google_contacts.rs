@@ -34,8 +34,8 @@
 
 use super::kit::{BearerToken, IssuedToken, ListDirectory};
 use super::{
-    Binding, Capabilities, Config, Limits, Member, MemberStatus, Need, OnLeave, Outcome, Provider,
-    Spec, chunks, kit,
+    Binding, Capabilities, Config, LeaveAction, Limits, Member, MemberStatus, Need, Outcome,
+    Provider, Spec, chunks, kit,
 };
 use crate::address::phone_identity;
 use crate::http::{
@@ -1724,15 +1724,15 @@ impl Provider for GoogleContacts {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        match binding.on_leave {
-            OnLeave::Remove => {
+        match action {
+            LeaveAction::Remove => {
                 let names = self.resolve(http, members)?;
                 self.leave_group(http, &list_group(binding)?, &names)
             }
-            OnLeave::Delete => self.delete_members(http, binding, members),
-            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
+            LeaveAction::Delete => self.delete_members(http, binding, members),
             other => Err(ProviderError::Binding(format!(
                 "Google Contacts cannot {}: it has no consent state (on_leave may be remove, delete or keep)",
                 other.as_str()
@@ -2172,11 +2172,11 @@ mod fake {
         connect(&config)
     }
 
-    fn binding(on_leave: OnLeave, tags: &[&str]) -> Binding {
+    fn binding(tags: &[&str]) -> Binding {
         Binding {
             id: 7,
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            ..test_support::binding(&["given_name", "phone"], on_leave)
+            ..test_support::binding(&["given_name", "phone"])
         }
     }
 
@@ -2190,18 +2190,19 @@ mod fake {
         }
     }
 
-    /// A prepared binding with its provider and client.
+    /// A prepared binding with its provider and client, and what leaving members get.
     struct Sync {
         provider: Box<dyn Provider>,
         http: Http,
         binding: Binding,
+        leave: LeaveAction,
     }
 
-    fn setup(on_leave: OnLeave) -> (Emulator, Sync) {
+    fn setup(leave: LeaveAction) -> (Emulator, Sync) {
         let emulator = Emulator::start();
         let mut provider = provider(&emulator);
         let mut http = http();
-        let mut binding = binding(on_leave, &[]);
+        let mut binding = binding(&[]);
         provider.prepare(&mut http, &mut binding).expect("prepare");
         (
             emulator,
@@ -2209,6 +2210,7 @@ mod fake {
                 provider,
                 http,
                 binding,
+                leave,
             },
         )
     }
@@ -2222,7 +2224,7 @@ mod fake {
 
         fn remove(&mut self, members: &[Member]) -> Vec<Outcome> {
             self.provider
-                .remove(&mut self.http, &self.binding, members)
+                .remove(&mut self.http, &self.binding, self.leave, members)
                 .expect("remove")
         }
     }
@@ -2244,7 +2246,7 @@ mod fake {
         let gc = emulator.google_contacts();
         let mut provider = provider(&emulator);
         let mut http = http();
-        let mut first = binding(OnLeave::Remove, &["crm"]);
+        let mut first = binding(&["crm"]);
         provider.prepare(&mut http, &mut first).unwrap();
         let group = first.list_id.clone().unwrap();
         assert_eq!(gc.group_named("vip (crm)"), Some(group.clone()));
@@ -2252,12 +2254,12 @@ mod fake {
             first.remote["tag_groups"]["crm"],
             json!(gc.group_named("crm").unwrap())
         );
-        let mut again = binding(OnLeave::Remove, &["crm"]);
+        let mut again = binding(&["crm"]);
         provider.prepare(&mut http, &mut again).unwrap();
         assert_eq!(again.list_id, Some(group.clone()), "reused by name");
         assert_eq!(gc.groups().iter().filter(|g| !g.system).count(), 2);
 
-        let mut by_id = binding(OnLeave::Remove, &[]);
+        let mut by_id = binding(&[]);
         by_id.list_id = Some(group.trim_start_matches("contactGroups/").to_string());
         provider.prepare(&mut http, &mut by_id).unwrap();
         assert_eq!(
@@ -2266,7 +2268,7 @@ mod fake {
             "stored as the resource name"
         );
         for missing in ["contactGroups/0ff", "myContacts"] {
-            let mut wrong = binding(OnLeave::Remove, &[]);
+            let mut wrong = binding(&[]);
             wrong.list_id = Some(missing.into());
             let error = provider.prepare(&mut http, &mut wrong).unwrap_err();
             assert!(
@@ -2281,8 +2283,8 @@ mod fake {
 
     #[test]
     fn members_are_created_in_the_group_with_their_fields() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
-        let mut tagged = binding(OnLeave::Remove, &["crm"]);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
+        let mut tagged = binding(&["crm"]);
         s.provider.prepare(&mut s.http, &mut tagged).unwrap();
         s.binding = tagged;
         let outcomes = s.upsert(&[
@@ -2338,7 +2340,7 @@ mod fake {
 
     #[test]
     fn updates_change_only_the_mapped_fields() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let ann = remote_id(
             &s.upsert(&[member(
                 "ann@example.com",
@@ -2355,7 +2357,7 @@ mod fake {
         phones.push(json!({"value": "+1 555 0199", "type": "work"}));
         gc.edit_contact(&ann, "phoneNumbers", Value::Array(phones));
         gc.edit_contact(&ann, "nicknames", json!([{"value": "Annie"}]));
-        let mut user = binding(OnLeave::Remove, &[]);
+        let mut user = binding(&[]);
         user.list_name = "Friends".into();
         s.provider.prepare(&mut s.http, &mut user).unwrap();
         let friends = user.list_id.clone().unwrap();
@@ -2405,7 +2407,7 @@ mod fake {
 
     #[test]
     fn an_existing_contact_joins_instead_of_being_duplicated() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         let existing = gc.insert_contact(
             json!({"names": [{"givenName": "Carol"}], "emailAddresses": [{"value": "Carol@Example.com"}],
@@ -2455,7 +2457,7 @@ mod fake {
 
     #[test]
     fn a_stale_etag_is_read_again_and_retried() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let outcomes = s.upsert(&[
             member("ann@example.com", json!({"given_name": "Ann"}), None),
             member("bob@example.com", json!({"given_name": "Bob"}), None),
@@ -2506,7 +2508,7 @@ mod fake {
 
     #[test]
     fn a_contact_deleted_at_google_is_created_again() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let ann = remote_id(&s.upsert(&[member("ann@example.com", json!({}), None)])[0]);
         assert!(emulator.google_contacts().person(&ann).is_some());
         s.provider
@@ -2532,7 +2534,7 @@ mod fake {
 
     #[test]
     fn leaving_removes_from_the_group_and_the_contact_stays() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let ann = remote_id(&s.upsert(&[member("ann@example.com", json!({}), None)])[0]);
         let outcomes = s.remove(&[
             member("ann@example.com", json!({}), Some(&ann)),
@@ -2541,21 +2543,10 @@ mod fake {
         assert_eq!(outcomes, [Outcome::Removed, Outcome::Removed]);
         assert!(list(&emulator, &s.binding).is_empty());
         assert!(emulator.google_contacts().person(&ann).is_some());
-        let keep = binding(OnLeave::Keep, &[]);
-        assert_eq!(
-            s.provider
-                .remove(
-                    &mut s.http,
-                    &keep,
-                    &[member("x@example.com", json!({}), None)]
-                )
-                .unwrap(),
-            [Outcome::Removed]
-        );
-        let archive = binding(OnLeave::Archive, &[]);
         let error = s.provider.remove(
             &mut s.http,
-            &archive,
+            &binding(&[]),
+            LeaveAction::Archive,
             &[member("x@example.com", json!({}), None)],
         );
         assert!(matches!(error, Err(ProviderError::Binding(_))), "{error:?}");
@@ -2564,7 +2555,7 @@ mod fake {
 
     #[test]
     fn delete_removes_only_what_the_sync_created_and_nothing_else_holds() {
-        let (emulator, mut s) = setup(OnLeave::Delete);
+        let (emulator, mut s) = setup(LeaveAction::Delete);
         let gc = emulator.google_contacts();
         let users = gc.insert_contact(
             json!({"emailAddresses": [{"value": "carol@example.com"}]}),
@@ -2577,7 +2568,7 @@ mod fake {
         ]);
         let (ann, bob) = (remote_id(&outcomes[0]), remote_id(&outcomes[1]));
         assert_eq!(remote_id(&outcomes[2]), users);
-        let mut other = binding(OnLeave::Remove, &[]);
+        let mut other = binding(&[]);
         other.list_name = "newsletter (crm)".into();
         s.provider.prepare(&mut s.http, &mut other).unwrap();
         s.provider
@@ -2613,7 +2604,7 @@ mod fake {
 
     #[test]
     fn an_email_change_moves_the_membership() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let old = remote_id(
             &s.upsert(&[member(
                 "ann@old.example",
@@ -2652,7 +2643,7 @@ mod fake {
 
     #[test]
     fn a_phone_member_is_a_contact_with_the_number_and_no_email() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         let outcomes = s.upsert(&[
             member(PIA, json!({"given_name": "Pia"}), None),
@@ -2702,7 +2693,7 @@ mod fake {
 
     #[test]
     fn a_phone_only_contact_the_user_has_joins() {
-        let (emulator, mut s) = setup(OnLeave::Delete);
+        let (emulator, mut s) = setup(LeaveAction::Delete);
         let gc = emulator.google_contacts();
         let users = gc.insert_contact(
             json!({"names": [{"givenName": "P.", "familyName": "Schulz"}],
@@ -2749,7 +2740,7 @@ mod fake {
 
     #[test]
     fn a_lost_answer_to_a_create_does_not_duplicate_a_phone_contact() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         emulator
             .faults("google_contacts")
@@ -2777,7 +2768,7 @@ mod fake {
 
     #[test]
     fn a_phone_only_contact_that_gets_an_email_moves_to_the_email() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let pia = remote_id(&s.upsert(&[member(PIA, json!({"given_name": "Pia"}), None)])[0]);
         // The engine sends the phone identity as a leave and the email as an upsert.
         assert_eq!(
@@ -2803,7 +2794,7 @@ mod fake {
 
     #[test]
     fn erasing_a_phone_member_deletes_the_contacts_known_by_the_number() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         let ours = remote_id(&s.upsert(&[member(PIA, json!({}), None)])[0]);
         let copy = gc.insert_contact(json!({"phoneNumbers": [{"value": "+49-30-1234567"}]}), &[]);
@@ -2831,7 +2822,7 @@ mod fake {
 
     #[test]
     fn erase_deletes_every_contact_holding_the_address() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         let ours = remote_id(&s.upsert(&[member("ann@example.com", json!({}), None)])[0]);
         gc.insert_contact(
@@ -2867,7 +2858,7 @@ mod fake {
 
     #[test]
     fn the_contact_cap_fails_items_with_a_clear_message() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         assert_eq!(gc.seed_contacts(CONTACT_LIMIT - 1), CONTACT_LIMIT - 1);
         let outcomes = s.upsert(&[
@@ -2892,7 +2883,7 @@ mod fake {
 
     #[test]
     fn a_refused_contact_fails_alone() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         emulator
             .google_contacts()
             .reject_address("bad@example.com", "Invalid email address.");
@@ -2918,7 +2909,7 @@ mod fake {
 
     #[test]
     fn tokens_are_cached_renewed_and_refreshed_on_401() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let gc = emulator.google_contacts();
         assert_eq!(gc.token_requests(), 1, "one token for prepare's calls");
         s.upsert(&[member("ann@example.com", json!({}), None)]);
@@ -2992,7 +2983,7 @@ mod fake {
     /// wanted addresses with their names, and no address may be duplicated.
     #[test]
     fn random_changes_under_faults_converge() {
-        let (emulator, mut s) = setup(OnLeave::Remove);
+        let (emulator, mut s) = setup(LeaveAction::Remove);
         let faults = emulator.faults("google_contacts");
         faults.set_timeout(Duration::from_millis(20));
         faults.set_random(0.2, 11);
@@ -3061,7 +3052,10 @@ mod fake {
                         }
                     }
                 }
-                if let Ok(outcomes) = s.provider.remove(&mut s.http, &s.binding, &leaving) {
+                if let Ok(outcomes) = s
+                    .provider
+                    .remove(&mut s.http, &s.binding, s.leave, &leaving)
+                {
                     for (m, outcome) in leaving.iter().zip(outcomes) {
                         assert_eq!(outcome, Outcome::Removed, "{}", m.address);
                         recorded.remove(&m.address);
@@ -3190,7 +3184,6 @@ mod contract {
             list_name: "vip (crm)".into(),
             tags: vec!["crm".into()],
             fields: vec![],
-            on_leave: OnLeave::Remove,
             new_member_status: MemberStatus::Subscribed,
             remote: Map::new(),
         };
@@ -3238,15 +3231,15 @@ mod contract {
             .remove(
                 &mut http,
                 &binding,
+                LeaveAction::Remove,
                 &[member("bob@example.com", json!({}), Some(&bob))],
             )
             .expect("remove");
-        let mut deleting = binding.clone();
-        deleting.on_leave = OnLeave::Delete;
         provider
             .remove(
                 &mut http,
-                &deleting,
+                &binding,
+                LeaveAction::Delete,
                 &[member("ann@example.com", json!({}), Some(&ann))],
             )
             .expect("delete");

@@ -7,7 +7,7 @@
 //! changed; tags are applied with `POST /lists/{id}/segments/{segment_id}`.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result};
@@ -510,15 +510,16 @@ impl Provider for Mailchimp {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
         let audience = self.audience.clone();
         let mut outcomes = Vec::with_capacity(members.len());
         let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
-        match binding.on_leave {
-            OnLeave::Remove | OnLeave::Unsubscribe => {
-                if binding.on_leave == OnLeave::Unsubscribe {
+        match action {
+            LeaveAction::Remove | LeaveAction::Unsubscribe => {
+                if action == LeaveAction::Unsubscribe {
                     let body = members
                         .iter()
                         .map(|m| json!({"email_address": m.address, "status": "unsubscribed"}))
@@ -529,13 +530,12 @@ impl Provider for Mailchimp {
                 self.update_segment(http, segment, &[], &addresses)?;
                 outcomes.extend(members.iter().map(|_| Outcome::Removed));
             }
-            OnLeave::Archive => {
+            LeaveAction::Archive => {
                 outcomes.extend(self.each_member(http, "archive member", members, |hash| {
                     self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
                 })?)
             }
-            OnLeave::Delete => outcomes.extend(self.erase(http, binding, members)?),
-            OnLeave::Keep => outcomes.extend(members.iter().map(|_| Outcome::Removed)),
+            LeaveAction::Delete => outcomes.extend(self.erase(http, binding, members)?),
         }
         Ok(outcomes)
     }
@@ -604,11 +604,11 @@ mod contract {
     use crate::providers::contract::{Prism, assert_all_valid};
     use crate::providers::test_support;
 
-    fn binding(list_id: Option<&str>, on_leave: OnLeave) -> Binding {
+    fn binding(list_id: Option<&str>) -> Binding {
         Binding {
             list_id: list_id.map(str::to_string),
             tags: vec!["crm".into()],
-            ..test_support::binding(&[], on_leave)
+            ..test_support::binding(&[])
         }
     }
 
@@ -629,7 +629,7 @@ mod contract {
         };
         let mut provider = connect(&config);
         provider.check(&mut http).expect("ping and audience");
-        let mut created = binding(None, OnLeave::Remove);
+        let mut created = binding(None);
         provider
             .prepare(&mut http, &mut created)
             .expect("prepare creates the tag");
@@ -637,16 +637,16 @@ mod contract {
         provider
             .upsert(&mut http, &created, &members)
             .expect("upsert");
-        for on_leave in [
-            OnLeave::Remove,
-            OnLeave::Archive,
-            OnLeave::Unsubscribe,
-            OnLeave::Delete,
+        let mut leaving = binding(Some("0"));
+        leaving.remote = created.remote.clone();
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Archive,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
         ] {
-            let mut leaving = binding(Some("0"), on_leave);
-            leaving.remote = created.remote.clone();
             provider
-                .remove(&mut http, &leaving, &members)
+                .remove(&mut http, &leaving, action, &members)
                 .expect("remove");
         }
         provider

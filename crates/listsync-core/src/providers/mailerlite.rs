@@ -13,7 +13,7 @@
 //! that second limit, which the engine honours through `Retry-After`.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, chunks, kit,
 };
 use crate::http::{
@@ -618,19 +618,19 @@ impl Provider for MailerLite {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let group = list_group(binding)?.to_string();
         let unassign =
             move |id: &str| Sub::new("DELETE", format!("{}/groups/{group}", subscriber_path(id)));
-        match binding.on_leave {
-            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
-            OnLeave::Remove => {
+        match action {
+            LeaveAction::Remove => {
                 self.for_each_subscriber(http, "remove from group", members, 1, |id| {
                     vec![unassign(id)]
                 })
             }
-            OnLeave::Unsubscribe => {
+            LeaveAction::Unsubscribe => {
                 self.for_each_subscriber(http, "unsubscribe subscribers", members, 2, |id| {
                     vec![
                         Sub::new("PUT", subscriber_path(id))
@@ -639,12 +639,12 @@ impl Provider for MailerLite {
                     ]
                 })
             }
-            OnLeave::Delete => {
+            LeaveAction::Delete => {
                 self.for_each_subscriber(http, "delete subscribers", members, 1, |id| {
                     vec![Sub::new("DELETE", subscriber_path(id))]
                 })
             }
-            OnLeave::Archive => Err(ProviderError::Binding(
+            LeaveAction::Archive => Err(ProviderError::Binding(
                 "MailerLite has no archive; use on_leave remove, unsubscribe, delete or keep"
                     .into(),
             )),
@@ -771,10 +771,10 @@ mod fake {
         (emulator, http(), provider)
     }
 
-    fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
+    fn binding(status: MemberStatus) -> Binding {
         Binding {
             new_member_status: status,
-            ..test_support::binding(&["name", "score"], on_leave)
+            ..test_support::binding(&["name", "score"])
         }
     }
 
@@ -791,10 +791,9 @@ mod fake {
         emulator: &Emulator,
         http: &mut Http,
         provider: &mut Box<dyn Provider>,
-        on_leave: OnLeave,
     ) -> (Binding, Vec<Outcome>) {
         emulator.mailerlite().add_field("score", "number");
-        let mut binding = binding(on_leave, MemberStatus::Subscribed);
+        let mut binding = binding(MemberStatus::Subscribed);
         provider.prepare(http, &mut binding).expect("prepare");
         let outcomes = provider
             .upsert(
@@ -820,9 +819,9 @@ mod fake {
     fn prepare_creates_the_group_once_and_checks_fields() {
         let (emulator, mut http, mut provider) = setup();
         emulator.mailerlite().add_field("score", "number");
-        let mut first = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut first = binding(MemberStatus::Subscribed);
         provider.prepare(&mut http, &mut first).unwrap();
-        let mut again = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut again = binding(MemberStatus::Subscribed);
         provider.prepare(&mut http, &mut again).unwrap();
         assert_eq!(first.list_id, again.list_id, "an existing group is reused");
         let groups = emulator.mailerlite().groups();
@@ -830,7 +829,7 @@ mod fake {
         assert_eq!(groups[0].name, "vip (crm)");
         assert_eq!(first.remote["field_types"]["score"], "number");
 
-        let mut given = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut given = binding(MemberStatus::Subscribed);
         given.list_id = first.list_id.clone();
         provider.prepare(&mut http, &mut given).unwrap();
         given.list_id = Some("404404".into());
@@ -840,7 +839,7 @@ mod fake {
             "{e:?}"
         );
 
-        let mut unknown = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut unknown = binding(MemberStatus::Subscribed);
         unknown.fields.push("shoe_size".into());
         let e = provider.prepare(&mut http, &mut unknown).unwrap_err();
         assert!(
@@ -852,7 +851,7 @@ mod fake {
     #[test]
     fn upsert_adds_to_the_group_with_typed_fields_then_updates() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
         assert!(
             outcomes.iter().all(|o| matches!(
                 o,
@@ -886,7 +885,7 @@ mod fake {
     #[test]
     fn pending_binding_uses_unconfirmed_for_new_subscribers_only() {
         let (emulator, mut http, mut provider) = setup();
-        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider);
         binding.new_member_status = MemberStatus::Pending;
         let outcomes = provider
             .upsert(
@@ -924,7 +923,7 @@ mod fake {
     #[test]
     fn consent_states_are_never_overridden() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         let ml = emulator.mailerlite();
         let outside = ml.create_group("elsewhere");
         for (address, status) in [
@@ -985,7 +984,7 @@ mod fake {
     #[test]
     fn per_item_errors_do_not_fail_the_batch() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         emulator
             .mailerlite()
             .reject_address("bad@example.com", "This address is blocked.");
@@ -1008,25 +1007,31 @@ mod fake {
 
     #[test]
     fn remove_unsubscribe_and_delete() {
-        for on_leave in [OnLeave::Remove, OnLeave::Unsubscribe, OnLeave::Delete] {
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
+        ] {
             let (emulator, mut http, mut provider) = setup();
-            let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, on_leave);
+            let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
             // Ann with the recorded id, Bob looked up by address, Zed unknown to MailerLite.
             let leaving = [
                 gone("ann@example.com", remote_id(&outcomes[0])),
                 gone("bob@example.com", None),
                 gone("zed@example.com", None),
             ];
-            let outcomes = provider.remove(&mut http, &binding, &leaving).unwrap();
-            assert_eq!(outcomes, vec![Outcome::Removed; 3], "{on_leave:?}");
+            let outcomes = provider
+                .remove(&mut http, &binding, action, &leaving)
+                .unwrap();
+            assert_eq!(outcomes, vec![Outcome::Removed; 3], "{action:?}");
             let group = binding.list_id.as_deref().unwrap();
             assert!(emulator.list_members("mailerlite", group).is_empty());
             let ml = emulator.mailerlite();
-            match on_leave {
-                OnLeave::Remove => {
+            match action {
+                LeaveAction::Remove => {
                     assert_eq!(ml.subscriber("ann@example.com").unwrap().status, "active")
                 }
-                OnLeave::Unsubscribe => {
+                LeaveAction::Unsubscribe => {
                     assert_eq!(
                         ml.subscriber("bob@example.com").unwrap().status,
                         "unsubscribed"
@@ -1039,19 +1044,17 @@ mod fake {
     }
 
     #[test]
-    fn keep_calls_nothing_and_archive_is_refused() {
+    fn archive_is_refused() {
         let (emulator, mut http, mut provider) = setup();
-        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Keep);
-        emulator.clear_requests("mailerlite");
-        let outcomes = provider
-            .remove(&mut http, &binding, &[gone("ann@example.com", None)])
-            .unwrap();
-        assert_eq!(outcomes, vec![Outcome::Removed]);
-        assert!(emulator.requests("mailerlite").is_empty());
-        binding.on_leave = OnLeave::Archive;
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
         assert!(matches!(
-            provider.remove(&mut http, &binding, &[gone("ann@example.com", None)]),
+            provider.remove(
+                &mut http,
+                &binding,
+                LeaveAction::Archive,
+                &[gone("ann@example.com", None)]
+            ),
             Err(ProviderError::Binding(_))
         ));
     }
@@ -1059,7 +1062,7 @@ mod fake {
     #[test]
     fn erase_forgets_subscribers() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
         let outcomes = provider
             .erase(
                 &mut http,
@@ -1079,11 +1082,12 @@ mod fake {
     #[test]
     fn email_change_moves_membership() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
         provider
             .remove(
                 &mut http,
                 &binding,
+                LeaveAction::Remove,
                 &[gone("ann@example.com", remote_id(&outcomes[0]))],
             )
             .unwrap();
@@ -1104,7 +1108,7 @@ mod fake {
     #[test]
     fn large_batches_are_split_to_fifty_requests() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         let many: Vec<Member> = (0..120)
             .map(|i| member(&format!("u{i}@example.com"), "U", i))
             .collect();
@@ -1113,10 +1117,8 @@ mod fake {
         let group = binding.list_id.as_deref().unwrap();
         assert_eq!(emulator.list_members("mailerlite", group).len(), 122);
         let leaving: Vec<Member> = many.iter().map(|m| gone(&m.address, None)).collect();
-        let mut unsubscribing = binding.clone();
-        unsubscribing.on_leave = OnLeave::Unsubscribe;
         let outcomes = provider
-            .remove(&mut http, &unsubscribing, &leaving)
+            .remove(&mut http, &binding, LeaveAction::Unsubscribe, &leaving)
             .unwrap();
         assert_eq!(outcomes.len(), 120);
         assert!(outcomes.iter().all(|o| *o == Outcome::Removed));
@@ -1131,7 +1133,7 @@ mod fake {
             wrong.check(&mut http),
             Err(ProviderError::Auth(_))
         ));
-        let mut b = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut b = binding(MemberStatus::Subscribed);
         b.list_id = Some("1".into());
         assert!(matches!(
             wrong.upsert(&mut http, &b, &[member("a@example.com", "A", 1)]),
@@ -1144,7 +1146,7 @@ mod fake {
     #[test]
     fn throttling_outages_and_broken_answers_are_transient() {
         let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider, OnLeave::Remove);
+        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         let faults = emulator.faults("mailerlite");
         let batch = [member("ann@example.com", "Ann", 1)];
 

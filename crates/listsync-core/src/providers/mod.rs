@@ -27,8 +27,9 @@ mod test_support;
 pub mod unisender;
 pub mod webhook;
 
+/// What [`Provider::remove`] does at the provider to members who left the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnLeave {
+pub enum LeaveAction {
     /// Untag / remove from the list; the contact stays at the provider.
     Remove,
     /// Archive the contact (where the provider has archiving).
@@ -37,29 +38,47 @@ pub enum OnLeave {
     Unsubscribe,
     /// Delete the contact.
     Delete,
-    /// Leave it where it is.
+}
+
+impl LeaveAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaveAction::Remove => "remove",
+            LeaveAction::Archive => "archive",
+            LeaveAction::Unsubscribe => "unsubscribe",
+            LeaveAction::Delete => "delete",
+        }
+    }
+}
+
+/// A binding's `on_leave`: what becomes of members who leave its filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLeave {
+    /// Leave them as they are at the provider: the sync forgets them and sends nothing.
     Keep,
+    /// Apply the action at the provider.
+    Act(LeaveAction),
 }
 
 impl OnLeave {
+    /// Every value `on_leave` may take.
+    pub const ALL: [OnLeave; 5] = [
+        OnLeave::Act(LeaveAction::Remove),
+        OnLeave::Act(LeaveAction::Archive),
+        OnLeave::Act(LeaveAction::Unsubscribe),
+        OnLeave::Act(LeaveAction::Delete),
+        OnLeave::Keep,
+    ];
+
+    /// The setting `text` names; `None` when it names none.
     pub fn parse(text: &str) -> Option<OnLeave> {
-        Some(match text {
-            "remove" => OnLeave::Remove,
-            "archive" => OnLeave::Archive,
-            "unsubscribe" => OnLeave::Unsubscribe,
-            "delete" => OnLeave::Delete,
-            "keep" => OnLeave::Keep,
-            _ => return None,
-        })
+        OnLeave::ALL.into_iter().find(|o| o.as_str() == text)
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            OnLeave::Remove => "remove",
-            OnLeave::Archive => "archive",
-            OnLeave::Unsubscribe => "unsubscribe",
-            OnLeave::Delete => "delete",
             OnLeave::Keep => "keep",
+            OnLeave::Act(action) => action.as_str(),
         }
     }
 }
@@ -72,6 +91,14 @@ pub enum MemberStatus {
 }
 
 impl MemberStatus {
+    /// Every status a member of a list can have.
+    pub const ALL: [MemberStatus; 2] = [MemberStatus::Subscribed, MemberStatus::Pending];
+
+    /// The status `text` names; `None` when it names none.
+    pub fn parse(text: &str) -> Option<MemberStatus> {
+        MemberStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MemberStatus::Subscribed => "subscribed",
@@ -113,7 +140,6 @@ pub struct Binding {
     pub tags: Vec<String>,
     /// The provider field names the binding maps.
     pub fields: Vec<String>,
-    pub on_leave: OnLeave,
     pub new_member_status: MemberStatus,
     /// Provider-specific ids resolved by `prepare` (segment ids, field ids, ...), kept in
     /// `listsync.bindings.remote`.
@@ -186,12 +212,13 @@ pub trait Provider: Send {
         members: &[Member],
     ) -> Result<Vec<Outcome>>;
 
-    /// Applies `binding.on_leave` (never `Keep`) to members that left the filter (at most
-    /// `limits().remove_batch`): one outcome per member, in order.
+    /// Applies `action` to members that left the filter (at most `limits().remove_batch`): one
+    /// outcome per member, in order.
     fn remove(
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>>;
 
@@ -395,6 +422,35 @@ pub fn chunks<T>(items: &[T], size: usize) -> std::slice::Chunks<'_, T> {
 mod unit {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn settings_read_back_what_they_write() {
+        assert_eq!(
+            OnLeave::ALL.map(OnLeave::as_str),
+            ["remove", "archive", "unsubscribe", "delete", "keep"]
+        );
+        for on_leave in OnLeave::ALL {
+            assert_eq!(OnLeave::parse(on_leave.as_str()), Some(on_leave));
+        }
+        assert_eq!(OnLeave::parse("vanish"), None);
+        assert_eq!(
+            MemberStatus::ALL.map(MemberStatus::as_str),
+            ["subscribed", "pending"]
+        );
+        for status in MemberStatus::ALL {
+            assert_eq!(MemberStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(MemberStatus::parse("unsubscribed"), None);
+    }
+
+    #[test]
+    fn providers_declare_only_known_on_leave_values() {
+        for spec in SPECS {
+            for value in spec.capabilities.on_leave {
+                assert!(OnLeave::parse(value).is_some(), "{}: {value}", spec.name);
+            }
+        }
+    }
 
     #[test]
     fn unknown_and_missing_keys_are_named() {

@@ -19,7 +19,7 @@
 //! batch size.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
@@ -1159,21 +1159,21 @@ impl Provider for SendGrid {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let list = Self::list_id(binding)?.to_string();
-        match binding.on_leave {
-            OnLeave::Keep => return Ok(members.iter().map(|_| Outcome::Removed).collect()),
-            OnLeave::Archive => {
+        match action {
+            LeaveAction::Archive => {
                 return Err(ProviderError::Binding(
                     "SendGrid has no archived contacts: use on_leave remove, unsubscribe, delete or keep".into(),
                 ));
             }
-            OnLeave::Remove | OnLeave::Unsubscribe | OnLeave::Delete => {}
+            LeaveAction::Remove | LeaveAction::Unsubscribe | LeaveAction::Delete => {}
         }
         let mut outcomes = Vec::with_capacity(members.len());
         let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
-        if binding.on_leave == OnLeave::Unsubscribe {
+        if action == LeaveAction::Unsubscribe {
             self.suppress(http, &addresses)?;
         }
         let search = self.search(http, &addresses)?;
@@ -1182,7 +1182,7 @@ impl Provider for SendGrid {
             .filter_map(|m| search.found.get(&m.address.to_lowercase()))
             .map(|f| f.id.as_str())
             .collect();
-        if binding.on_leave == OnLeave::Delete {
+        if action == LeaveAction::Delete {
             self.delete_contacts(http, &ids)?;
         } else {
             self.leave_list(http, &list, &ids)?;
@@ -1372,22 +1372,18 @@ mod fake {
         })
     }
 
-    fn binding(fields: &[&str], on_leave: OnLeave) -> Binding {
+    fn binding(fields: &[&str]) -> Binding {
         Binding {
             id: 7,
-            ..test_support::binding(fields, on_leave)
+            ..test_support::binding(fields)
         }
     }
 
-    fn prepared(
-        emulator: &Emulator,
-        http: &mut Http,
-        on_leave: OnLeave,
-    ) -> (Box<dyn Provider>, Binding) {
+    fn prepared(emulator: &Emulator, http: &mut Http) -> (Box<dyn Provider>, Binding) {
         emulator.sendgrid().add_field("ltv", "Number");
         emulator.sendgrid().add_field("signup", "Date");
         let mut provider = provider(emulator);
-        let mut binding = binding(&["first_name", "ltv", "signup"], on_leave);
+        let mut binding = binding(&["first_name", "ltv", "signup"]);
         provider.prepare(http, &mut binding).expect("prepare");
         (provider, binding)
     }
@@ -1406,19 +1402,19 @@ mod fake {
     fn prepare_creates_the_list_once_and_resolves_fields() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let list = bound.list_id.clone().unwrap();
         assert_eq!(emulator.sendgrid().lists()[&list], "vip (crm)");
         let ltv = &bound.remote["custom_fields"]["ltv"];
         assert_eq!(ltv["type"], "Number");
         assert_eq!(bound.remote["reserved_fields"], json!(["first_name"]));
 
-        let mut again = binding(&["first_name"], OnLeave::Remove);
+        let mut again = binding(&["first_name"]);
         provider.prepare(&mut http, &mut again).unwrap();
         assert_eq!(again.list_id.as_deref(), Some(list.as_str()));
         assert_eq!(emulator.sendgrid().lists().len(), 1);
 
-        let mut given = binding(&[], OnLeave::Remove);
+        let mut given = binding(&[]);
         given.list_id = Some(list.clone());
         provider.prepare(&mut http, &mut given).unwrap();
         given.list_id = Some("6f1c2b9e-0000-4000-8000-000000000000".into());
@@ -1426,7 +1422,7 @@ mod fake {
             provider.prepare(&mut http, &mut given),
             Err(ProviderError::Binding(m)) if m.contains("does not exist")
         ));
-        let mut unknown = binding(&["shoe_size"], OnLeave::Remove);
+        let mut unknown = binding(&["shoe_size"]);
         assert!(matches!(
             provider.prepare(&mut http, &mut unknown),
             Err(ProviderError::Binding(m)) if m.contains("shoe_size") && m.contains("ltv")
@@ -1437,7 +1433,7 @@ mod fake {
     fn upsert_adds_members_and_updates_fields() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let list = bound.list_id.clone().unwrap();
         let outcomes = provider
             .upsert(
@@ -1483,7 +1479,7 @@ mod fake {
     fn pending_jobs_are_retried_without_queueing_the_contacts_again() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         emulator.sendgrid().set_job_polls(3);
         let members = [member(
             "ann@example.com",
@@ -1514,7 +1510,7 @@ mod fake {
     fn each_on_leave_does_what_it_says() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, mut bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let list = bound.list_id.clone().unwrap();
         let everyone: Vec<Member> = ["ann", "bob", "cid", "dan"]
             .iter()
@@ -1533,14 +1529,20 @@ mod fake {
             member("ann@example.com", json!({})),
             member("nobody@example.com", json!({})),
         ];
-        let outcomes = provider.remove(&mut http, &bound, &leaving).unwrap();
+        let outcomes = provider
+            .remove(&mut http, &bound, LeaveAction::Remove, &leaving)
+            .unwrap();
         assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
         assert!(sg.contact("ann@example.com").is_some());
         assert!(!sg.list_contacts(&list).contains_key("ann@example.com"));
 
-        bound.on_leave = OnLeave::Unsubscribe;
         let outcomes = provider
-            .remove(&mut http, &bound, &[member("bob@example.com", json!({}))])
+            .remove(
+                &mut http,
+                &bound,
+                LeaveAction::Unsubscribe,
+                &[member("bob@example.com", json!({}))],
+            )
             .unwrap();
         assert_eq!(outcomes, vec![Outcome::Removed]);
         assert_eq!(sg.suppressions_of("bob@example.com"), vec!["unsubscribes"]);
@@ -1560,25 +1562,24 @@ mod fake {
             }
         ));
 
-        bound.on_leave = OnLeave::Delete;
         let outcomes = provider
-            .remove(&mut http, &bound, &[member("cid@example.com", json!({}))])
+            .remove(
+                &mut http,
+                &bound,
+                LeaveAction::Delete,
+                &[member("cid@example.com", json!({}))],
+            )
             .unwrap();
         assert_eq!(outcomes, vec![Outcome::Removed]);
         assert!(sg.contact("cid@example.com").is_none());
 
-        bound.on_leave = OnLeave::Keep;
-        emulator.clear_requests("sendgrid");
-        let outcomes = provider
-            .remove(&mut http, &bound, &[member("dan@example.com", json!({}))])
-            .unwrap();
-        assert_eq!(outcomes, vec![Outcome::Removed]);
-        assert!(emulator.requests("sendgrid").is_empty());
-        assert!(sg.list_contacts(&list).contains_key("dan@example.com"));
-
-        bound.on_leave = OnLeave::Archive;
         assert!(matches!(
-            provider.remove(&mut http, &bound, &[member("dan@example.com", json!({}))]),
+            provider.remove(
+                &mut http,
+                &bound,
+                LeaveAction::Archive,
+                &[member("dan@example.com", json!({}))]
+            ),
             Err(ProviderError::Binding(_))
         ));
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
@@ -1588,7 +1589,7 @@ mod fake {
     fn suppressed_addresses_are_refused_and_never_added() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let sg = emulator.sendgrid();
         sg.set_status("u@example.com", "unsubscribed");
         sg.set_status("b@example.com", "bounced");
@@ -1653,7 +1654,7 @@ mod fake {
     fn per_item_errors_fail_only_their_contact() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let list = bound.list_id.clone().unwrap();
         // Refused while validating the request: the others are sent again without it.
         let outcomes = provider
@@ -1798,7 +1799,7 @@ mod fake {
     fn an_email_change_moves_membership() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let list = bound.list_id.clone().unwrap();
         provider
             .upsert(
@@ -1809,7 +1810,12 @@ mod fake {
             .unwrap();
         assert_eq!(
             provider
-                .remove(&mut http, &bound, &[member("old@example.com", json!({}))])
+                .remove(
+                    &mut http,
+                    &bound,
+                    LeaveAction::Remove,
+                    &[member("old@example.com", json!({}))]
+                )
                 .unwrap(),
             vec![Outcome::Removed]
         );
@@ -1830,7 +1836,7 @@ mod fake {
     fn erase_deletes_the_contact_and_requests_erasure() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         provider
             .upsert(
                 &mut http,
@@ -2022,7 +2028,6 @@ mod contract {
             tags: vec![],
             // Field names from the spec's field-definitions example: reserved, Number, Date.
             fields: vec!["first_name".into(), "num_orders".into(), "dob".into()],
-            on_leave: OnLeave::Remove,
             new_member_status: MemberStatus::Subscribed,
             remote: Map::new(),
         };
@@ -2042,10 +2047,13 @@ mod contract {
                 .upsert(&mut http, &binding, &members)
                 .expect("upsert");
         }
-        for on_leave in [OnLeave::Remove, OnLeave::Unsubscribe, OnLeave::Delete] {
-            binding.on_leave = on_leave;
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
+        ] {
             provider
-                .remove(&mut http, &binding, &members)
+                .remove(&mut http, &binding, action, &members)
                 .expect("remove");
         }
         provider

@@ -13,7 +13,7 @@
 
 use super::kit::{BearerToken, IssuedToken};
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{
@@ -854,12 +854,13 @@ impl Provider for SendPulse {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
         let path = format!("/addressbooks/{book}/emails");
-        Ok(match binding.on_leave {
-            OnLeave::Remove => self.remove_batch(
+        Ok(match action {
+            LeaveAction::Remove => self.remove_batch(
                 http,
                 book,
                 "remove contacts",
@@ -867,7 +868,7 @@ impl Provider for SendPulse {
                 &path,
                 members,
             )?,
-            OnLeave::Unsubscribe => self.remove_batch(
+            LeaveAction::Unsubscribe => self.remove_batch(
                 http,
                 book,
                 "unsubscribe contacts",
@@ -875,9 +876,8 @@ impl Provider for SendPulse {
                 &format!("{path}/unsubscribe"),
                 members,
             )?,
-            OnLeave::Delete => self.delete_everywhere(http, members)?,
-            OnLeave::Keep => members.iter().map(|_| Outcome::Removed).collect(),
-            OnLeave::Archive => {
+            LeaveAction::Delete => self.delete_everywhere(http, members)?,
+            LeaveAction::Archive => {
                 return Err(ProviderError::Binding(
                     "SendPulse has no archive; use on_leave remove, unsubscribe or delete".into(),
                 ));
@@ -1044,10 +1044,10 @@ mod fake {
         (emulator, provider, http())
     }
 
-    fn binding(on_leave: OnLeave) -> Binding {
+    fn binding() -> Binding {
         Binding {
             tags: vec!["crm".into()],
-            ..test_support::binding(&["name", "age"], on_leave)
+            ..test_support::binding(&["name", "age"])
         }
     }
 
@@ -1055,8 +1055,8 @@ mod fake {
         test_support::member(address, json!({"name": name, "age": 42}))
     }
 
-    fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http, on_leave: OnLeave) -> Binding {
-        let mut b = binding(on_leave);
+    fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http) -> Binding {
+        let mut b = binding();
         provider.prepare(http, &mut b).expect("prepare");
         b
     }
@@ -1075,14 +1075,14 @@ mod fake {
     #[test]
     fn prepare_creates_the_list_once_and_checks_given_ids() {
         let (emulator, mut provider, mut http) = setup();
-        let first = prepared(&mut provider, &mut http, OnLeave::Remove);
-        let again = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let first = prepared(&mut provider, &mut http);
+        let again = prepared(&mut provider, &mut http);
         assert_eq!(first.list_id, again.list_id, "an existing list is reused");
         assert_eq!(emulator.sendpulse().books().len(), 1);
         assert_eq!(emulator.sendpulse().books()[&book(&first)], "vip (crm)");
         assert!(first.remote["tag_ids"]["crm"].is_u64());
 
-        let mut given = binding(OnLeave::Remove);
+        let mut given = binding();
         given.list_id = Some("999999".into());
         let e = provider.prepare(&mut http, &mut given).unwrap_err();
         assert!(
@@ -1105,7 +1105,7 @@ mod fake {
     fn upsert_sets_variables_and_tags_and_updates_them() {
         let (emulator, mut provider, mut http) = setup();
         let sp = emulator.sendpulse();
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         provider.prepare(&mut http, &mut b).unwrap();
         sp.add_variable(book(&b), "age", "number");
         provider.prepare(&mut http, &mut b).unwrap();
@@ -1133,7 +1133,7 @@ mod fake {
     fn double_opt_in_confirms_new_members_only() {
         let (emulator, mut provider, mut http) = setup();
         let sp = emulator.sendpulse();
-        let mut b = binding(OnLeave::Remove);
+        let mut b = binding();
         b.new_member_status = MemberStatus::Pending;
         provider.prepare(&mut http, &mut b).unwrap();
         sp.create_book("other");
@@ -1193,7 +1193,7 @@ mod fake {
             json!({}),
             json!({"client_id": "client", "client_secret": "secret"}),
         ));
-        let mut pending = binding(OnLeave::Remove);
+        let mut pending = binding();
         pending.new_member_status = MemberStatus::Pending;
         let e = no_sender.prepare(&mut http, &mut pending).unwrap_err();
         assert!(
@@ -1206,7 +1206,7 @@ mod fake {
     fn consent_states_are_refused_and_never_overridden() {
         let (emulator, mut provider, mut http) = setup();
         let sp = emulator.sendpulse();
-        let b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         let people = [
             "u@example.com",
             "b@example.com",
@@ -1256,7 +1256,7 @@ mod fake {
         emulator
             .sendpulse()
             .reject_address("bad@example.com", "Argument email is invalid");
-        let b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         let members: Vec<Member> = [
             "a@example.com",
             "bad@example.com",
@@ -1286,7 +1286,7 @@ mod fake {
     fn every_on_leave_and_erase() {
         let (emulator, mut provider, mut http) = setup();
         let sp = emulator.sendpulse();
-        let mut b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         let book = book(&b);
         let everyone: Vec<Member> = [
             "r@example.com",
@@ -1300,50 +1300,45 @@ mod fake {
         .collect();
         provider.upsert(&mut http, &b, &everyone).unwrap();
         let other = sp.create_book("other");
-        let mut in_other = binding(OnLeave::Remove);
+        let mut in_other = binding();
         in_other.list_id = Some(other.to_string());
         provider.prepare(&mut http, &mut in_other).unwrap();
         provider
             .upsert(&mut http, &in_other, &everyone[2..3])
             .unwrap();
 
-        let leave = |provider: &mut Box<dyn Provider>,
-                     http: &mut Http,
-                     b: &mut Binding,
-                     on_leave,
-                     i: usize| {
-            b.on_leave = on_leave;
-            let outcomes = provider.remove(http, b, &everyone[i..=i]).unwrap();
+        let leave = |provider: &mut Box<dyn Provider>, http: &mut Http, action, i: usize| {
+            let outcomes = provider.remove(http, &b, action, &everyone[i..=i]).unwrap();
             assert_eq!(outcomes, vec![Outcome::Removed]);
         };
-        leave(&mut provider, &mut http, &mut b, OnLeave::Remove, 0);
+        leave(&mut provider, &mut http, LeaveAction::Remove, 0);
         assert!(sp.member(book, "r@example.com").is_none());
-        leave(&mut provider, &mut http, &mut b, OnLeave::Unsubscribe, 1);
+        leave(&mut provider, &mut http, LeaveAction::Unsubscribe, 1);
         assert_eq!(
             sp.member(book, "u@example.com").unwrap().status,
             "unsubscribed"
         );
-        leave(&mut provider, &mut http, &mut b, OnLeave::Delete, 2);
+        leave(&mut provider, &mut http, LeaveAction::Delete, 2);
         assert!(
             sp.member(other, "d@example.com").is_none(),
             "deleted from every list"
         );
-        leave(&mut provider, &mut http, &mut b, OnLeave::Keep, 3);
-        assert!(sp.member(book, "k@example.com").is_some());
         assert_eq!(
             provider.erase(&mut http, &b, &everyone[4..5]).unwrap(),
             vec![Outcome::Removed]
         );
         assert!(sp.deleted().contains(&"e@example.com".to_string()));
         // Leaving twice is still "removed".
-        b.on_leave = OnLeave::Remove;
         assert_eq!(
-            provider.remove(&mut http, &b, &everyone[0..1]).unwrap(),
+            provider
+                .remove(&mut http, &b, LeaveAction::Remove, &everyone[0..1])
+                .unwrap(),
             vec![Outcome::Removed]
         );
-        b.on_leave = OnLeave::Unsubscribe;
         assert_eq!(
-            provider.remove(&mut http, &b, &everyone[1..2]).unwrap(),
+            provider
+                .remove(&mut http, &b, LeaveAction::Unsubscribe, &everyone[1..2])
+                .unwrap(),
             vec![Outcome::Removed]
         );
         let listed = emulator.list_members("sendpulse", &book.to_string());
@@ -1353,12 +1348,17 @@ mod fake {
     #[test]
     fn an_email_change_moves_the_member() {
         let (emulator, mut provider, mut http) = setup();
-        let b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         provider
             .upsert(&mut http, &b, &[member("old@example.com", "Ann")])
             .unwrap();
         provider
-            .remove(&mut http, &b, &[member("old@example.com", "")])
+            .remove(
+                &mut http,
+                &b,
+                LeaveAction::Remove,
+                &[member("old@example.com", "")],
+            )
             .unwrap();
         provider
             .upsert(&mut http, &b, &[member("new@example.com", "Ann")])
@@ -1371,7 +1371,7 @@ mod fake {
     fn tokens_are_cached_renewed_before_expiry_and_after_a_401() {
         let (emulator, mut provider, mut http) = setup();
         let sp = emulator.sendpulse();
-        let b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         provider
             .upsert(&mut http, &b, &[member("a@example.com", "A")])
             .unwrap();
@@ -1436,7 +1436,7 @@ mod fake {
     #[test]
     fn throttling_outages_and_broken_answers_are_transient() {
         let (emulator, mut provider, mut http) = setup();
-        let b = prepared(&mut provider, &mut http, OnLeave::Remove);
+        let b = prepared(&mut provider, &mut http);
         let members = [member("a@example.com", "A")];
         let faults = emulator.faults("sendpulse");
         for fault in [
@@ -1504,11 +1504,11 @@ mod contract {
         })
     }
 
-    fn binding(list_id: Option<&str>, on_leave: OnLeave, tags: &[&str]) -> Binding {
+    fn binding(list_id: Option<&str>, tags: &[&str]) -> Binding {
         Binding {
             list_id: list_id.map(str::to_string),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            ..test_support::binding(&["name"], on_leave)
+            ..test_support::binding(&["name"])
         }
     }
 
@@ -1522,14 +1522,14 @@ mod contract {
         let mut http = prism.http();
         let mut provider = provider(&prism);
         provider.check(&mut http).expect("check");
-        let mut created = binding(None, OnLeave::Remove, &[]);
+        let mut created = binding(None, &[]);
         provider
             .prepare(&mut http, &mut created)
             .expect("prepare creates the list");
         // A tag the mock never lists: created, then waited for (a transient error).
-        let mut tagged = binding(None, OnLeave::Remove, &["crm"]);
+        let mut tagged = binding(None, &["crm"]);
         let _ = provider.prepare(&mut http, &mut tagged);
-        let mut given = binding(Some("123"), OnLeave::Remove, &[]);
+        let mut given = binding(Some("123"), &[]);
         provider
             .prepare(&mut http, &mut given)
             .expect("prepare checks a given id");
@@ -1546,10 +1546,14 @@ mod contract {
         provider
             .address_state(&mut http, 123, "ann@example.com")
             .expect("status read");
-        for on_leave in [OnLeave::Remove, OnLeave::Unsubscribe, OnLeave::Delete] {
-            let leaving = binding(Some("123"), on_leave, &[]);
+        let leaving = binding(Some("123"), &[]);
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
+        ] {
             provider
-                .remove(&mut http, &leaving, &members)
+                .remove(&mut http, &leaving, action, &members)
                 .expect("remove");
         }
         provider.erase(&mut http, &b, &members).expect("erase");

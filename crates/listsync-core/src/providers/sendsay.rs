@@ -14,7 +14,7 @@
 //! unsubscribed addresses instead of adding them: Sendsay itself would accept the addition.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result};
@@ -575,17 +575,17 @@ impl Provider for Sendsay {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let group = Self::group(binding)?.to_string();
-        match binding.on_leave {
-            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
-            OnLeave::Archive => Err(ProviderError::Binding(
+        match action {
+            LeaveAction::Archive => Err(ProviderError::Binding(
                 "Sendsay has no archived members: use on_leave remove, unsubscribe, delete or keep"
                     .into(),
             )),
-            OnLeave::Remove => self.leave_group(http, &group, members),
-            OnLeave::Unsubscribe => {
+            LeaveAction::Remove => self.leave_group(http, &group, members),
+            LeaveAction::Unsubscribe => {
                 let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
                 self.call(
                     http,
@@ -594,7 +594,7 @@ impl Provider for Sendsay {
                 )?;
                 self.leave_group(http, &group, members)
             }
-            OnLeave::Delete => self.delete(http, "delete members", members),
+            LeaveAction::Delete => self.delete(http, "delete members", members),
         }
     }
 
@@ -697,10 +697,10 @@ mod fake {
         })
     }
 
-    fn binding(on_leave: OnLeave) -> Binding {
+    fn binding() -> Binding {
         Binding {
             id: 3,
-            ..test_support::binding(&["base.firstName", "custom.city"], on_leave)
+            ..test_support::binding(&["base.firstName", "custom.city"])
         }
     }
 
@@ -712,13 +712,9 @@ mod fake {
         }
     }
 
-    fn prepared(
-        emulator: &Emulator,
-        http: &mut Http,
-        on_leave: OnLeave,
-    ) -> (Box<dyn Provider>, Binding) {
+    fn prepared(emulator: &Emulator, http: &mut Http) -> (Box<dyn Provider>, Binding) {
         let mut provider = provider(emulator);
-        let mut binding = binding(on_leave);
+        let mut binding = binding();
         provider.prepare(http, &mut binding).expect("prepare");
         (provider, binding)
     }
@@ -737,7 +733,7 @@ mod fake {
     fn prepare_creates_the_group_once_and_checks_given_ones() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let group = bound.list_id.clone().unwrap();
         let groups = emulator.sendsay().groups();
         assert_eq!(groups.len(), 1);
@@ -746,7 +742,7 @@ mod fake {
             (group.as_str(), "vip (crm)")
         );
 
-        let mut again = binding(OnLeave::Remove);
+        let mut again = binding();
         provider.prepare(&mut http, &mut again).unwrap();
         assert_eq!(again.list_id, Some(group.clone()));
         assert_eq!(emulator.sendsay().groups().len(), 1);
@@ -767,7 +763,7 @@ mod fake {
     fn upsert_adds_members_updates_fields_and_honours_double_opt_in() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, mut bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, mut bound) = prepared(&emulator, &mut http);
         let group = bound.list_id.clone().unwrap();
         let outcomes = provider
             .upsert(
@@ -841,7 +837,7 @@ mod fake {
     fn each_on_leave_does_what_it_says() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, mut bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let group = bound.list_id.clone().unwrap();
         let everyone: Vec<Member> = ["ann", "bob", "cid", "dan"]
             .iter()
@@ -860,6 +856,7 @@ mod fake {
             .remove(
                 &mut http,
                 &bound,
+                LeaveAction::Remove,
                 &[
                     member("ann@example.com", json!({})),
                     member("nobody@example.com", json!({})),
@@ -873,10 +870,14 @@ mod fake {
         );
         assert!(ss.member("nobody@example.com").is_none());
 
-        bound.on_leave = OnLeave::Unsubscribe;
         assert_eq!(
             provider
-                .remove(&mut http, &bound, &[member("bob@example.com", json!({}))])
+                .remove(
+                    &mut http,
+                    &bound,
+                    LeaveAction::Unsubscribe,
+                    &[member("bob@example.com", json!({}))]
+                )
                 .unwrap(),
             vec![Outcome::Removed]
         );
@@ -893,28 +894,26 @@ mod fake {
             }
         ));
 
-        bound.on_leave = OnLeave::Delete;
         assert_eq!(
             provider
-                .remove(&mut http, &bound, &[member("cid@example.com", json!({}))])
+                .remove(
+                    &mut http,
+                    &bound,
+                    LeaveAction::Delete,
+                    &[member("cid@example.com", json!({}))]
+                )
                 .unwrap(),
             vec![Outcome::Removed]
         );
         assert!(ss.member("cid@example.com").is_none());
 
-        bound.on_leave = OnLeave::Keep;
-        emulator.clear_requests("sendsay");
-        assert_eq!(
-            provider
-                .remove(&mut http, &bound, &[member("dan@example.com", json!({}))])
-                .unwrap(),
-            vec![Outcome::Removed]
-        );
-        assert!(emulator.requests("sendsay").is_empty());
-
-        bound.on_leave = OnLeave::Archive;
         assert!(matches!(
-            provider.remove(&mut http, &bound, &[member("dan@example.com", json!({}))]),
+            provider.remove(
+                &mut http,
+                &bound,
+                LeaveAction::Archive,
+                &[member("dan@example.com", json!({}))]
+            ),
             Err(ProviderError::Binding(_))
         ));
         assert!(ss.locked_additions().is_empty());
@@ -924,7 +923,7 @@ mod fake {
     fn unsubscribed_and_stop_listed_addresses_are_refused_and_never_added() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let group = bound.list_id.clone().unwrap();
         let ss = emulator.sendsay();
         ss.set_status("u@example.com", "unsubscribed");
@@ -963,7 +962,7 @@ mod fake {
     fn per_item_errors_fail_or_retry_only_their_member() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let ss = emulator.sendsay();
         ss.reject_address(
             "bad@example.com",
@@ -1059,7 +1058,7 @@ mod fake {
     fn an_email_change_moves_membership() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         let group = bound.list_id.clone().unwrap();
         provider
             .upsert(
@@ -1069,7 +1068,12 @@ mod fake {
             )
             .unwrap();
         provider
-            .remove(&mut http, &bound, &[member("old@example.com", json!({}))])
+            .remove(
+                &mut http,
+                &bound,
+                LeaveAction::Remove,
+                &[member("old@example.com", json!({}))],
+            )
             .unwrap();
         provider
             .upsert(
@@ -1086,7 +1090,7 @@ mod fake {
     fn erase_deletes_members_with_their_data() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         provider
             .upsert(
                 &mut http,
@@ -1113,7 +1117,7 @@ mod fake {
     fn the_account_member_limit_fails_new_members_only() {
         let emulator = Emulator::start();
         let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
+        let (mut provider, bound) = prepared(&emulator, &mut http);
         emulator.sendsay().set_member_limit(1);
         let outcomes = provider
             .upsert(

@@ -1,6 +1,6 @@
 //! Fixture builders shared by the provider tests.
 
-use super::{Binding, Member, MemberStatus, OnLeave};
+use super::{Binding, Member, MemberStatus};
 use serde_json::{Map, Value};
 
 /// A member with `fields` (a JSON object) and no recorded provider id.
@@ -21,7 +21,7 @@ pub fn known_member(address: &str, fields: Value, remote_id: Option<&str>) -> Me
 }
 
 /// Binding 1 of filter `vip` mapping `fields`, not yet prepared, adding members as subscribed.
-pub fn binding(fields: &[&str], on_leave: OnLeave) -> Binding {
+pub fn binding(fields: &[&str]) -> Binding {
     Binding {
         id: 1,
         filter: "vip".into(),
@@ -29,7 +29,6 @@ pub fn binding(fields: &[&str], on_leave: OnLeave) -> Binding {
         list_name: "vip (crm)".into(),
         tags: vec![],
         fields: fields.iter().map(|f| f.to_string()).collect(),
-        on_leave,
         new_member_status: MemberStatus::Subscribed,
         remote: Map::new(),
     }

@@ -18,7 +18,7 @@
 //! and erasing are `importContacts` rows with `delete` = 1.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, MemberStatus, Need, OnLeave,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, RateLimit, Request, Response, Result, transient};
@@ -671,14 +671,14 @@ impl Provider for Unisender {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        match binding.on_leave {
-            OnLeave::Keep => Ok(members.iter().map(|_| Outcome::Removed).collect()),
-            OnLeave::Remove => self.leave(http, "exclude", list_id(binding)?, members),
-            OnLeave::Unsubscribe => self.leave(http, "unsubscribe", list_id(binding)?, members),
-            OnLeave::Delete => self.delete(http, "delete contacts", members),
-            OnLeave::Archive => Err(ProviderError::Binding(
+        match action {
+            LeaveAction::Remove => self.leave(http, "exclude", list_id(binding)?, members),
+            LeaveAction::Unsubscribe => self.leave(http, "unsubscribe", list_id(binding)?, members),
+            LeaveAction::Delete => self.delete(http, "delete contacts", members),
+            LeaveAction::Archive => Err(ProviderError::Binding(
                 "Unisender has no archive; use on_leave remove, unsubscribe, delete or keep".into(),
             )),
         }
@@ -830,11 +830,11 @@ mod fake {
         (emulator, http(), provider)
     }
 
-    fn binding(on_leave: OnLeave, status: MemberStatus) -> Binding {
+    fn binding(status: MemberStatus) -> Binding {
         Binding {
             tags: vec!["crm".into()],
             new_member_status: status,
-            ..test_support::binding(&["Name", "score"], on_leave)
+            ..test_support::binding(&["Name", "score"])
         }
     }
 
@@ -849,10 +849,9 @@ mod fake {
     fn prepared(
         http: &mut Http,
         provider: &mut Box<dyn Provider>,
-        on_leave: OnLeave,
         status: MemberStatus,
     ) -> Binding {
-        let mut binding = binding(on_leave, status);
+        let mut binding = binding(status);
         provider.prepare(http, &mut binding).expect("prepare");
         binding
     }
@@ -867,18 +866,8 @@ mod fake {
     #[test]
     fn prepare_creates_the_list_once_and_checks_fields() {
         let (emulator, mut http, mut provider) = setup();
-        let first = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
-        let again = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let first = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
+        let again = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert_eq!(
             first.list_id, again.list_id,
             "the list of that title is reused"
@@ -888,7 +877,7 @@ mod fake {
         assert_eq!(lists[0].title, "vip (crm)");
         assert_eq!(first.remote["field_types"]["score"], "number");
 
-        let mut given = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut given = binding(MemberStatus::Subscribed);
         given.list_id = Some("999".into());
         let e = provider.prepare(&mut http, &mut given).unwrap_err();
         assert!(
@@ -896,7 +885,7 @@ mod fake {
             "{e:?}"
         );
 
-        let mut unknown = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut unknown = binding(MemberStatus::Subscribed);
         unknown.fields.push("shoe".into());
         let e = provider.prepare(&mut http, &mut unknown).unwrap_err();
         assert!(
@@ -908,12 +897,7 @@ mod fake {
     #[test]
     fn upsert_imports_members_with_fields_and_tags_then_updates() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let outcomes = provider
             .upsert(&mut http, &binding, &ann_and_bob())
             .unwrap();
@@ -951,12 +935,7 @@ mod fake {
     #[test]
     fn the_api_key_travels_in_the_body_never_in_the_url() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
             .unwrap();
@@ -972,12 +951,7 @@ mod fake {
     #[test]
     fn double_opt_in_subscribes_new_members_with_a_confirmation() {
         let (emulator, mut http, mut provider) = setup();
-        let subscribed = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let subscribed = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(
                 &mut http,
@@ -985,7 +959,7 @@ mod fake {
                 &[member("ann@example.com", "Ann", 1)],
             )
             .unwrap();
-        let mut pending = binding(OnLeave::Remove, MemberStatus::Pending);
+        let mut pending = binding(MemberStatus::Pending);
         pending.list_name = "double (crm)".into();
         provider.prepare(&mut http, &mut pending).unwrap();
         let outcomes = provider
@@ -1037,7 +1011,7 @@ mod fake {
     fn consent_states_are_never_overridden() {
         for pending in [MemberStatus::Subscribed, MemberStatus::Pending] {
             let (emulator, mut http, mut provider) = setup();
-            let binding = prepared(&mut http, &mut provider, OnLeave::Remove, pending);
+            let binding = prepared(&mut http, &mut provider, pending);
             let list = binding.list_id.clone().unwrap();
             let addresses = [
                 "un@example.com",
@@ -1083,12 +1057,7 @@ mod fake {
     #[test]
     fn per_item_errors_do_not_fail_the_batch() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         emulator
             .unisender()
             .reject_address("trap@example.com", "Spam trap address");
@@ -1123,56 +1092,54 @@ mod fake {
     }
 
     #[test]
-    fn remove_unsubscribe_delete_and_keep() {
-        for on_leave in [
-            OnLeave::Remove,
-            OnLeave::Unsubscribe,
-            OnLeave::Delete,
-            OnLeave::Keep,
+    fn remove_unsubscribe_and_delete() {
+        for action in [
+            LeaveAction::Remove,
+            LeaveAction::Unsubscribe,
+            LeaveAction::Delete,
         ] {
             let (emulator, mut http, mut provider) = setup();
-            let binding = prepared(&mut http, &mut provider, on_leave, MemberStatus::Subscribed);
+            let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
             provider
                 .upsert(&mut http, &binding, &ann_and_bob())
                 .unwrap();
             let leaving = [gone("ann@example.com"), gone("zed@example.com")];
-            let outcomes = provider.remove(&mut http, &binding, &leaving).unwrap();
-            assert_eq!(outcomes, vec![Outcome::Removed; 2], "{on_leave:?}");
+            let outcomes = provider
+                .remove(&mut http, &binding, action, &leaving)
+                .unwrap();
+            assert_eq!(outcomes, vec![Outcome::Removed; 2], "{action:?}");
             let us = emulator.unisender();
             let list = binding.list_id.as_deref().unwrap();
             let members = emulator.list_members("unisender", list);
-            match on_leave {
-                OnLeave::Remove => {
+            match action {
+                LeaveAction::Remove => {
                     assert!(us.contact("ann@example.com").unwrap().lists.is_empty());
                     assert_eq!(us.contact("ann@example.com").unwrap().status, "new");
                 }
-                OnLeave::Unsubscribe => {
+                LeaveAction::Unsubscribe => {
                     assert_eq!(
                         us.contact("ann@example.com").unwrap().lists[list],
                         "unsubscribed"
                     )
                 }
-                OnLeave::Delete => assert_eq!(us.deleted(), vec!["ann@example.com"]),
-                _ => assert!(members.contains_key("ann@example.com")),
+                _ => assert_eq!(us.deleted(), vec!["ann@example.com"]),
             }
-            if on_leave != OnLeave::Keep {
-                assert_eq!(members.keys().collect::<Vec<_>>(), vec!["bob@example.com"]);
-            }
+            assert_eq!(members.keys().collect::<Vec<_>>(), vec!["bob@example.com"]);
         }
     }
 
     #[test]
     fn archive_is_refused() {
         let (_emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Archive,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
         assert!(matches!(
-            provider.remove(&mut http, &binding, &[gone("ann@example.com")]),
+            provider.remove(
+                &mut http,
+                &binding,
+                LeaveAction::Archive,
+                &[gone("ann@example.com")]
+            ),
             Err(ProviderError::Binding(_))
         ));
     }
@@ -1180,12 +1147,7 @@ mod fake {
     #[test]
     fn erase_deletes_contacts_in_chunks_of_500() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
             .unwrap();
@@ -1211,17 +1173,17 @@ mod fake {
     #[test]
     fn email_change_moves_membership() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
             .unwrap();
         provider
-            .remove(&mut http, &binding, &[gone("ann@example.com")])
+            .remove(
+                &mut http,
+                &binding,
+                LeaveAction::Remove,
+                &[gone("ann@example.com")],
+            )
             .unwrap();
         provider
             .upsert(
@@ -1245,7 +1207,7 @@ mod fake {
             Err(ProviderError::Auth(message)) => assert!(!message.contains("nope"), "{message}"),
             other => panic!("{other:?}"),
         }
-        let mut b = binding(OnLeave::Remove, MemberStatus::Subscribed);
+        let mut b = binding(MemberStatus::Subscribed);
         b.list_id = Some("1".into());
         assert!(matches!(
             wrong.upsert(&mut http, &b, &ann_and_bob()),
@@ -1260,12 +1222,7 @@ mod fake {
     #[test]
     fn throttling_outages_and_broken_answers_are_transient() {
         let (emulator, mut http, mut provider) = setup();
-        let binding = prepared(
-            &mut http,
-            &mut provider,
-            OnLeave::Remove,
-            MemberStatus::Subscribed,
-        );
+        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let batch = ann_and_bob();
 
         emulator.unisender().set_call_limit(Some(1));

@@ -7,7 +7,8 @@
 //! `unsubscribed` (or `bounced`, `complained`) is a consent refusal.
 
 use super::{
-    Binding, Capabilities, Config, ConsentStatus, Limits, Member, Need, Outcome, Provider, Spec,
+    Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, Need, Outcome,
+    Provider, Spec,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
 use base64::Engine;
@@ -255,9 +256,13 @@ impl Provider for Webhook {
         &mut self,
         http: &mut Http,
         binding: &Binding,
+        action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members.iter().map(|m| json!({"action": "remove", "email": m.address, "on_leave": binding.on_leave.as_str()})).collect();
+        let changes = members
+            .iter()
+            .map(|m| json!({"action": "remove", "email": m.address, "on_leave": action.as_str()}))
+            .collect();
         self.deliver(
             http,
             binding,
