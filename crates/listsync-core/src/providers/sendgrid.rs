@@ -1761,13 +1761,17 @@ mod fake {
     fn a_garbled_success_is_not_taken_for_a_removal() {
         let emulator = Emulator::start();
         let mut http = http();
-        for (on_leave, method, path) in [
-            (OnLeave::Remove, "DELETE", "/v3/marketing/lists/"),
-            (OnLeave::Delete, "DELETE", "/v3/marketing/contacts"),
-            (OnLeave::Unsubscribe, "POST", "/v3/asm/suppressions/global"),
+        for (action, method, path) in [
+            (LeaveAction::Remove, "DELETE", "/v3/marketing/lists/"),
+            (LeaveAction::Delete, "DELETE", "/v3/marketing/contacts"),
+            (
+                LeaveAction::Unsubscribe,
+                "POST",
+                "/v3/asm/suppressions/global",
+            ),
         ] {
             emulator.reset();
-            let (mut provider, bound) = prepared(&emulator, &mut http, on_leave);
+            let (mut provider, bound) = prepared(&emulator, &mut http);
             let list = bound.list_id.clone().unwrap();
             let ann = [member("ann@example.com", json!({"first_name": "Ann"}))];
             assert!(is_member(
@@ -1778,19 +1782,19 @@ mod fake {
                 .push(Fault::MalformedJson.on_method(method).on_path(path));
             assert!(
                 matches!(
-                    provider.remove(&mut http, &bound, &ann),
+                    provider.remove(&mut http, &bound, action, &ann),
                     Err(ProviderError::Transient { .. })
                 ),
-                "{on_leave:?}"
+                "{action:?}"
             );
             assert_eq!(
-                provider.remove(&mut http, &bound, &ann).unwrap(),
+                provider.remove(&mut http, &bound, action, &ann).unwrap(),
                 vec![Outcome::Removed],
-                "{on_leave:?}"
+                "{action:?}"
             );
             assert!(
                 emulator.list_members("sendgrid", &list).is_empty(),
-                "{on_leave:?}"
+                "{action:?}"
             );
         }
     }
