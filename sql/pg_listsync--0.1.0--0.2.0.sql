@@ -3,6 +3,7 @@
 --     bindings keep the use of their connections.
 --   * Functions an administrator allowed in filters (listsync.allow_function).
 --   * Operational views and the filters/bindings tables show a role its own rows.
+--   * A member's status is one the engine records: 'refused' was allowed but never written.
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -90,6 +91,10 @@ CREATE POLICY own_rows ON listsync.filters FOR SELECT
     USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
 CREATE POLICY own_rows ON listsync.bindings FOR SELECT
     USING (pg_catalog.pg_has_role(owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE'));
+
+ALTER TABLE listsync.members DROP CONSTRAINT members_status_check,
+    ADD CONSTRAINT members_status_check
+        CHECK (status IN ('subscribed', 'pending', 'unsubscribed', 'cleaned', 'bounced', 'complained'));
 
 -- New functions (as 0.2.0's install script defines them).
 CREATE FUNCTION listsync.allow_function("function" regprocedure) RETURNS void

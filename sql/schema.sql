@@ -127,7 +127,7 @@ CREATE TABLE listsync.members (
     address     text NOT NULL,
     status      text NOT NULL
                 CHECK (status IN ('subscribed', 'pending', 'unsubscribed', 'cleaned',
-                                  'bounced', 'complained', 'refused')),
+                                  'bounced', 'complained')),
     remote_id   text,
     fields      jsonb NOT NULL DEFAULT '{}',
     synced_at   timestamptz NOT NULL DEFAULT now(),

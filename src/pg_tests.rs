@@ -388,6 +388,46 @@ mod tests {
         assert_eq!(preview["sample"].as_array().unwrap().len(), 2);
     }
 
+    /// The values a CHECK constraint of the catalog allows, sorted.
+    fn allowed_by_check(table: &str, column: &str) -> Vec<String> {
+        value::<Vec<String>>(&format!(
+            "SELECT array_agg(m[1] ORDER BY m[1]) FROM pg_constraint c,
+                    regexp_matches(pg_get_constraintdef(c.oid), '''([^'']*)''', 'g') m
+              WHERE c.conrelid = 'listsync.{table}'::regclass AND c.conname = '{table}_{column}_check'"
+        ))
+        .unwrap_or_default()
+    }
+
+    fn sorted(values: impl IntoIterator<Item = &'static str>) -> Vec<String> {
+        let mut values: Vec<String> = values.into_iter().map(str::to_string).collect();
+        values.sort();
+        values
+    }
+
+    /// The catalog's CHECK constraints and the Rust types that read the same columns name the
+    /// same values, so neither can gain one the other refuses.
+    #[pg_test]
+    fn catalog_checks_allow_exactly_the_values_the_engine_reads() {
+        use listsync_core::providers::{ConsentStatus, MemberStatus, OnLeave};
+        assert_eq!(
+            allowed_by_check("bindings", "on_leave"),
+            sorted(OnLeave::ALL.map(OnLeave::as_str))
+        );
+        assert_eq!(
+            allowed_by_check("bindings", "new_member_status"),
+            sorted(MemberStatus::ALL.map(MemberStatus::as_str))
+        );
+        assert_eq!(
+            allowed_by_check("members", "status"),
+            sorted(
+                MemberStatus::ALL
+                    .map(MemberStatus::as_str)
+                    .into_iter()
+                    .chain(ConsentStatus::ALL.map(ConsentStatus::as_str))
+            )
+        );
+    }
+
     // -----------------------------------------------------------------------------------------
     // Bindings
 

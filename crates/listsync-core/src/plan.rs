@@ -92,6 +92,7 @@ pub fn plan(
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::providers::ConsentStatus;
     use serde_json::json;
 
     const REMOVE: OnLeave = OnLeave::Act(LeaveAction::Remove);
@@ -201,13 +202,7 @@ mod unit {
     #[test]
     fn consent_only_moves_one_way() {
         let ann = fields(json!({"FNAME": "Ann"}));
-        for status in [
-            "unsubscribed",
-            "cleaned",
-            "bounced",
-            "complained",
-            "refused",
-        ] {
+        for status in ConsentStatus::ALL.map(ConsentStatus::as_str) {
             assert!(matches!(
                 plan(
                     Some(&ann),

@@ -118,6 +118,14 @@ pub enum ConsentStatus {
 }
 
 impl ConsentStatus {
+    /// Every consent state the sync records for a refused address.
+    pub const ALL: [ConsentStatus; 4] = [
+        ConsentStatus::Unsubscribed,
+        ConsentStatus::Cleaned,
+        ConsentStatus::Bounced,
+        ConsentStatus::Complained,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConsentStatus::Unsubscribed => "unsubscribed",
