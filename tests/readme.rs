@@ -106,8 +106,21 @@ fn the_readme_sql_examples_run_as_written() {
     assert_eq!(ann.merge_fields["BIRTHDAY"], birthday.as_str());
 }
 
-/// `name type [DEFAULT …]` → (name, type, has a default); the README's parameter spelling.
-fn parameter(text: &str) -> (String, String, bool) {
+/// A parameter as the README spells it: `name type [DEFAULT …]`.
+struct Parameter {
+    name: String,
+    kind: String,
+    has_default: bool,
+}
+
+/// A function row of the README's SQL reference.
+struct Documented {
+    name: String,
+    parameters: Vec<Parameter>,
+    result: String,
+}
+
+fn parameter(text: &str) -> Parameter {
     let (declared, default) = match text.find(" DEFAULT ") {
         Some(at) => (&text[..at], true),
         None => (text, false),
@@ -116,11 +129,15 @@ fn parameter(text: &str) -> (String, String, bool) {
         .trim()
         .split_once(' ')
         .unwrap_or_else(|| panic!("README parameter without a type: {text}"));
-    (name.to_string(), kind.trim().to_string(), default)
+    Parameter {
+        name: name.to_string(),
+        kind: kind.trim().to_string(),
+        has_default: default,
+    }
 }
 
 /// Splits a parameter list at the commas outside quotes and brackets.
-fn parameters(list: &str) -> Vec<(String, String, bool)> {
+fn parameters(list: &str) -> Vec<Parameter> {
     let (mut parts, mut current, mut depth, mut quoted) = (Vec::new(), String::new(), 0, false);
     for c in list.chars() {
         match c {
@@ -141,8 +158,8 @@ fn parameters(list: &str) -> Vec<(String, String, bool)> {
     parts.iter().map(|p| parameter(p)).collect()
 }
 
-/// The SQL reference's function rows: (name, parameters, result as written).
-fn documented_functions() -> Vec<(String, Vec<(String, String, bool)>, String)> {
+/// The SQL reference's function rows.
+fn documented_functions() -> Vec<Documented> {
     let reference = README
         .split("## SQL reference")
         .nth(1)
@@ -158,7 +175,11 @@ fn documented_functions() -> Vec<(String, Vec<(String, String, bool)>, String)> 
                 continue; // a view column, not a function
             };
             let list = rest.strip_suffix(')').unwrap_or(rest);
-            functions.push((name.to_string(), parameters(list), result.to_string()));
+            functions.push(Documented {
+                name: name.to_string(),
+                parameters: parameters(list),
+                result: result.to_string(),
+            });
         }
     }
     functions
@@ -173,8 +194,13 @@ fn every_documented_function_exists_as_written() {
         functions.len() >= 25,
         "README's SQL reference lost its functions"
     );
-    for (name, parameters, result) in functions {
-        let types: Vec<&str> = parameters.iter().map(|(_, t, _)| t.as_str()).collect();
+    for Documented {
+        name,
+        parameters,
+        result,
+    } in functions
+    {
+        let types: Vec<&str> = parameters.iter().map(|p| p.kind.as_str()).collect();
         let signature = format!("listsync.{name}({})", types.join(", "));
         let row = db
             .query_one(
@@ -185,7 +211,10 @@ fn every_documented_function_exists_as_written() {
                    FROM pg_proc p WHERE p.oid = $1::text::regprocedure",
                 &[
                     &signature,
-                    &parameters.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(),
+                    &parameters
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>(),
                     &types,
                 ],
             )
@@ -198,7 +227,7 @@ fn every_documented_function_exists_as_written() {
             documented.unwrap_or_default(),
             "README's parameter names of {signature}"
         );
-        let documented_defaults = parameters.iter().filter(|(_, _, d)| *d).count();
+        let documented_defaults = parameters.iter().filter(|p| p.has_default).count();
         assert_eq!(
             defaults as usize, documented_defaults,
             "README's defaults of {signature}"
