@@ -997,7 +997,9 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use listsync_emulator::esputnik::Esputnik as Account;
     use listsync_emulator::{Emulator, Fault};
 
     fn http() -> Http {
@@ -1014,10 +1016,11 @@ mod fake {
         (spec.connect)(&config)
     }
 
+    const KEY: &str = "secret-key";
+
     fn setup() -> (Emulator, Box<dyn Provider>, Http) {
         let emulator = Emulator::start();
-        emulator.esputnik().set_api_key("secret-key");
-        let provider = provider(&emulator, "esputnik", "secret-key");
+        let provider = EsputnikBrand::connect(&emulator);
         (emulator, provider, http())
     }
 
@@ -1496,6 +1499,88 @@ mod fake {
                 .list_members("esputnik", "vip (crm)")
                 .contains_key("d@example.com")
         );
+    }
+
+    /// eSputnik and Yespo are one API under two brands, each with an account of its own at
+    /// the emulator: the suite runs for both.
+    trait Brand {
+        const SPEC: &'static Spec;
+        fn account(emulator: &Emulator) -> &Account;
+    }
+
+    struct EsputnikBrand;
+
+    impl Brand for EsputnikBrand {
+        const SPEC: &'static Spec = &ESPUTNIK;
+        fn account(emulator: &Emulator) -> &Account {
+            emulator.esputnik()
+        }
+    }
+
+    struct YespoBrand;
+
+    impl Brand for YespoBrand {
+        const SPEC: &'static Spec = &YESPO;
+        fn account(emulator: &Emulator) -> &Account {
+            emulator.yespo()
+        }
+    }
+
+    impl<B: Brand> Fake for B {
+        const SPEC: &'static Spec = <B as Brand>::SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            B::account(emulator).set_api_key(KEY);
+            provider(emulator, <B as Brand>::SPEC.name, KEY)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, <B as Brand>::SPEC.name, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove)
+        }
+
+        fn member(address: &str) -> Member {
+            member(address, "Ann")
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            B::account(emulator).reject_address(address, "Invalid email domain");
+            "Invalid email domain"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            B::account(emulator).contact(address).is_some()
+        }
+    }
+
+    impl<B: Brand> Consent for B {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(B::account(emulator).set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl<B: Brand> Erasure for B {
+        /// Erased for good, not marked deleted as `on_leave` delete does.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            B::account(emulator).erased().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(EsputnikBrand {
+        consent: supported,
+        erasure: supported
+    });
+
+    mod yespo {
+        use super::*;
+
+        conformance_suite!(YespoBrand {
+            consent: supported,
+            erasure: supported
+        });
     }
 }
 

@@ -2138,6 +2138,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use crate::providers::test_support::known_member as member;
     use listsync_emulator::{Emulator, Fault};
@@ -2147,13 +2148,18 @@ mod fake {
     }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
+        provider_with_refresh_token(emulator, "refresh")
+    }
+
+    /// A provider of the account whose refresh token is `refresh`, presenting `refresh_token`.
+    fn provider_with_refresh_token(emulator: &Emulator, refresh_token: &str) -> Box<dyn Provider> {
         let config = Config {
             settings: serde_json::from_value(
                 json!({"base_url": emulator.base_url("google_contacts")}),
             )
             .unwrap(),
             secrets: serde_json::from_value(
-                json!({"client_id": "client", "client_secret": "secret", "refresh_token": "refresh"}),
+                json!({"client_id": "client", "client_secret": "secret", "refresh_token": refresh_token}),
             )
             .unwrap(),
         };
@@ -3112,6 +3118,58 @@ mod fake {
         }
         assert!(provider.check(&mut http).is_ok());
     }
+
+    struct GoogleContactsFake;
+
+    impl Fake for GoogleContactsFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider_with_refresh_token(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove, &[])
+        }
+
+        fn member(address: &str) -> Member {
+            member(
+                address,
+                json!({"given_name": "Ann", "phone": "+1 555 0100"}),
+                None,
+            )
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .google_contacts()
+                .reject_address(address, "Invalid email address.");
+            "HTTP 400 INVALID_ARGUMENT: Invalid email address."
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            !emulator
+                .google_contacts()
+                .people_with_email(address)
+                .is_empty()
+        }
+    }
+
+    impl Erasure for GoogleContactsFake {
+        /// Google has no erasure apart from deletion: a deleted contact is gone for good.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            !Self::knows(emulator, address)
+        }
+    }
+
+    conformance_suite!(GoogleContactsFake {
+        consent: unsupported("an address book keeps no consent: nobody unsubscribes from a label"),
+        erasure: supported
+    });
 }
 
 /// Google's API is stateful where the adapter's choices depend on answers (an existing contact

@@ -754,6 +754,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
@@ -1185,4 +1186,61 @@ mod fake {
             other => panic!("{other:?}"),
         }
     }
+
+    struct MailerLiteFake;
+
+    impl Fake for MailerLiteFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.mailerlite().set_api_key(TOKEN);
+            emulator.mailerlite().add_field("score", "number");
+            provider(emulator, TOKEN)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove, MemberStatus::Subscribed)
+        }
+
+        fn member(address: &str) -> Member {
+            member(address, "Ann", 10)
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .mailerlite()
+                .reject_address(address, "This address is blocked.");
+            "This address is blocked."
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.mailerlite().subscriber(address).is_some()
+        }
+    }
+
+    impl Consent for MailerLiteFake {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.mailerlite().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for MailerLiteFake {
+        /// Forgotten (MailerLite's GDPR erasure), not merely deleted.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator
+                .mailerlite()
+                .forgotten()
+                .iter()
+                .any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(MailerLiteFake {
+        consent: supported,
+        erasure: supported
+    });
 }

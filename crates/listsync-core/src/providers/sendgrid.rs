@@ -1328,22 +1328,29 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use crate::providers::test_support::member;
     use listsync_emulator::{Emulator, Fault};
+
+    const KEY: &str = "SG.test-key";
 
     fn http() -> Http {
         Http::local(Duration::from_secs(2))
     }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
+        provider_with_key(emulator, KEY)
+    }
+
+    fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
         connect(&Config {
             settings: serde_json::from_value(json!({
                 "base_url": emulator.base_url("sendgrid"),
                 "import_wait_seconds": "0",
             }))
             .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "SG.test-key"})).unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
         })
     }
 
@@ -1817,6 +1824,62 @@ mod fake {
         .json(&json!({"emails": emails}));
         assert_eq!(http.send("oversize", request).unwrap().status, 400);
     }
+
+    struct SendGridFake;
+
+    impl Fake for SendGridFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.sendgrid().set_api_key(KEY);
+            emulator.sendgrid().add_field("ltv", "Number");
+            emulator.sendgrid().add_field("signup", "Date");
+            provider(emulator)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider_with_key(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(&["first_name", "ltv", "signup"], OnLeave::Remove)
+        }
+
+        fn member(address: &str) -> Member {
+            member(
+                address,
+                json!({"first_name": "Ann", "ltv": 1200, "signup": "2024-03-05"}),
+            )
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator.sendgrid().reject_address(address, "blocked");
+            "import job"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendgrid().contact(address).is_some()
+        }
+    }
+
+    impl Consent for SendGridFake {
+        /// SendGrid's consent is its global suppression list.
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.sendgrid().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for SendGridFake {
+        /// Erasure requested, beyond deleting the contact.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendgrid().erased().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(SendGridFake {
+        consent: supported,
+        erasure: supported
+    });
 }
 
 #[cfg(test)]

@@ -1015,6 +1015,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
@@ -1034,13 +1035,17 @@ mod fake {
     /// A SendPulse account with client credentials, and a provider using them.
     fn setup() -> (Emulator, Box<dyn Provider>, Http) {
         let emulator = Emulator::start();
-        emulator.sendpulse().set_credentials("client", "secret");
-        let provider = connect(&config(
-            &emulator,
-            json!({"sender_email": "news@shop.example"}),
-            json!({"client_id": "client", "client_secret": "secret"}),
-        ));
+        let provider = SendPulseFake::connect(&emulator);
         (emulator, provider, http())
+    }
+
+    /// A provider with a sender for confirmations, presenting `secret` as the client secret.
+    fn provider(emulator: &Emulator, secret: &str) -> Box<dyn Provider> {
+        connect(&config(
+            emulator,
+            json!({"sender_email": "news@shop.example"}),
+            json!({"client_id": "client", "client_secret": secret}),
+        ))
     }
 
     fn binding(on_leave: OnLeave) -> Binding {
@@ -1481,6 +1486,66 @@ mod fake {
         assert!(limits.upsert_batch <= 100);
         assert_eq!(limits.rate.unwrap().per_second, 10.0);
     }
+
+    struct SendPulseFake;
+
+    impl Fake for SendPulseFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.sendpulse().set_credentials("client", "secret");
+            provider(emulator, "secret")
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove)
+        }
+
+        fn member(address: &str) -> Member {
+            member(address, "Ann")
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .sendpulse()
+                .reject_address(address, "Argument email is invalid");
+            "Argument email is invalid"
+        }
+
+        /// SendPulse keeps addresses per mailing list: known when in any of them.
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            let sp = emulator.sendpulse();
+            sp.books()
+                .keys()
+                .any(|book| sp.member(*book, address).is_some())
+        }
+    }
+
+    impl Consent for SendPulseFake {
+        fn unsubscribe(emulator: &Emulator, binding: &Binding, address: &str) {
+            assert!(
+                emulator
+                    .sendpulse()
+                    .set_status(book(binding), address, "unsubscribed")
+            );
+        }
+    }
+
+    impl Erasure for SendPulseFake {
+        /// SendPulse erases as it deletes: from every mailing list at once.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendpulse().deleted().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(SendPulseFake {
+        consent: supported,
+        erasure: supported
+    });
 }
 
 #[cfg(test)]

@@ -671,21 +671,28 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
     use std::time::Duration;
+
+    const KEY: &str = "ss-test-key";
 
     fn http() -> Http {
         Http::local(Duration::from_secs(2))
     }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
+        provider_with_key(emulator, KEY)
+    }
+
+    fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
         connect(&Config {
             settings: serde_json::from_value(
                 json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
             )
             .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "ss-test-key"})).unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
         })
     }
 
@@ -1122,4 +1129,61 @@ mod fake {
         let checked = provider.check(&mut http).unwrap();
         assert_eq!(checked["members_left"], 0);
     }
+
+    struct SendsayFake;
+
+    impl Fake for SendsayFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.sendsay().set_api_key(KEY);
+            provider(emulator)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider_with_key(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove)
+        }
+
+        fn member(address: &str) -> Member {
+            member(
+                address,
+                json!({"base.firstName": "Ann", "custom.city": "Moscow"}),
+            )
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator.sendsay().reject_address(
+                address,
+                "error/member/blocked",
+                "blocked by the account",
+            );
+            "blocked by the account"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendsay().member(address).is_some()
+        }
+    }
+
+    impl Consent for SendsayFake {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.sendsay().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for SendsayFake {
+        /// Sendsay erases as it deletes: the member and all its data go.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendsay().deleted().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(SendsayFake {
+        consent: supported,
+        erasure: supported
+    });
 }

@@ -801,6 +801,7 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use listsync_emulator::{Emulator, Fault};
 
@@ -1299,4 +1300,57 @@ mod fake {
         ));
         assert!(provider.upsert(&mut http, &binding, &batch).is_ok());
     }
+
+    struct UnisenderFake;
+
+    impl Fake for UnisenderFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.unisender().set_api_key(KEY);
+            emulator.unisender().add_field("score", "number");
+            provider(emulator, KEY)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(OnLeave::Remove, MemberStatus::Subscribed)
+        }
+
+        fn member(address: &str) -> Member {
+            member(address, "Ann", 10)
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .unisender()
+                .reject_address(address, "Spam trap address");
+            "Spam trap address"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.unisender().contact(address).is_some()
+        }
+    }
+
+    impl Consent for UnisenderFake {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.unisender().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for UnisenderFake {
+        /// Unisender erases as it deletes: an import with `delete` = 1.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator.unisender().deleted().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(UnisenderFake {
+        consent: supported,
+        erasure: supported
+    });
 }
