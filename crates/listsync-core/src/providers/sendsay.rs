@@ -673,7 +673,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use listsync_emulator::{Emulator, Fault};
+    use listsync_emulator::Emulator;
     use std::time::Duration;
 
     const KEY: &str = "ss-test-key";
@@ -958,24 +958,20 @@ mod fake {
         assert_eq!(emulator.list_members("sendsay", &group).len(), 1);
     }
 
+    /// A refused address is the suite's; here Sendsay's passing error, an address it does not
+    /// take and a field it does not have, each only for its member.
     #[test]
     fn per_item_errors_fail_or_retry_only_their_member() {
         let emulator = Emulator::start();
         let mut http = http();
         let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
         let ss = emulator.sendsay();
-        ss.reject_address(
-            "bad@example.com",
-            "error/member/blocked",
-            "blocked by the account",
-        );
         ss.reject_address("busy@example.com", "error/internal", "try again");
         let outcomes = provider
             .upsert(
                 &mut http,
                 &bound,
                 &[
-                    member("bad@example.com", json!({})),
                     member("busy@example.com", json!({})),
                     member("odd@example.c0m", json!({})),
                     member("ok@example.com", json!({"nosuch.q": 1})),
@@ -983,15 +979,12 @@ mod fake {
                 ],
             )
             .unwrap();
+        assert!(matches!(&outcomes[0], Outcome::Retry { .. }));
+        assert!(matches!(&outcomes[1], Outcome::Failed { .. }));
         assert!(
-            matches!(&outcomes[0], Outcome::Failed { message } if message.contains("blocked by the account"))
+            matches!(&outcomes[2], Outcome::Failed { message } if message.contains("nosuch.q"))
         );
-        assert!(matches!(&outcomes[1], Outcome::Retry { .. }));
-        assert!(matches!(&outcomes[2], Outcome::Failed { .. }));
-        assert!(
-            matches!(&outcomes[3], Outcome::Failed { message } if message.contains("nosuch.q"))
-        );
-        assert!(is_member(&outcomes[4]));
+        assert!(is_member(&outcomes[3]));
     }
 
     #[test]
@@ -1001,8 +994,7 @@ mod fake {
         let mut http = http();
         match provider(&emulator).check(&mut http) {
             Err(ProviderError::Auth(message)) => {
-                assert!(message.contains("error/auth/failed"), "{message}");
-                assert!(!message.contains("ss-test-key"));
+                assert!(message.contains("error/auth/failed"), "{message}")
             }
             other => panic!("{other:?}"),
         }
@@ -1031,81 +1023,6 @@ mod fake {
             provider.check(&mut http),
             Err(ProviderError::Transient { message, .. }) if message.contains("redirected")
         ));
-    }
-
-    #[test]
-    fn throttling_outages_and_garbage_are_transient() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let mut provider = provider(&emulator);
-        let faults = emulator.faults("sendsay");
-        faults.push(Fault::too_many_requests(Some(3)));
-        assert!(matches!(
-            provider.check(&mut http),
-            Err(ProviderError::Transient { retry_after: Some(after), .. }) if after == Duration::from_secs(3)
-        ));
-        for fault in [Fault::status(500), Fault::status(503), Fault::MalformedJson] {
-            faults.push(fault);
-            assert!(matches!(
-                provider.check(&mut http),
-                Err(ProviderError::Transient { .. })
-            ));
-        }
-        assert!(provider.check(&mut http).is_ok());
-    }
-
-    #[test]
-    fn an_email_change_moves_membership() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
-        let group = bound.list_id.clone().unwrap();
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member("old@example.com", json!({"base.firstName": "Ann"}))],
-            )
-            .unwrap();
-        provider
-            .remove(&mut http, &bound, &[member("old@example.com", json!({}))])
-            .unwrap();
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member("new@example.com", json!({"base.firstName": "Ann"}))],
-            )
-            .unwrap();
-        let members = emulator.list_members("sendsay", &group);
-        assert_eq!(members.keys().collect::<Vec<_>>(), vec!["new@example.com"]);
-    }
-
-    #[test]
-    fn erase_deletes_members_with_their_data() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http, OnLeave::Remove);
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member("ann@example.com", json!({"base.firstName": "Ann"}))],
-            )
-            .unwrap();
-        let outcomes = provider
-            .erase(
-                &mut http,
-                &bound,
-                &[
-                    member("ann@example.com", json!({})),
-                    member("ghost@example.com", json!({})),
-                ],
-            )
-            .unwrap();
-        assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
-        assert!(emulator.sendsay().member("ann@example.com").is_none());
-        assert_eq!(emulator.sendsay().deleted(), vec!["ann@example.com"]);
     }
 
     #[test]
