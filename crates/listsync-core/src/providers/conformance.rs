@@ -59,7 +59,7 @@ pub trait Consent: Fake {
     fn unsubscribe(emulator: &Emulator, binding: &Binding, address: &str);
 }
 
-/// A provider where the sync erases contacts (GDPR) itself.
+/// A provider that erases contacts (GDPR) itself, in a way its fake shows.
 pub trait Erasure: Fake {
     /// Whether `address` went through the provider's erasure, which forgets more than a
     /// deletion does where the provider has both.
@@ -74,7 +74,7 @@ pub trait Erasure: Fake {
 /// conformance_suite!(MailerLiteFake { consent: supported, erasure: supported });
 /// ```
 macro_rules! conformance_suite {
-    ($fake:ty { consent: $($consent:ident $(($consent_why:literal))?)?, erasure: $($erasure:ident $(($erasure_why:literal))?)? $(,)? }) => {
+    ($fake:ty { consent: $consent:ident $(($consent_why:literal))?, erasure: $erasure:ident $(($erasure_why:literal))? $(,)? }) => {
         mod conformance {
             use super::*;
             use $crate::providers::conformance as suite;
@@ -104,8 +104,8 @@ macro_rules! conformance_suite {
                 suite::a_wrong_secret_is_an_auth_error::<$fake>();
             }
 
-            $crate::providers::conformance::conformance_suite!(@consent $fake, $($consent $(($consent_why))?)?);
-            $crate::providers::conformance::conformance_suite!(@erasure $fake, $($erasure $(($erasure_why))?)?);
+            $crate::providers::conformance::conformance_suite!(@consent $fake, $consent $(($consent_why))?);
+            $crate::providers::conformance::conformance_suite!(@erasure $fake, $erasure $(($erasure_why))?);
         }
     };
     (@consent $fake:ty, supported) => {
@@ -227,9 +227,12 @@ pub fn transient_faults_lose_nothing<F: Fake>() {
     let mut s = Prepared::new::<F>();
     let batch = members::<F>(&["ann@example.com", "bob@example.com"]);
     let faults = s.emulator.faults(F::SPEC.name);
-    let throttled = Duration::from_secs(3);
+    let retry_after = 3;
     let cases = [
-        (Fault::too_many_requests(Some(3)), Some(throttled)),
+        (
+            Fault::too_many_requests(Some(retry_after)),
+            Some(Duration::from_secs(retry_after.into())),
+        ),
         (Fault::status(500), None),
         (Fault::status(503), None),
         (Fault::Timeout(DEFAULT_TIMEOUT), None),
@@ -356,8 +359,8 @@ pub fn a_wrong_secret_is_an_auth_error<F: Fake>() {
 }
 
 /// A member who unsubscribed at the provider is refused, never subscribed again, by a
-/// subscribing binding as by a double opt-in one (which must not mail a confirmation either);
-/// the others in the batch are still delivered.
+/// subscribing binding as by a double opt-in one (which must not make it pending either); the
+/// others in the batch are still delivered.
 pub fn consent_is_never_overridden<F: Consent>() {
     let mut s = Prepared::new::<F>();
     let batch = members::<F>(&["ann@example.com", "bob@example.com"]);
