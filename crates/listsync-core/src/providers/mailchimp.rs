@@ -599,6 +599,87 @@ mod unit {
 }
 
 #[cfg(test)]
+mod fake {
+    use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
+    use crate::providers::test_support;
+    use listsync_emulator::Emulator;
+
+    const AUDIENCE: &str = "a1b2c3";
+    const KEY: &str = "0123456789abcdef-us21";
+
+    fn provider(emulator: &Emulator, api_key: &str) -> Box<dyn Provider> {
+        connect(&Config {
+            settings: serde_json::from_value(
+                json!({"audience_id": AUDIENCE, "base_url": emulator.base_url("mailchimp")}),
+            )
+            .unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": api_key})).unwrap(),
+        })
+    }
+
+    struct MailchimpFake;
+
+    impl Fake for MailchimpFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.mailchimp().set_api_key(KEY);
+            emulator.mailchimp().create_audience(AUDIENCE);
+            provider(emulator, KEY)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            test_support::binding(&["FNAME", "LNAME"])
+        }
+
+        fn member(address: &str) -> Member {
+            test_support::member(address, json!({"FNAME": "Ann", "LNAME": "Lee"}))
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .mailchimp()
+                .reject_address(address, "This address looks fake or invalid");
+            "This address looks fake or invalid"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.mailchimp().member(AUDIENCE, address).is_some()
+        }
+    }
+
+    impl Consent for MailchimpFake {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(
+                emulator
+                    .mailchimp()
+                    .set_status(AUDIENCE, address, "unsubscribed")
+            );
+        }
+    }
+
+    impl Erasure for MailchimpFake {
+        /// Deleted permanently, not archived as a plain DELETE would.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator
+                .mailchimp()
+                .permanently_deleted(AUDIENCE)
+                .contains(address)
+        }
+    }
+
+    conformance_suite!(MailchimpFake {
+        consent: supported,
+        erasure: supported
+    });
+}
+
+#[cfg(test)]
 mod contract {
     use super::*;
     use crate::providers::contract::{Prism, assert_all_valid};

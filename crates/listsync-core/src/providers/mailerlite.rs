@@ -746,8 +746,9 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use listsync_emulator::{Emulator, Fault};
+    use listsync_emulator::Emulator;
     use std::time::Duration;
 
     const TOKEN: &str = "ml-token";
@@ -920,48 +921,26 @@ mod fake {
         assert_eq!(ml.confirmation_emails(), vec!["cid@example.com"]);
     }
 
+    /// Unsubscribed members are the suite's; MailerLite's other consent states are refused too,
+    /// and a junk address is not added to a group it was never in.
     #[test]
-    fn consent_states_are_never_overridden() {
+    fn bounced_and_junk_subscribers_are_refused() {
         let (emulator, mut http, mut provider) = setup();
         let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         let ml = emulator.mailerlite();
         let outside = ml.create_group("elsewhere");
-        for (address, status) in [
-            ("ann@example.com", "unsubscribed"),
-            ("bob@example.com", "bounced"),
-        ] {
-            assert!(ml.set_status(address, status));
-        }
+        assert!(ml.set_status("bob@example.com", "bounced"));
         let outcomes = provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[
-                    member("ann@example.com", "Ann", 1),
-                    member("bob@example.com", "Bob", 2),
-                ],
-            )
+            .upsert(&mut http, &binding, &[member("bob@example.com", "Bob", 2)])
             .unwrap();
         assert!(matches!(
             outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            }
-        ));
-        assert!(matches!(
-            outcomes[1],
             Outcome::Refused {
                 status: ConsentStatus::Bounced,
                 ..
             }
         ));
-        assert_eq!(
-            ml.subscriber("ann@example.com").unwrap().fields["name"],
-            "Ann"
-        );
 
-        // A junk address that was never in the group is not added to it either.
         let mut spam = member("spam@example.com", "S", 0);
         spam.fields.clear();
         let mut other = binding.clone();
@@ -979,30 +958,6 @@ mod fake {
         let group = binding.list_id.as_deref().unwrap();
         assert!(!ml.group_members(group).contains_key("spam@example.com"));
         assert!(ml.resubscribed().is_empty());
-    }
-
-    #[test]
-    fn per_item_errors_do_not_fail_the_batch() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
-        emulator
-            .mailerlite()
-            .reject_address("bad@example.com", "This address is blocked.");
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[
-                    member("bad@example.com", "Bad", 1),
-                    member("cid@example.com", "Cid", 2),
-                ],
-            )
-            .unwrap();
-        assert!(
-            matches!(&outcomes[0], Outcome::Failed { message } if message.contains("blocked")),
-            "{outcomes:?}"
-        );
-        assert!(matches!(outcomes[1], Outcome::Member { .. }));
     }
 
     #[test]
@@ -1060,52 +1015,6 @@ mod fake {
     }
 
     #[test]
-    fn erase_forgets_subscribers() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
-        let outcomes = provider
-            .erase(
-                &mut http,
-                &binding,
-                &[
-                    gone("ann@example.com", remote_id(&outcomes[0])),
-                    gone("bob@example.com", None),
-                ],
-            )
-            .unwrap();
-        assert_eq!(outcomes, vec![Outcome::Removed; 2]);
-        let ml = emulator.mailerlite();
-        assert_eq!(ml.forgotten(), vec!["ann@example.com", "bob@example.com"]);
-        assert!(ml.subscribers().is_empty());
-    }
-
-    #[test]
-    fn email_change_moves_membership() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
-        provider
-            .remove(
-                &mut http,
-                &binding,
-                LeaveAction::Remove,
-                &[gone("ann@example.com", remote_id(&outcomes[0]))],
-            )
-            .unwrap();
-        provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[member("ann@new.example.com", "Ann", 10)],
-            )
-            .unwrap();
-        let members = emulator.list_members("mailerlite", binding.list_id.as_deref().unwrap());
-        assert_eq!(
-            members.keys().collect::<Vec<_>>(),
-            vec!["ann@new.example.com", "bob@example.com"]
-        );
-    }
-
-    #[test]
     fn large_batches_are_split_to_fifty_requests() {
         let (emulator, mut http, mut provider) = setup();
         let (binding, _) = prepared(&emulator, &mut http, &mut provider);
@@ -1126,48 +1035,16 @@ mod fake {
     }
 
     #[test]
-    fn wrong_token_is_an_authentication_error() {
-        let (emulator, mut http, _) = setup();
-        let mut wrong = provider(&emulator, "not-the-token");
-        assert!(matches!(
-            wrong.check(&mut http),
-            Err(ProviderError::Auth(_))
-        ));
-        let mut b = binding(MemberStatus::Subscribed);
-        b.list_id = Some("1".into());
-        assert!(matches!(
-            wrong.upsert(&mut http, &b, &[member("a@example.com", "A", 1)]),
-            Err(ProviderError::Auth(_))
-        ));
-        let mut right = provider(&emulator, TOKEN);
-        assert_eq!(right.check(&mut http).unwrap()["subscribers"], 0);
+    fn check_counts_the_subscribers() {
+        let (_emulator, mut http, mut provider) = setup();
+        assert_eq!(provider.check(&mut http).unwrap()["subscribers"], 0);
     }
 
+    /// MailerLite's import limit, apart from the request rate, defers the batch with a delay.
     #[test]
-    fn throttling_outages_and_broken_answers_are_transient() {
+    fn the_import_limit_is_transient() {
         let (emulator, mut http, mut provider) = setup();
         let (binding, _) = prepared(&emulator, &mut http, &mut provider);
-        let faults = emulator.faults("mailerlite");
-        let batch = [member("ann@example.com", "Ann", 1)];
-
-        faults.push(Fault::too_many_requests(Some(3)));
-        match provider.upsert(&mut http, &binding, &batch) {
-            Err(ProviderError::Transient { retry_after, .. }) => {
-                assert_eq!(retry_after, Some(Duration::from_secs(3)))
-            }
-            other => panic!("{other:?}"),
-        }
-        faults.push(Fault::status(500));
-        assert!(matches!(
-            provider.upsert(&mut http, &binding, &batch),
-            Err(ProviderError::Transient { .. })
-        ));
-        faults.push(Fault::MalformedJson);
-        assert!(matches!(
-            provider.upsert(&mut http, &binding, &batch),
-            Err(ProviderError::Transient { .. })
-        ));
-
         emulator.mailerlite().set_import_limit(Some(1));
         let fresh = |i: usize| [member(&format!("new{i}@example.com"), "N", 1)];
         provider.upsert(&mut http, &binding, &fresh(1)).unwrap();
@@ -1179,4 +1056,61 @@ mod fake {
             other => panic!("{other:?}"),
         }
     }
+
+    struct MailerLiteFake;
+
+    impl Fake for MailerLiteFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.mailerlite().set_api_key(TOKEN);
+            emulator.mailerlite().add_field("score", "number");
+            provider(emulator, TOKEN)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(MemberStatus::Subscribed)
+        }
+
+        fn member(address: &str) -> Member {
+            member(address, "Ann", 10)
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .mailerlite()
+                .reject_address(address, "This address is blocked.");
+            "This address is blocked."
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.mailerlite().subscriber(address).is_some()
+        }
+    }
+
+    impl Consent for MailerLiteFake {
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.mailerlite().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for MailerLiteFake {
+        /// Forgotten (MailerLite's GDPR erasure), not merely deleted.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator
+                .mailerlite()
+                .forgotten()
+                .iter()
+                .any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(MailerLiteFake {
+        consent: supported,
+        erasure: supported
+    });
 }

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 use std::time::Duration;
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 pub mod contract;
 pub mod esputnik;
 pub mod google_contacts;

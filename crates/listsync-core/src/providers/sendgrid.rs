@@ -1353,22 +1353,29 @@ mod unit {
 #[cfg(test)]
 mod fake {
     use super::*;
+    use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
     use crate::providers::test_support::member;
     use listsync_emulator::{Emulator, Fault};
+
+    const KEY: &str = "SG.test-key";
 
     fn http() -> Http {
         Http::local(Duration::from_secs(2))
     }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
+        provider_with_key(emulator, KEY)
+    }
+
+    fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
         connect(&Config {
             settings: serde_json::from_value(json!({
                 "base_url": emulator.base_url("sendgrid"),
                 "import_wait_seconds": "0",
             }))
             .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "SG.test-key"})).unwrap(),
+            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
         })
     }
 
@@ -1671,7 +1678,8 @@ mod fake {
         assert!(
             matches!(&outcomes[1], Outcome::Failed { message } if message.contains("contacts[1].email"))
         );
-        // Refused by the import job: found out contact by contact.
+        // Refused by the import job: found out contact by contact, and the others are
+        // matched to their contact ids.
         emulator
             .sendgrid()
             .reject_address("bad@example.com", "blocked");
@@ -1721,20 +1729,21 @@ mod fake {
         let mut http = http();
         match provider(&emulator).check(&mut http) {
             Err(ProviderError::Auth(message)) => {
-                assert!(message.contains("authorization required"), "{message}");
-                assert!(!message.contains("SG.test-key"));
+                assert!(message.contains("authorization required"), "{message}")
             }
             other => panic!("{other:?}"),
         }
     }
 
+    /// Without a Retry-After, SendGrid's own `X-RateLimit-Reset` says when to come back.
     #[test]
-    fn throttling_outages_and_garbage_are_transient() {
+    fn throttling_waits_for_the_rate_limit_reset() {
         let emulator = Emulator::start();
         let mut http = http();
         let mut provider = provider(&emulator);
-        let faults = emulator.faults("sendgrid");
-        faults.push(Fault::too_many_requests(None));
+        emulator
+            .faults("sendgrid")
+            .push(Fault::too_many_requests(None));
         match provider.check(&mut http) {
             Err(ProviderError::Transient {
                 retry_after: Some(after),
@@ -1747,16 +1756,10 @@ mod fake {
             }
             other => panic!("{other:?}"),
         }
-        for fault in [Fault::status(500), Fault::status(503), Fault::MalformedJson] {
-            faults.push(fault);
-            assert!(matches!(
-                provider.check(&mut http),
-                Err(ProviderError::Transient { .. })
-            ));
-        }
-        assert!(provider.check(&mut http).is_ok());
     }
 
+    /// SendGrid is asked to erase an address even when it holds no contact for it: its email
+    /// records may still hold the address.
     #[test]
     fn a_garbled_success_is_not_taken_for_a_removal() {
         let emulator = Emulator::start();
@@ -1800,74 +1803,22 @@ mod fake {
     }
 
     #[test]
-    fn an_email_change_moves_membership() {
+    fn erasure_is_requested_for_unknown_addresses_too() {
         let emulator = Emulator::start();
         let mut http = http();
         let (mut provider, bound) = prepared(&emulator, &mut http);
-        let list = bound.list_id.clone().unwrap();
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member("old@example.com", json!({"first_name": "Ann"}))],
-            )
-            .unwrap();
-        assert_eq!(
-            provider
-                .remove(
-                    &mut http,
-                    &bound,
-                    LeaveAction::Remove,
-                    &[member("old@example.com", json!({}))]
-                )
-                .unwrap(),
-            vec![Outcome::Removed]
-        );
-        assert!(is_member(
-            &provider
-                .upsert(
-                    &mut http,
-                    &bound,
-                    &[member("new@example.com", json!({"first_name": "Ann"}))]
-                )
-                .unwrap()[0]
-        ));
-        let members = emulator.list_members("sendgrid", &list);
-        assert_eq!(members.keys().collect::<Vec<_>>(), vec!["new@example.com"]);
-    }
-
-    #[test]
-    fn erase_deletes_the_contact_and_requests_erasure() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member("ann@example.com", json!({"first_name": "Ann"}))],
-            )
-            .unwrap();
         let outcomes = provider
-            .erase(
-                &mut http,
-                &bound,
-                &[
-                    member("ann@example.com", json!({})),
-                    member("ghost@example.com", json!({})),
-                ],
-            )
+            .erase(&mut http, &bound, &[member("ghost@example.com", json!({}))])
             .unwrap();
-        assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
-        let sg = emulator.sendgrid();
-        assert!(sg.contact("ann@example.com").is_none());
-        assert_eq!(sg.erased(), vec!["ann@example.com", "ghost@example.com"]);
+        assert_eq!(outcomes, vec![Outcome::Removed]);
+        assert_eq!(emulator.sendgrid().erased(), vec!["ghost@example.com"]);
     }
 
     #[test]
     fn the_fake_refuses_what_sendgrid_refuses() {
         let emulator = Emulator::start();
-        let mut http = http();
+        // The oversize requests take the debug-built fake a while to read and refuse.
+        let mut http = Http::local(Duration::from_secs(30));
         let contacts: Vec<Value> = (0..=UPSERT_CONTACTS)
             .map(|i| json!({"email": format!("u{i}@example.com")}))
             .collect();
@@ -1890,6 +1841,62 @@ mod fake {
         .json(&json!({"emails": emails}));
         assert_eq!(http.send("oversize", request).unwrap().status, 400);
     }
+
+    struct SendGridFake;
+
+    impl Fake for SendGridFake {
+        const SPEC: &'static Spec = &SPEC;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.sendgrid().set_api_key(KEY);
+            emulator.sendgrid().add_field("ltv", "Number");
+            emulator.sendgrid().add_field("signup", "Date");
+            provider(emulator)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider_with_key(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            binding(&["first_name", "ltv", "signup"])
+        }
+
+        fn member(address: &str) -> Member {
+            member(
+                address,
+                json!({"first_name": "Ann", "ltv": 1200, "signup": "2024-03-05"}),
+            )
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator.sendgrid().reject_address(address, "blocked");
+            "import job"
+        }
+
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendgrid().contact(address).is_some()
+        }
+    }
+
+    impl Consent for SendGridFake {
+        /// SendGrid's consent is its global suppression list.
+        fn unsubscribe(emulator: &Emulator, _: &Binding, address: &str) {
+            assert!(emulator.sendgrid().set_status(address, "unsubscribed"));
+        }
+    }
+
+    impl Erasure for SendGridFake {
+        /// Erasure requested, beyond deleting the contact.
+        fn erased(emulator: &Emulator, address: &str) -> bool {
+            emulator.sendgrid().erased().iter().any(|a| a == address)
+        }
+    }
+
+    conformance_suite!(SendGridFake {
+        consent: supported,
+        erasure: supported
+    });
 }
 
 #[cfg(test)]

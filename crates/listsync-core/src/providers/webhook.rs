@@ -364,3 +364,73 @@ mod unit {
         );
     }
 }
+
+#[cfg(test)]
+mod fake {
+    use super::*;
+    use crate::providers::conformance::{Fake, WRONG_SECRET, conformance_suite};
+    use crate::providers::test_support;
+    use listsync_emulator::Emulator;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn provider(emulator: &Emulator, signing_secret: &str) -> Box<dyn Provider> {
+        connect(&Config {
+            settings: serde_json::from_value(
+                json!({"url": format!("{}/crm", emulator.base_url("webhook"))}),
+            )
+            .unwrap(),
+            secrets: serde_json::from_value(json!({"signing_secret": signing_secret})).unwrap(),
+        })
+    }
+
+    struct WebhookFake;
+
+    impl Fake for WebhookFake {
+        const SPEC: &'static Spec = &SPEC;
+        /// The ping proves the receiver is there and takes the signature: its 2xx says so.
+        const CHECK_READS_THE_BODY: bool = false;
+
+        fn connect(emulator: &Emulator) -> Box<dyn Provider> {
+            emulator.webhook().set_secret(SECRET);
+            provider(emulator, SECRET)
+        }
+
+        fn connect_with_wrong_secret(emulator: &Emulator) -> Box<dyn Provider> {
+            provider(emulator, WRONG_SECRET)
+        }
+
+        fn binding() -> Binding {
+            test_support::binding(&["FNAME"])
+        }
+
+        fn member(address: &str) -> Member {
+            test_support::member(address, json!({"FNAME": "Ann"}))
+        }
+
+        fn refuse(emulator: &Emulator, address: &str) -> &'static str {
+            emulator
+                .webhook()
+                .reject_address(address, "no such mailbox");
+            "no such mailbox"
+        }
+
+        /// The receiver holds an address while one of its lists does.
+        fn knows(emulator: &Emulator, address: &str) -> bool {
+            emulator
+                .webhook()
+                .lists()
+                .values()
+                .any(|list| list.contains_key(address))
+        }
+    }
+
+    conformance_suite!(WebhookFake {
+        consent: unsupported(
+            "the receiver's consent is its own: it reports refusals per item (unit::receivers_may_report_items)"
+        ),
+        erasure: unsupported(
+            "what an erasure means is the receiver's to decide; the fake receiver does not implement it"
+        )
+    });
+}
