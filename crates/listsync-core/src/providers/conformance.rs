@@ -17,11 +17,11 @@ use std::time::Duration;
 /// provider that refuses it, not our validation.
 pub const WRONG_SECRET: &str = "not-the-secret-0123456789";
 
-/// The client's timeout in the scenarios: shorter than the emulator's injected
-/// [`DEFAULT_TIMEOUT`], so a held request times out at the client as a stalled provider would.
 /// How members leave in the suite: removal from the list, which every provider can do.
 const LEAVE: LeaveAction = LeaveAction::Remove;
 
+/// The client's timeout in the scenarios: shorter than the emulator's injected
+/// [`DEFAULT_TIMEOUT`], so a held request times out at the client as a stalled provider would.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the scenarios need to know about one provider and its fake.
@@ -99,6 +99,11 @@ macro_rules! conformance_suite {
             #[test]
             fn an_email_change_moves_the_member() {
                 suite::an_email_change_moves_the_member::<$fake>();
+            }
+
+            #[test]
+            fn a_garbled_success_is_never_taken_for_done() {
+                suite::a_garbled_success_is_never_taken_for_done::<$fake>();
             }
 
             #[test]
@@ -327,6 +332,43 @@ pub fn an_email_change_moves_the_member<F: Fake>() {
     );
     if let (Some(old), Some(new)) = (&joined[0].remote_id, &moved[0].remote_id) {
         assert_ne!(old, new, "the new address is a contact of its own");
+    }
+}
+
+/// A 2xx whose body is cut short (the fake applies nothing then) is never reported as done, on
+/// whichever request of an upsert or a removal it lands: an upsert reported `Member` is in the
+/// list and a removal reported `Removed` is out of it. A removal taken for done while the
+/// member stays would never be looked at again. Once answers are whole, both go through.
+pub fn a_garbled_success_is_never_taken_for_done<F: Fake>() {
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        let mut s = Prepared::new::<F>();
+        let faults = s.emulator.faults(F::SPEC.name);
+        let ann = members::<F>(&["ann@example.com"]);
+        faults.push(Fault::MalformedJson.on_method(method));
+        let upserted = s.try_upsert(&ann);
+        if matches!(&upserted, Ok(outcomes) if is_member(&outcomes[0])) {
+            assert!(
+                s.list::<F>().contains("ann@example.com"),
+                "an upsert garbled on {method} reported {upserted:?} without applying it"
+            );
+        }
+        faults.clear();
+        let joined = s.deliver(&ann);
+        faults.push(Fault::MalformedJson.on_method(method));
+        let removed = s.provider.remove(&mut s.http, &s.binding, LEAVE, &joined);
+        if matches!(&removed, Ok(outcomes) if outcomes[0] == Outcome::Removed) {
+            assert!(
+                s.list::<F>().is_empty(),
+                "a removal garbled on {method} reported Removed; the member is still listed"
+            );
+        }
+        faults.clear();
+        let removed = s
+            .provider
+            .remove(&mut s.http, &s.binding, LEAVE, &joined)
+            .expect("remove");
+        assert_eq!(removed, [Outcome::Removed], "after a garbled {method}");
+        assert!(s.list::<F>().is_empty(), "after a garbled {method}");
     }
 }
 
