@@ -347,7 +347,7 @@ fn the_worker_creates_the_list_and_checks_merge_fields() {
     wait_for("the binding to report the missing merge field", T, || {
         status(&mut db, broken)["state_reason"]
             .as_str()
-            .is_some_and(|r| r.contains("merge field NOSUCH is not defined"))
+            .is_some_and(|r| r.contains("field NOSUCH does not exist at Mailchimp"))
     });
     assert_eq!(status(&mut db, broken)["state"], "error");
     // Fixing it at the provider and resuming delivers.
