@@ -22,7 +22,9 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
+use crate::http::{
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
+};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -226,14 +228,11 @@ fn queued(response: &Response) -> Result<()> {
 }
 
 fn unconfirmed(response: &Response, missing: &str) -> ProviderError {
-    ProviderError::Transient {
-        message: format!(
-            "SendGrid answered HTTP {} without {missing}: {}",
-            response.status,
-            describe(response)
-        ),
-        retry_after: None,
-    }
+    transient(format!(
+        "SendGrid answered HTTP {} without {missing}: {}",
+        response.status,
+        describe(response)
+    ))
 }
 
 fn describe(response: &Response) -> String {
@@ -753,9 +752,8 @@ impl SendGrid {
                     let job = response.json()?["job_id"]
                         .as_str()
                         .map(str::to_string)
-                        .ok_or_else(|| ProviderError::Transient {
-                            message: "SendGrid accepted the contacts but returned no job id".into(),
-                            retry_after: None,
+                        .ok_or_else(|| {
+                            transient("SendGrid accepted the contacts but returned no job id")
                         })?;
                     self.remember(&digest, &job);
                     break (digest, job);
@@ -882,12 +880,9 @@ impl SendGrid {
                 if !self.list_exists(http, list)? {
                     return Err(Self::list_missing(list));
                 }
-                Err(ProviderError::Transient {
-                    message:
-                        "a contact was deleted at SendGrid while it was being removed from the list"
-                            .into(),
-                    retry_after: None,
-                })
+                Err(transient(
+                    "a contact was deleted at SendGrid while it was being removed from the list",
+                ))
             }
             _ => Err(rejected(&response)),
         }
