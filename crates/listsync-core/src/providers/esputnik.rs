@@ -280,11 +280,14 @@ impl Esputnik {
         match response.status {
             200..=299 => Ok(Some(response.json()?)),
             404 => Ok(None),
-            status => Err(ProviderError::Rejected(format!(
-                "HTTP {status}: {}",
-                response.text_excerpt()
-            ))),
+            _ => Err(rejected(&response)),
         }
+    }
+
+    /// A GET whose 404 reads as nothing found (`null`).
+    fn get(&self, http: &mut Http, operation: &str, path: &str) -> Result<Value> {
+        let found = self.call(http, operation, self.request(Method::Get, path))?;
+        Ok(found.unwrap_or(Value::Null))
     }
 
     fn group_name(binding: &Binding) -> String {
@@ -309,9 +312,7 @@ impl Esputnik {
             if let Some(name) = name {
                 path.push_str(&format!("&name={}", percent_encode(name)));
             }
-            let page = self
-                .call(http, "list segments", self.request(Method::Get, &path))?
-                .unwrap_or(Value::Null);
+            let page = self.get(http, "list segments", &path)?;
             let groups = one_or_many(&page);
             if let Some(found) = groups.iter().find(|g| pick(g)) {
                 return Ok(Some((*found).clone()));
@@ -354,13 +355,7 @@ impl Esputnik {
 
     /// Additional fields of the account (from its catalogs): id, key and name → id and type.
     fn resolve_fields(&self, http: &mut Http, wanted: &[&String]) -> Result<Map<String, Value>> {
-        let catalogs = self
-            .call(
-                http,
-                "list additional fields",
-                self.request(Method::Get, "/v1/addressbooks"),
-            )?
-            .unwrap_or(Value::Null);
+        let catalogs = self.get(http, "list additional fields", "/v1/addressbooks")?;
         let mut known: Vec<(Vec<String>, Value)> = Vec::new();
         for book in one_or_many(&catalogs["addressBook"]) {
             for group in one_or_many(&book["fieldGroups"]) {
@@ -409,9 +404,7 @@ impl Esputnik {
                 continue;
             }
             let path = format!("/v1/contacts?email={}", percent_encode(&member.address));
-            let found = self
-                .call(http, "find contact", self.request(Method::Get, &path))?
-                .unwrap_or(Value::Null);
+            let found = self.get(http, "find contact", &path)?;
             let address = member.address.to_lowercase();
             ids.push(
                 one_or_many(&found)
@@ -440,12 +433,7 @@ impl Esputnik {
                         self.brand
                     )));
                 }
-                status => {
-                    return Err(ProviderError::Rejected(format!(
-                        "HTTP {status}: {}",
-                        response.text_excerpt()
-                    )));
-                }
+                _ => return Err(rejected(&response)),
             }
         }
         Ok(())
@@ -475,8 +463,8 @@ impl Esputnik {
             let response = self.send(http, operation, request)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                status => Outcome::Failed {
-                    message: format!("HTTP {status}: {}", response.text_excerpt()),
+                _ => Outcome::Failed {
+                    message: http_words(&response),
                 },
             });
         }
@@ -628,9 +616,9 @@ impl Esputnik {
                     retry_after: Some(SUBSCRIBE_COOLDOWN),
                 });
             }
-            status => {
+            _ => {
                 return Ok(Outcome::Failed {
-                    message: format!("HTTP {status}: {}", response.text_excerpt()),
+                    message: http_words(&response),
                 });
             }
         }
@@ -680,6 +668,15 @@ fn custom_fields(binding: &Binding) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
+/// eSputnik's answers carry no structured error: the status and the body's start say it.
+fn http_words(response: &Response) -> String {
+    format!("HTTP {}: {}", response.status, response.text_excerpt())
+}
+
+fn rejected(response: &Response) -> ProviderError {
+    ProviderError::Rejected(http_words(response))
+}
+
 impl Provider for Esputnik {
     fn limits(&self) -> Limits {
         Limits {
@@ -694,13 +691,7 @@ impl Provider for Esputnik {
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
-        let info = self
-            .call(
-                http,
-                "account info",
-                self.request(Method::Get, "/v1/account/info"),
-            )?
-            .unwrap_or(Value::Null);
+        let info = self.get(http, "account info", "/v1/account/info")?;
         Ok(json!({
             "provider": self.brand,
             "organisation": info["organisationName"],
@@ -845,11 +836,7 @@ impl Provider for Esputnik {
                         .json(&json!({ "emails": emails }));
                     let response = self.send(http, "unsubscribe contacts", request)?;
                     if !response.is_success() {
-                        return Err(ProviderError::Rejected(format!(
-                            "HTTP {}: {}",
-                            response.status,
-                            response.text_excerpt()
-                        )));
+                        return Err(rejected(&response));
                     }
                 }
                 // No segment yet, or no such contact: nobody to detach, which is the goal.

@@ -145,6 +145,12 @@ impl MailerLite {
         }
     }
 
+    /// A GET that must find something: a 404 means `base_url` points at no MailerLite API.
+    fn get(&self, http: &mut Http, operation: &str, path: &str) -> Result<Value> {
+        self.call(http, operation, Method::Get, path, None)?
+            .ok_or_else(|| self.no_api())
+    }
+
     /// `POST /api/batch`: one answer per sub-request, in order.
     fn batch(&self, http: &mut Http, operation: &str, subs: &[Sub]) -> Result<Vec<SubAnswer>> {
         let requests: Vec<Value> = subs
@@ -298,15 +304,11 @@ impl MailerLite {
     fn field_types(&self, http: &mut Http) -> Result<Map<String, Value>> {
         let mut types = Map::new();
         for page in 1.. {
-            let answer = self
-                .call(
-                    http,
-                    "list fields",
-                    Method::Get,
-                    &format!("api/fields?limit=100&page={page}"),
-                    None,
-                )?
-                .ok_or_else(|| self.no_api())?;
+            let answer = self.get(
+                http,
+                "list fields",
+                &format!("api/fields?limit=100&page={page}"),
+            )?;
             for field in answer["data"].as_array().into_iter().flatten() {
                 if let Some(key) = field["key"].as_str() {
                     types.insert(key.to_string(), field["type"].clone());
@@ -346,9 +348,7 @@ impl kit::ListDirectory for MailerLite {
                 percent_encode("filter[name]"),
                 percent_encode(name)
             );
-            let answer = self
-                .call(http, "find group", Method::Get, &path, None)?
-                .ok_or_else(|| self.no_api())?;
+            let answer = self.get(http, "find group", &path)?;
             let exact = answer["data"]
                 .as_array()
                 .into_iter()
@@ -517,15 +517,7 @@ impl Provider for MailerLite {
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
-        let count = self
-            .call(
-                http,
-                "count subscribers",
-                Method::Get,
-                "api/subscribers?limit=0",
-                None,
-            )?
-            .ok_or_else(|| self.no_api())?;
+        let count = self.get(http, "count subscribers", "api/subscribers?limit=0")?;
         Ok(json!({"provider": "mailerlite", "subscribers": count["total"]}))
     }
 

@@ -22,7 +22,9 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
+use crate::http::{
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
+};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -170,6 +172,15 @@ impl Api {
         check(&response)?;
         Ok(response)
     }
+
+    /// [`Api::send`] for callers that can only use a success.
+    fn send_ok(&self, http: &mut Http, operation: &str, request: Request) -> Result<Response> {
+        succeeded(self.send(http, operation, request)?)
+    }
+
+    fn get(&self, http: &mut Http, operation: &str, path: &str) -> Result<Response> {
+        self.send_ok(http, operation, self.request(Method::Get, path))
+    }
 }
 
 /// 401/403 → Auth, 408/429/5xx → Transient. SendGrid announces its rate-limit window in
@@ -217,14 +228,11 @@ fn queued(response: &Response) -> Result<()> {
 }
 
 fn unconfirmed(response: &Response, missing: &str) -> ProviderError {
-    ProviderError::Transient {
-        message: format!(
-            "SendGrid answered HTTP {} without {missing}: {}",
-            response.status,
-            describe(response)
-        ),
-        retry_after: None,
-    }
+    transient(format!(
+        "SendGrid answered HTTP {} without {missing}: {}",
+        response.status,
+        describe(response)
+    ))
 }
 
 fn describe(response: &Response) -> String {
@@ -277,6 +285,14 @@ fn rejected(response: &Response) -> ProviderError {
     ProviderError::Rejected(format!("HTTP {}: {}", response.status, describe(response)))
 }
 
+fn succeeded(response: Response) -> Result<Response> {
+    if response.is_success() {
+        Ok(response)
+    } else {
+        Err(rejected(&response))
+    }
+}
+
 /// The account's suppressions, as last read.
 #[derive(Default)]
 struct Suppressions {
@@ -313,12 +329,7 @@ impl Suppressions {
                 if let Some(since) = since {
                     path.push_str(&format!("&start_time={since}"));
                 }
-                let response =
-                    api.send(http, "read suppressions", api.request(Method::Get, &path))?;
-                if !response.is_success() {
-                    return Err(rejected(&response));
-                }
-                let page = response.json()?;
+                let page = api.get(http, "read suppressions", &path)?.json()?;
                 let items = page.as_array().cloned().unwrap_or_default();
                 for item in &items {
                     if let Some(email) = item["email"].as_str() {
@@ -481,6 +492,23 @@ fn upsert_requests(contacts: Vec<(usize, Value)>, max_bytes: usize) -> Vec<Vec<(
     requests
 }
 
+/// Gives every contact of one upsert request the same outcome.
+fn settle(outcomes: &mut [Option<Outcome>], contacts: &[(usize, Value)], outcome: Outcome) {
+    for (index, _) in contacts {
+        outcomes[*index] = Some(outcome.clone());
+    }
+}
+
+/// A member SendGrid refused to handle, with its words, or else one that is gone.
+fn removed_unless(refusal: Option<&String>) -> Outcome {
+    match refusal {
+        Some(message) => Outcome::Failed {
+            message: message.clone(),
+        },
+        None => Outcome::Removed,
+    }
+}
+
 enum Job {
     Completed,
     Failed(String),
@@ -535,13 +563,7 @@ impl kit::ListDirectory for SendGrid {
             if let Some(token) = &token {
                 path.push_str(&format!("&page_token={}", percent_encode(token)));
             }
-            let response =
-                self.api
-                    .send(http, "list lists", self.api.request(Method::Get, &path))?;
-            if !response.is_success() {
-                return Err(rejected(&response));
-            }
-            let page = response.json()?;
+            let page = self.api.get(http, "list lists", &path)?.json()?;
             for list in page["result"].as_array().into_iter().flatten() {
                 if list["name"].as_str() == Some(name.as_str())
                     && let Some(id) = list["id"].as_str()
@@ -656,10 +678,7 @@ impl SendGrid {
             if response.status == 404 {
                 return Ok(Job::Unknown);
             }
-            if !response.is_success() {
-                return Err(rejected(&response));
-            }
-            let status = response.json()?;
+            let status = succeeded(response)?.json()?;
             match status["status"].as_str() {
                 Some("completed") => return Ok(Job::Completed),
                 Some("errored") => return Ok(Job::Errored),
@@ -733,9 +752,8 @@ impl SendGrid {
                     let job = response.json()?["job_id"]
                         .as_str()
                         .map(str::to_string)
-                        .ok_or_else(|| ProviderError::Transient {
-                            message: "SendGrid accepted the contacts but returned no job id".into(),
-                            retry_after: None,
+                        .ok_or_else(|| {
+                            transient("SendGrid accepted the contacts but returned no job id")
                         })?;
                     self.remember(&digest, &job);
                     break (digest, job);
@@ -764,11 +782,7 @@ impl SendGrid {
                     }
                     if refused.is_empty() || !general.is_empty() {
                         let message = format!("HTTP 400: {}", describe(&response));
-                        for (index, _) in &contacts {
-                            outcomes[*index] = Some(Outcome::Failed {
-                                message: message.clone(),
-                            });
-                        }
+                        settle(outcomes, &contacts, Outcome::Failed { message });
                         return Ok(());
                     }
                     // SendGrid refuses the whole request for one bad contact: the others
@@ -784,11 +798,7 @@ impl SendGrid {
                 }
                 _ => {
                     let message = format!("HTTP {}: {}", response.status, describe(&response));
-                    for (index, _) in &contacts {
-                        outcomes[*index] = Some(Outcome::Failed {
-                            message: message.clone(),
-                        });
-                    }
+                    settle(outcomes, &contacts, Outcome::Failed { message });
                     return Ok(());
                 }
             }
@@ -798,22 +808,20 @@ impl SendGrid {
         if !matches!(state, Job::Pending) {
             self.jobs.remove(&digest);
         }
-        match state {
-            Job::Completed => {
-                for (index, _) in &contacts {
-                    outcomes[*index] = Some(Outcome::Member {
-                        status: MemberStatus::Subscribed,
-                        remote_id: None,
-                    });
-                }
-            }
-            Job::Failed(message) => {
-                for (index, _) in &contacts {
-                    outcomes[*index] = Some(Outcome::Failed {
-                        message: message.clone(),
-                    });
-                }
-            }
+        let every = match state {
+            Job::Completed => Outcome::Member {
+                status: MemberStatus::Subscribed,
+                remote_id: None,
+            },
+            Job::Failed(message) => Outcome::Failed { message },
+            Job::Pending => Outcome::Retry {
+                message: format!("SendGrid's import job {job} is still pending"),
+                retry_after: Some(PENDING_RETRY),
+            },
+            Job::Unknown => Outcome::Retry {
+                message: format!("SendGrid no longer knows import job {job}"),
+                retry_after: None,
+            },
             Job::Errored => {
                 for batch in contacts.chunks(SEARCH_BATCH) {
                     let addresses: Vec<&str> = batch
@@ -838,24 +846,10 @@ impl SendGrid {
                         });
                     }
                 }
+                return Ok(());
             }
-            Job::Pending => {
-                for (index, _) in &contacts {
-                    outcomes[*index] = Some(Outcome::Retry {
-                        message: format!("SendGrid's import job {job} is still pending"),
-                        retry_after: Some(PENDING_RETRY),
-                    });
-                }
-            }
-            Job::Unknown => {
-                for (index, _) in &contacts {
-                    outcomes[*index] = Some(Outcome::Retry {
-                        message: format!("SendGrid no longer knows import job {job}"),
-                        retry_after: None,
-                    });
-                }
-            }
-        }
+        };
+        settle(outcomes, &contacts, every);
         Ok(())
     }
 
@@ -886,12 +880,9 @@ impl SendGrid {
                 if !self.list_exists(http, list)? {
                     return Err(Self::list_missing(list));
                 }
-                Err(ProviderError::Transient {
-                    message:
-                        "a contact was deleted at SendGrid while it was being removed from the list"
-                            .into(),
-                    retry_after: None,
-                })
+                Err(transient(
+                    "a contact was deleted at SendGrid while it was being removed from the list",
+                ))
             }
             _ => Err(rejected(&response)),
         }
@@ -908,11 +899,7 @@ impl SendGrid {
             "ids",
             ids,
         )?;
-        if response.is_success() {
-            queued(&response)
-        } else {
-            Err(rejected(&response))
-        }
+        queued(&succeeded(response)?)
     }
 
     fn suppress(&mut self, http: &mut Http, addresses: &[&str]) -> Result<()> {
@@ -920,10 +907,7 @@ impl SendGrid {
             .api
             .request(Method::Post, "/v3/asm/suppressions/global")
             .json(&json!({"recipient_emails": addresses}));
-        let response = self.api.send(http, "unsubscribe", request)?;
-        if !response.is_success() {
-            return Err(rejected(&response));
-        }
+        let response = self.api.send_ok(http, "unsubscribe", request)?;
         if !response.json()?["recipient_emails"].is_array() {
             return Err(unconfirmed(&response, "the addresses it unsubscribed"));
         }
@@ -1032,26 +1016,16 @@ impl Provider for SendGrid {
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
-        let lists = self.api.send(
-            http,
-            "list lists",
-            self.api
-                .request(Method::Get, "/v3/marketing/lists?page_size=1"),
-        )?;
-        if !lists.is_success() {
-            return Err(rejected(&lists));
-        }
-        let lists = lists.json()?;
+        let lists = self
+            .api
+            .get(http, "list lists", "/v3/marketing/lists?page_size=1")?
+            .json()?;
         // The sync cannot honour consent without reading suppressions: prove the key may.
-        let suppressions = self.api.send(
+        self.api.get(
             http,
             "read suppressions",
-            self.api
-                .request(Method::Get, "/v3/suppression/unsubscribes?limit=1"),
+            "/v3/suppression/unsubscribes?limit=1",
         )?;
-        if !suppressions.is_success() {
-            return Err(rejected(&suppressions));
-        }
         Ok(json!({
             "provider": "sendgrid",
             "lists": lists["_metadata"]["count"],
@@ -1059,16 +1033,10 @@ impl Provider for SendGrid {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let response = self.api.send(
-            http,
-            "list fields",
-            self.api
-                .request(Method::Get, "/v3/marketing/field_definitions"),
-        )?;
-        if !response.is_success() {
-            return Err(rejected(&response));
-        }
-        let definitions = response.json()?;
+        let definitions = self
+            .api
+            .get(http, "list fields", "/v3/marketing/field_definitions")?
+            .json()?;
         let custom: Map<String, Value> = definitions["custom_fields"]
             .as_array()
             .into_iter()
@@ -1171,7 +1139,6 @@ impl Provider for SendGrid {
             }
             LeaveAction::Remove | LeaveAction::Unsubscribe | LeaveAction::Delete => {}
         }
-        let mut outcomes = Vec::with_capacity(members.len());
         let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
         if action == LeaveAction::Unsubscribe {
             self.suppress(http, &addresses)?;
@@ -1187,15 +1154,10 @@ impl Provider for SendGrid {
         } else {
             self.leave_list(http, &list, &ids)?;
         }
-        outcomes.extend(members.iter().map(
-            |m| match search.invalid.get(&m.address.to_lowercase()) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            },
-        ));
-        Ok(outcomes)
+        Ok(members
+            .iter()
+            .map(|m| removed_unless(search.invalid.get(&m.address.to_lowercase())))
+            .collect())
     }
 
     /// Deletes the Marketing Campaigns contact and asks SendGrid to erase the address's
@@ -1207,7 +1169,6 @@ impl Provider for SendGrid {
         _binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
         let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
         let search = self.search(http, &addresses)?;
         let ids: Vec<&str> = search.found.values().map(|f| f.id.as_str()).collect();
@@ -1218,16 +1179,13 @@ impl Provider for SendGrid {
             .map(|a| a.to_string())
             .collect();
         let failed = self.erase_job(http, valid)?;
-        outcomes.extend(members.iter().map(|m| {
-            let key = m.address.to_lowercase();
-            match search.invalid.get(&key).or_else(|| failed.get(&key)) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            }
-        }));
-        Ok(outcomes)
+        Ok(members
+            .iter()
+            .map(|m| {
+                let key = m.address.to_lowercase();
+                removed_unless(search.invalid.get(&key).or_else(|| failed.get(&key)))
+            })
+            .collect())
     }
 }
 

@@ -17,7 +17,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result};
+use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result, transient};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 
@@ -165,10 +165,7 @@ impl ApiError {
         if self.is_auth() {
             ProviderError::Auth(self.text)
         } else if self.is_transient() {
-            ProviderError::Transient {
-                message: self.text,
-                retry_after: None,
-            }
+            transient(self.text)
         } else {
             ProviderError::Rejected(self.text)
         }
@@ -265,10 +262,9 @@ impl Sendsay {
             }
             return Ok(answer);
         }
-        Err(ProviderError::Transient {
-            message: format!("Sendsay redirected more than {MAX_REDIRECTS} times"),
-            retry_after: None,
-        })
+        Err(transient(format!(
+            "Sendsay redirected more than {MAX_REDIRECTS} times"
+        )))
     }
 
     /// Runs `actions` in one `batch` (all of them, whatever fails): one result per action.
@@ -286,13 +282,10 @@ impl Sendsay {
         )?;
         let results = answer["result"].as_array().cloned().unwrap_or_default();
         if results.len() != count {
-            return Err(ProviderError::Transient {
-                message: format!(
-                    "Sendsay answered {} results for a batch of {count} actions",
-                    results.len()
-                ),
-                retry_after: None,
-            });
+            return Err(transient(format!(
+                "Sendsay answered {} results for a batch of {count} actions",
+                results.len()
+            )));
         }
         Ok(results
             .into_iter()
