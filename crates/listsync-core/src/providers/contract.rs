@@ -27,41 +27,53 @@ impl Prism {
             prism.exists(),
             "Prism is not installed: run scripts/setup.sh (or `npm ci` in tests/contract)"
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut child = Command::new(prism)
-            .args([
-                "mock",
-                &format!("specs/{spec}"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .current_dir(contract_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Prism");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (ready, wait) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("Prism is listening") {
-                    let _ = ready.send(());
+        // The free port is only free when asked: a test starting in parallel can take it
+        // before Prism binds it, and Prism then exits. Another port is tried.
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let mut child = Command::new(&prism)
+                .args([
+                    "mock",
+                    &format!("specs/{spec}"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
+                .current_dir(contract_dir())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start Prism");
+            let stdout = child.stdout.take().expect("piped stdout");
+            let (ready, wait) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.contains("Prism is listening") {
+                        let _ = ready.send(());
+                    }
+                }
+            });
+            match wait.recv_timeout(Duration::from_secs(90)) {
+                Ok(()) => {
+                    return Prism {
+                        child,
+                        base_url: format!("http://127.0.0.1:{port}"),
+                    };
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = child.wait();
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    panic!("Prism did not start on {spec} within 90 s");
                 }
             }
-        });
-        if wait.recv_timeout(Duration::from_secs(90)).is_err() {
-            let _ = child.kill();
-            panic!("Prism did not start on {spec}");
         }
-        Prism {
-            child,
-            base_url: format!("http://127.0.0.1:{port}"),
-        }
+        panic!("Prism exited three times on {spec} before listening")
     }
 
     pub fn http(&self) -> Http {
