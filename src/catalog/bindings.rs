@@ -94,7 +94,10 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             "invalid new_member_status \"{}\"",
             r.new_member_status
         ))
-        .with_hint("new_member_status is subscribed or pending (double opt-in)."));
+        .with_hint(format!(
+            "new_member_status is one of {} (pending: double opt-in).",
+            MemberStatus::ALL.map(MemberStatus::as_str).join(", ")
+        )));
     };
     let capabilities = providers::capabilities(&provider)
         .ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
