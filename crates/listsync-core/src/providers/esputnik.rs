@@ -17,9 +17,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec,
 };
-use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode,
-};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
@@ -170,9 +168,7 @@ fn refusal(error: &str) -> Outcome {
             status,
             message: error.to_string(),
         },
-        None => Outcome::Failed {
-            message: error.to_string(),
-        },
+        None => Outcome::failed(error.to_string()),
     }
 }
 
@@ -537,10 +533,7 @@ impl Esputnik {
                     return refusal(error);
                 }
                 match &import {
-                    Import::Failed(message) => Outcome::Retry {
-                        message: message.clone(),
-                        retry_after: None,
-                    },
+                    Import::Failed(message) => Outcome::retry(message.clone()),
                     Import::Finished(ids) => Outcome::Member {
                         status,
                         remote_id: ids.get(&address).map(i64::to_string),
@@ -679,15 +672,8 @@ fn rejected(response: &Response) -> ProviderError {
 
 impl Provider for Esputnik {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: IMPORT_BATCH,
-            remove_batch: DETACH_BATCH,
-            // Contact writes are limited to 200 requests per second per account.
-            rate: Some(RateLimit {
-                per_second: 200.0,
-                burst: 20.0,
-            }),
-        }
+        // Contact writes are limited to 200 requests per second per account.
+        Limits::batches(IMPORT_BATCH, DETACH_BATCH).paced(200.0, 20.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -809,12 +795,9 @@ impl Provider for Esputnik {
             by_address.insert(&member.address, outcome);
         }
         outcomes.extend(members.iter().map(|m| {
-            by_address
-                .remove(m.address.as_str())
-                .unwrap_or(Outcome::Retry {
-                    message: format!("{} did not report this contact", self.brand),
-                    retry_after: None,
-                })
+            by_address.remove(m.address.as_str()).unwrap_or_else(|| {
+                Outcome::retry(format!("{} did not report this contact", self.brand))
+            })
         }));
         Ok(outcomes)
     }

@@ -242,9 +242,7 @@ impl Mailchimp {
             response.check_common(problem)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                _ => Outcome::Failed {
-                    message: format!("HTTP {}: {}", response.status, problem(&response)),
-                },
+                _ => Outcome::failed(format!("HTTP {}: {}", response.status, problem(&response))),
             });
         }
         Ok(outcomes)
@@ -337,11 +335,7 @@ impl Provider for Mailchimp {
     fn limits(&self) -> Limits {
         // Mailchimp limits simultaneous connections (10), not the request rate; the worker
         // makes one call at a time per connection (one delivery thread each).
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: None,
-        }
+        Limits::batches(BATCH, BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -492,14 +486,11 @@ impl Provider for Mailchimp {
                 by_address.remove(&member.address),
                 untagged.get(&member.address),
             ) {
-                (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed {
-                    message: format!("could not be tagged: {message}"),
-                },
+                (Some(Outcome::Member { .. }), Some(message)) => {
+                    Outcome::failed(format!("could not be tagged: {message}"))
+                }
                 (Some(outcome), _) => outcome,
-                (None, _) => Outcome::Retry {
-                    message: "Mailchimp did not report this member".into(),
-                    retry_after: None,
-                },
+                (None, _) => Outcome::retry("Mailchimp did not report this member"),
             };
             outcomes.push(outcome);
         }

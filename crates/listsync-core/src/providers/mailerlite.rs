@@ -17,7 +17,7 @@ use super::{
     Outcome, Provider, Spec, chunks, kit,
 };
 use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
 };
 use serde_json::{Map, Value, json};
 
@@ -226,12 +226,9 @@ impl MailerLite {
                         id: id.to_string(),
                         status: status.to_string(),
                     },
-                    _ => Found::Failed(Outcome::Retry {
-                        message:
-                            "MailerLite answered a lookup without the subscriber's id and status"
-                                .into(),
-                        retry_after: None,
-                    }),
+                    _ => Found::Failed(Outcome::retry(
+                        "MailerLite answered a lookup without the subscriber's id and status",
+                    )),
                 },
                 404 => Found::Missing,
                 _ => Found::Failed(item_failure(answer)),
@@ -444,10 +441,7 @@ fn response_message(response: &Response) -> String {
 fn item_failure(answer: &SubAnswer) -> Outcome {
     let message = format!("HTTP {}: {}", answer.code, describe(&answer.body));
     match answer.code {
-        0 | 408 | 425 | 429 | 500..=599 => Outcome::Retry {
-            message,
-            retry_after: None,
-        },
+        0 | 408 | 425 | 429 | 500..=599 => Outcome::retry(message),
         _ => Outcome::Failed { message },
     }
 }
@@ -505,15 +499,8 @@ fn field_value(value: &Value, kind: Option<&str>) -> Value {
 
 impl Provider for MailerLite {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            // 120 requests per minute per account.
-            rate: Some(RateLimit {
-                per_second: 2.0,
-                burst: 10.0,
-            }),
-        }
+        // 120 requests per minute per account.
+        Limits::batches(BATCH, BATCH).paced(2.0, 10.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -597,9 +584,8 @@ impl Provider for MailerLite {
                 }
             }
             outcomes.extend(slots.into_iter().map(|slot| {
-                slot.unwrap_or_else(|| Outcome::Retry {
-                    message: "MailerLite did not answer for this subscriber".into(),
-                    retry_after: None,
+                slot.unwrap_or_else(|| {
+                    Outcome::retry("MailerLite did not answer for this subscriber")
                 })
             }));
         }

@@ -499,16 +499,6 @@ fn settle(outcomes: &mut [Option<Outcome>], contacts: &[(usize, Value)], outcome
     }
 }
 
-/// A member SendGrid refused to handle, with its words, or else one that is gone.
-fn removed_unless(refusal: Option<&String>) -> Outcome {
-    match refusal {
-        Some(message) => Outcome::Failed {
-            message: message.clone(),
-        },
-        None => Outcome::Removed,
-    }
-}
-
 enum Job {
     Completed,
     Failed(String),
@@ -818,10 +808,7 @@ impl SendGrid {
                 message: format!("SendGrid's import job {job} is still pending"),
                 retry_after: Some(PENDING_RETRY),
             },
-            Job::Unknown => Outcome::Retry {
-                message: format!("SendGrid no longer knows import job {job}"),
-                retry_after: None,
-            },
+            Job::Unknown => Outcome::retry(format!("SendGrid no longer knows import job {job}")),
             Job::Errored => {
                 for batch in contacts.chunks(SEARCH_BATCH) {
                     let addresses: Vec<&str> = batch
@@ -1008,11 +995,7 @@ impl Provider for SendGrid {
     fn limits(&self) -> Limits {
         // SendGrid limits each endpoint separately without publishing the numbers; its 429s
         // say when to come back (see `check`).
-        Limits {
-            upsert_batch: UPSERT_CONTACTS,
-            remove_batch: SEARCH_BATCH,
-            rate: None,
-        }
+        Limits::batches(UPSERT_CONTACTS, SEARCH_BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -1114,12 +1097,7 @@ impl Provider for SendGrid {
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| {
-                o.unwrap_or(Outcome::Retry {
-                    message: "SendGrid did not report this contact".into(),
-                    retry_after: None,
-                })
-            })
+            .map(|o| o.unwrap_or_else(|| Outcome::retry("SendGrid did not report this contact")))
             .collect())
     }
 
@@ -1156,7 +1134,7 @@ impl Provider for SendGrid {
         }
         Ok(members
             .iter()
-            .map(|m| removed_unless(search.invalid.get(&m.address.to_lowercase())))
+            .map(|m| Outcome::removed_unless(search.invalid.get(&m.address.to_lowercase())))
             .collect())
     }
 
@@ -1183,7 +1161,7 @@ impl Provider for SendGrid {
             .iter()
             .map(|m| {
                 let key = m.address.to_lowercase();
-                removed_unless(search.invalid.get(&key).or_else(|| failed.get(&key)))
+                Outcome::removed_unless(search.invalid.get(&key).or_else(|| failed.get(&key)))
             })
             .collect())
     }

@@ -17,7 +17,7 @@ use super::{
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
 };
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -722,11 +722,9 @@ impl SendPulse {
                             "the address is \"{explain}\" in SendPulse mailing list {book}"
                         ),
                     },
-                    Some(BookState::Unknown(explain)) => Outcome::Failed {
-                        message: format!(
-                            "SendPulse holds the address as \"{explain}\" in mailing list {book}; it is left as it is"
-                        ),
-                    },
+                    Some(BookState::Unknown(explain)) => Outcome::failed(format!(
+                        "SendPulse holds the address as \"{explain}\" in mailing list {book}; it is left as it is"
+                    )),
                 }
             })
             .collect())
@@ -753,7 +751,7 @@ impl SendPulse {
             }
             Err(e) => return Err(e.rejected()),
         }
-        Ok(batch.iter().map(|_| Outcome::Removed).collect())
+        Ok(vec![Outcome::Removed; batch.len()])
     }
 
     /// `DELETE /emails/{email}`: the address leaves every mailing list of the account.
@@ -765,9 +763,7 @@ impl SendPulse {
             outcomes.push(match self.call(http, "delete contact", request)? {
                 Ok(_) => Outcome::Removed,
                 Err(e) if e.address_missing() || e.status == 404 => Outcome::Removed,
-                Err(e) => Outcome::Failed {
-                    message: e.describe(),
-                },
+                Err(e) => Outcome::failed(e.describe()),
             });
         }
         Ok(outcomes)
@@ -777,14 +773,7 @@ impl SendPulse {
 impl Provider for SendPulse {
     fn limits(&self) -> Limits {
         // SendPulse allows 10 requests per second per account; requests are spaced, not burst.
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: Some(RateLimit {
-                per_second: 10.0,
-                burst: 1.0,
-            }),
-        }
+        Limits::batches(BATCH, BATCH).paced(10.0, 1.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {

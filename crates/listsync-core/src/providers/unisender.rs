@@ -21,8 +21,9 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, RateLimit, Request, Response, Result, transient};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub static SPEC: Spec = Spec {
@@ -263,9 +264,9 @@ impl Unisender {
                         .map(|l| l["status"].as_str().unwrap_or("active").to_string()),
                 },
                 Answer::Error { message, .. } if not_found(&message) => Contact::Missing,
-                Answer::Error { code, message } => Contact::Failed(Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                }),
+                Answer::Error { code, message } => {
+                    Contact::Failed(Outcome::failed(Answer::describe(&code, &message)))
+                }
             },
         )
     }
@@ -306,9 +307,9 @@ impl Unisender {
                     },
                     remote_id: id_text(&result["person_id"]),
                 },
-                Answer::Error { code, message } => Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                },
+                Answer::Error { code, message } => {
+                    Outcome::failed(Answer::describe(&code, &message))
+                }
             },
         )
     }
@@ -320,7 +321,7 @@ impl Unisender {
         operation: &str,
         columns: &[String],
         rows: &[Vec<String>],
-    ) -> Result<Map<String, Value>> {
+    ) -> Result<HashMap<usize, String>> {
         let mut params: Vec<(String, String)> = columns
             .iter()
             .enumerate()
@@ -333,17 +334,16 @@ impl Unisender {
         }
         match self.call(http, operation, "importContacts", params)? {
             Answer::Result(result) => {
-                let mut problems = Map::new();
-                for entry in result["log"].as_array().into_iter().flatten() {
-                    if let Some(index) = entry["index"].as_u64() {
+                let log = result["log"].as_array().into_iter().flatten();
+                Ok(log
+                    .filter_map(|entry| {
                         let message = Answer::describe(
                             entry["code"].as_str().unwrap_or(""),
                             entry["message"].as_str().unwrap_or("rejected"),
                         );
-                        problems.insert(index.to_string(), Value::String(message));
-                    }
-                }
-                Ok(problems)
+                        Some((usize::try_from(entry["index"].as_u64()?).ok()?, message))
+                    })
+                    .collect())
             }
             // A column or list the account does not have: the binding needs attention.
             Answer::Error { code, message } if code == "invalid_arg" => {
@@ -369,14 +369,7 @@ impl Unisender {
                 .map(|m| vec![m.address.clone(), "1".into()])
                 .collect();
             let problems = self.import(http, operation, &columns, &rows)?;
-            outcomes.extend(
-                (0..batch.len()).map(|i| match problems.get(&i.to_string()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.as_str().unwrap_or("rejected").to_string(),
-                    },
-                    None => Outcome::Removed,
-                }),
-            );
+            outcomes.extend((0..batch.len()).map(|i| Outcome::removed_unless(problems.get(&i))));
         }
         Ok(outcomes)
     }
@@ -399,9 +392,9 @@ impl Unisender {
             outcomes.push(match self.call(http, method, method, params)? {
                 Answer::Result(_) => Outcome::Removed,
                 Answer::Error { message, .. } if not_found(&message) => Outcome::Removed,
-                Answer::Error { code, message } => Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                },
+                Answer::Error { code, message } => {
+                    Outcome::failed(Answer::describe(&code, &message))
+                }
             });
         }
         Ok(outcomes)
@@ -545,16 +538,9 @@ fn member_status(status: &str) -> MemberStatus {
 
 impl Provider for Unisender {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            // The documented per-method limits are 300 calls per 60 s per key (subscribe,
-            // checkEmail); the same pace is kept for every call.
-            rate: Some(RateLimit {
-                per_second: 5.0,
-                burst: 5.0,
-            }),
-        }
+        // The documented per-method limits are 300 calls per 60 s per key (subscribe,
+        // checkEmail); the same pace is kept for every call.
+        Limits::batches(BATCH, BATCH).paced(5.0, 5.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -646,10 +632,8 @@ impl Provider for Unisender {
             .collect();
         let problems = self.import(http, "import contacts", &columns, &rows)?;
         for (row, (i, status)) in imports.iter().enumerate() {
-            outcomes[*i] = Some(match problems.get(&row.to_string()) {
-                Some(message) => Outcome::Failed {
-                    message: message.as_str().unwrap_or("rejected").to_string(),
-                },
+            outcomes[*i] = Some(match problems.get(&row) {
+                Some(message) => Outcome::failed(message),
                 None => Outcome::Member {
                     status: *status,
                     remote_id: None,
@@ -658,11 +642,8 @@ impl Provider for Unisender {
         }
         Ok(outcomes
             .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| Outcome::Retry {
-                    message: "Unisender did not answer for this contact".into(),
-                    retry_after: None,
-                })
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::retry("Unisender did not answer for this contact"))
             })
             .collect())
     }

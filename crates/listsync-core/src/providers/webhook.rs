@@ -186,7 +186,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
         };
         let message = item["message"].as_str().unwrap_or("").to_string();
         let outcome = match item["status"].as_str() {
-            Some("failed") => Outcome::Failed { message },
+            Some("failed") => Outcome::failed(message),
             Some("unsubscribed") => Outcome::Refused {
                 status: ConsentStatus::Unsubscribed,
                 message,
@@ -199,10 +199,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
                 status: ConsentStatus::Complained,
                 message,
             },
-            Some("retry") => Outcome::Retry {
-                message,
-                retry_after: None,
-            },
+            Some("retry") => Outcome::retry(message),
             _ => continue,
         };
         results.insert(email.to_lowercase(), outcome);
@@ -212,11 +209,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
 
 impl Provider for Webhook {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: None,
-        }
+        Limits::batches(BATCH, BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {

@@ -31,11 +31,9 @@ impl GoogleContacts {
         Ok(names
             .iter()
             .map(|name| match name {
-                Some(name) if kept.contains(name) => Outcome::Failed {
-                    message: format!(
-                        "Google keeps every contact in at least one group and {group} is the last one of {name}"
-                    ),
-                },
+                Some(name) if kept.contains(name) => Outcome::failed(format!(
+                    "Google keeps every contact in at least one group and {group} is the last one of {name}"
+                )),
                 _ => Outcome::Removed,
             })
             .collect())
@@ -74,12 +72,7 @@ impl GoogleContacts {
         let left = self.leave_group(http, &group, &leaving_names)?;
         let mut outcomes: Vec<Outcome> = names
             .iter()
-            .map(|name| match name.as_ref().and_then(|n| failed.get(n)) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            })
+            .map(|name| Outcome::removed_unless(name.as_ref().and_then(|n| failed.get(n))))
             .collect();
         for ((i, _), outcome) in leaving.into_iter().zip(left) {
             outcomes[i] = outcome;

@@ -328,23 +328,13 @@ fn member(remote_id: String) -> Outcome {
     }
 }
 
-fn retry(message: impl Into<String>) -> Outcome {
-    Outcome::Retry {
-        message: message.into(),
-        retry_after: None,
-    }
-}
-
 impl Provider for GoogleContacts {
     fn limits(&self) -> Limits {
         // People API quotas are per minute, per project and per user, set in the Cloud
         // Console; Google answers 429 RESOURCE_EXHAUSTED beyond them, which the engine backs
-        // off from. A connection makes one call at a time (one delivery thread each), as Google asks for mutations.
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: DELETE_BATCH,
-            rate: None,
-        }
+        // off from. A connection makes one call at a time (one delivery thread each), as Google
+        // asks for mutations.
+        Limits::batches(BATCH, DELETE_BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -424,7 +414,6 @@ impl Provider for GoogleContacts {
         _binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
         let directory = self.refresh_directory(http)?;
         let holders: Vec<BTreeSet<String>> = members
             .iter()
@@ -443,14 +432,9 @@ impl Provider for GoogleContacts {
             .into_iter()
             .collect();
         let failed = self.delete(http, &all)?;
-        outcomes.extend(holders.iter().map(
-            |people| match people.iter().find_map(|p| failed.get(p)) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            },
-        ));
-        Ok(outcomes)
+        Ok(holders
+            .iter()
+            .map(|people| Outcome::removed_unless(people.iter().find_map(|p| failed.get(p))))
+            .collect())
     }
 }
