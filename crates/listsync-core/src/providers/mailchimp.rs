@@ -111,6 +111,12 @@ impl Mailchimp {
         }
     }
 
+    /// [`call`](Self::call) where a 404 means the audience itself is gone.
+    fn in_audience(&self, http: &mut Http, operation: &str, request: Request) -> Result<Value> {
+        self.call(http, operation, request)?
+            .ok_or_else(|| self.audience_missing())
+    }
+
     fn segments_path(&self) -> String {
         format!("/lists/{}/segments", self.audience)
     }
@@ -124,9 +130,7 @@ impl Mailchimp {
                 "{}?type=static&count=1000&offset={offset}",
                 self.segments_path()
             );
-            let page = self
-                .call(http, "list tags", self.request(Method::Get, &path))?
-                .ok_or_else(|| self.audience_missing())?;
+            let page = self.in_audience(http, "list tags", self.request(Method::Get, &path))?;
             let items = page["segments"].as_array().cloned().unwrap_or_default();
             for segment in &items {
                 if let (Some(name), Some(id)) = (segment["name"].as_str(), segment["id"].as_i64()) {
@@ -144,9 +148,7 @@ impl Mailchimp {
         let request = self
             .request(Method::Post, &self.segments_path())
             .json(&json!({"name": name, "static_segment": []}));
-        let created = self
-            .call(http, "create tag", request)?
-            .ok_or_else(|| self.audience_missing())?;
+        let created = self.in_audience(http, "create tag", request)?;
         created["id"].as_i64().ok_or_else(|| {
             ProviderError::Rejected(format!(
                 "Mailchimp returned no segment id for tag \"{name}\""
@@ -209,8 +211,7 @@ impl Mailchimp {
         let request = self
             .request(Method::Post, &format!("/lists/{}", self.audience))
             .json(&json!({"members": members, "update_existing": true}));
-        self.call(http, operation, request)?
-            .ok_or_else(|| self.audience_missing())
+        self.in_audience(http, operation, request)
     }
 
     fn list_segment(binding: &Binding) -> Result<i64> {
@@ -342,13 +343,8 @@ impl Provider for Mailchimp {
         let ping = self
             .call(http, "ping", self.request(Method::Get, "/ping"))?
             .unwrap_or(Value::Null);
-        let audience = self
-            .call(
-                http,
-                "get audience",
-                self.request(Method::Get, &format!("/lists/{}", self.audience)),
-            )?
-            .ok_or_else(|| self.audience_missing())?;
+        let path = format!("/lists/{}", self.audience);
+        let audience = self.in_audience(http, "get audience", self.request(Method::Get, &path))?;
         Ok(json!({
             "provider": "mailchimp",
             "health": ping["health_status"],
@@ -357,16 +353,9 @@ impl Provider for Mailchimp {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let merge_fields = self
-            .call(
-                http,
-                "list merge fields",
-                self.request(
-                    Method::Get,
-                    &format!("/lists/{}/merge-fields?count=1000", self.audience),
-                ),
-            )?
-            .ok_or_else(|| self.audience_missing())?;
+        let path = format!("/lists/{}/merge-fields?count=1000", self.audience);
+        let merge_fields =
+            self.in_audience(http, "list merge fields", self.request(Method::Get, &path))?;
         let types: Map<String, Value> = merge_fields["merge_fields"]
             .as_array()
             .into_iter()
@@ -506,8 +495,6 @@ impl Provider for Mailchimp {
     ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
         let audience = self.audience.clone();
-        let mut outcomes = Vec::with_capacity(members.len());
-        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
         match action {
             LeaveAction::Remove | LeaveAction::Unsubscribe => {
                 if action == LeaveAction::Unsubscribe {
@@ -517,18 +504,16 @@ impl Provider for Mailchimp {
                         .collect();
                     self.batch_subscribe(http, "unsubscribe members", body)?;
                 }
+                let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
                 // Addresses the segment no longer holds are what we wanted: removed.
                 self.update_segment(http, segment, &[], &addresses)?;
-                outcomes.extend(members.iter().map(|_| Outcome::Removed));
+                Ok(vec![Outcome::Removed; members.len()])
             }
-            LeaveAction::Archive => {
-                outcomes.extend(self.each_member(http, "archive member", members, |hash| {
-                    self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
-                })?)
-            }
-            LeaveAction::Delete => outcomes.extend(self.erase(http, binding, members)?),
+            LeaveAction::Archive => self.each_member(http, "archive member", members, |hash| {
+                self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
+            }),
+            LeaveAction::Delete => self.erase(http, binding, members),
         }
-        Ok(outcomes)
     }
 
     fn erase(
