@@ -379,14 +379,9 @@ impl SendPulse {
             let refused = body["result"] == Value::Bool(false)
                 || matches!(&body["is_error"], Value::Bool(true))
                 || body["is_error"].as_i64() == Some(1);
-            if refused {
-                return Ok(Err(ApiError {
-                    status: response.status,
-                    code: code_of(&body),
-                    message: message_of(&body, &response),
-                }));
+            if !refused {
+                return Ok(Ok(body));
             }
-            return Ok(Ok(body));
         }
         Ok(Err(ApiError {
             status: response.status,
@@ -848,30 +843,19 @@ impl Provider for SendPulse {
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
         let path = format!("/addressbooks/{book}/emails");
-        Ok(match action {
-            LeaveAction::Remove => self.remove_batch(
-                http,
-                book,
-                "remove contacts",
-                Method::Delete,
-                &path,
-                members,
-            )?,
-            LeaveAction::Unsubscribe => self.remove_batch(
-                http,
-                book,
-                "unsubscribe contacts",
-                Method::Post,
-                &format!("{path}/unsubscribe"),
-                members,
-            )?,
-            LeaveAction::Delete => self.delete_everywhere(http, members)?,
+        let (operation, method, path) = match action {
+            LeaveAction::Remove => ("remove contacts", Method::Delete, path),
+            LeaveAction::Unsubscribe => {
+                ("unsubscribe contacts", Method::Post, path + "/unsubscribe")
+            }
+            LeaveAction::Delete => return self.delete_everywhere(http, members),
             LeaveAction::Archive => {
                 return Err(ProviderError::Binding(
                     "SendPulse has no archive; use on_leave remove, unsubscribe or delete".into(),
                 ));
             }
-        })
+        };
+        self.remove_batch(http, book, operation, method, &path, members)
     }
 
     /// SendPulse has no erasure call: the closest is deleting the address from every mailing
