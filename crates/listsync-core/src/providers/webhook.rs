@@ -134,15 +134,17 @@ impl Webhook {
         Ok(response)
     }
 
+    /// POSTs one `change` per member; those the receiver reports nothing for are `ok`.
     fn deliver(
         &self,
         http: &mut Http,
         binding: &Binding,
         operation: &str,
-        changes: Vec<Value>,
         members: &[Member],
         ok: Outcome,
+        change: impl Fn(&Member) -> Value,
     ) -> Result<Vec<Outcome>> {
+        let changes: Vec<Value> = members.iter().map(change).collect();
         let message = json!({
             "type": "listsync.changes",
             "binding": {"id": binding.id, "list": binding.list_id, "filter": binding.filter},
@@ -231,18 +233,14 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| {
-                json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
-                       "status_if_new": binding.new_member_status.as_str()})
-            })
-            .collect();
         let ok = Outcome::Member {
             status: binding.new_member_status,
             remote_id: None,
         };
-        self.deliver(http, binding, "upsert members", changes, members, ok)
+        self.deliver(http, binding, "upsert members", members, ok, |m| {
+            json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
+                   "status_if_new": binding.new_member_status.as_str()})
+        })
     }
 
     fn remove(
@@ -252,17 +250,13 @@ impl Provider for Webhook {
         action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| json!({"action": "remove", "email": m.address, "on_leave": action.as_str()}))
-            .collect();
         self.deliver(
             http,
             binding,
             "remove members",
-            changes,
             members,
             Outcome::Removed,
+            |m| json!({"action": "remove", "email": m.address, "on_leave": action.as_str()}),
         )
     }
 
@@ -272,17 +266,13 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| json!({"action": "erase", "email": m.address}))
-            .collect();
         self.deliver(
             http,
             binding,
             "erase members",
-            changes,
             members,
             Outcome::Removed,
+            |m| json!({"action": "erase", "email": m.address}),
         )
     }
 }
