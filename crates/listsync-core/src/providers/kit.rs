@@ -1,7 +1,7 @@
 //! Plumbing every provider shares, so that a provider's file holds only its API's facts.
 
 use super::Binding;
-use crate::http::{Http, ProviderError, Request, Response, Result};
+use crate::http::{Http, ProviderError, Request, Response, Result, transient};
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -120,6 +120,28 @@ const RENEW_BEFORE: Duration = Duration::from_secs(300);
 pub struct IssuedToken {
     pub value: String,
     pub lifetime: Duration,
+}
+
+impl IssuedToken {
+    /// The token of a successful OAuth token answer (`access_token`, `expires_in`), living
+    /// `default_lifetime` when the answer does not say; an answer without one is transient.
+    pub fn from_answer(
+        response: &Response,
+        default_lifetime: Duration,
+        missing: &str,
+    ) -> Result<IssuedToken> {
+        let body = response.json()?;
+        let value = body["access_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| transient(missing))?;
+        Ok(IssuedToken {
+            value: value.to_string(),
+            lifetime: body["expires_in"]
+                .as_u64()
+                .map_or(default_lifetime, Duration::from_secs),
+        })
+    }
 }
 
 /// An OAuth access token, reused until shortly before it expires.

@@ -168,15 +168,11 @@ fn exchange_credentials(
             describe(&response)
         )));
     }
-    let body = response.json()?;
-    let value = body["access_token"]
-        .as_str()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| transient("SendPulse's token answer has no access_token"))?;
-    Ok(IssuedToken {
-        value: value.to_string(),
-        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3600)),
-    })
+    IssuedToken::from_answer(
+        &response,
+        Duration::from_secs(3600),
+        "SendPulse's token answer has no access_token",
+    )
 }
 
 struct SendPulse {

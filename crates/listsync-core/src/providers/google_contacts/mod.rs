@@ -46,7 +46,7 @@ use super::{
     Binding, Capabilities, Config, LeaveAction, Limits, Member, MemberStatus, Need, Outcome,
     Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use calls::ContactGroups;
 use directory::Directory;
 use serde_json::{Map, Value, json};
@@ -195,16 +195,11 @@ fn refresh_access_token(
             oauth_problem(&response)
         )));
     }
-    let body = response.json()?;
-    let value = body["access_token"]
-        .as_str()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
-        .to_string();
-    Ok(IssuedToken {
-        value,
-        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599)),
-    })
+    IssuedToken::from_answer(
+        &response,
+        Duration::from_secs(3599),
+        "the token endpoint answered without an access_token",
+    )
 }
 
 struct GoogleContacts {
