@@ -99,16 +99,11 @@ impl Mailchimp {
     /// any other error → Rejected with Mailchimp's own words.
     fn call(&self, http: &mut Http, operation: &str, request: Request) -> Result<Option<Value>> {
         let response = http.send(operation, request)?;
-        response.check_common(problem)?;
-        match response.status {
-            200..=299 => Ok(Some(response.json()?)),
-            404 => Ok(None),
-            _ => Err(ProviderError::Rejected(format!(
-                "HTTP {}: {}",
-                response.status,
-                problem(&response)
-            ))),
+        if response.status == 404 {
+            return Ok(None);
         }
+        response.check(problem)?;
+        Ok(Some(response.json()?))
     }
 
     /// [`call`](Self::call) where a 404 means the audience itself is gone.

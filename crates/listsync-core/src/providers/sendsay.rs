@@ -230,14 +230,7 @@ impl Sendsay {
                     .and_then(|v| ApiError::of(&v))
                     .map_or_else(|| r.text_excerpt(), |e| e.text)
             };
-            response.check_common(described)?;
-            if !response.is_success() {
-                return Err(ProviderError::Rejected(format!(
-                    "HTTP {}: {}",
-                    response.status,
-                    described(&response)
-                )));
-            }
+            response.check(described)?;
             let answer = response.json()?;
             if let Some(target) = answer["REDIRECT"].as_str() {
                 // Only a path on the same host: the API key must not follow a redirect

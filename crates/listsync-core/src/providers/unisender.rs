@@ -153,18 +153,14 @@ impl Unisender {
         let request =
             Request::new(Method::Post, format!("{}/{method}?format=json", self.root)).form(&form);
         let response = http.send(operation, request)?;
-        response.check_common(error_text)?;
-        match response.status {
-            200..=299 => classify(&response.json()?),
-            404 => Err(ProviderError::Binding(format!(
+        if response.status == 404 {
+            return Err(ProviderError::Binding(format!(
                 "no Unisender API at {} (settings.base_url, settings.language?)",
                 self.root
-            ))),
-            status => Err(ProviderError::Rejected(format!(
-                "HTTP {status}: {}",
-                error_text(&response)
-            ))),
+            )));
         }
+        response.check(error_text)?;
+        classify(&response.json()?)
     }
 
     /// A call whose error answer is a failure of the whole operation.
