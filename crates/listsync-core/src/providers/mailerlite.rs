@@ -134,15 +134,11 @@ impl MailerLite {
             request = request.json(body);
         }
         let response = http.send(operation, request)?;
-        response.check_common(response_message)?;
-        match response.status {
-            200..=299 => Ok(Some(response.json()?)),
-            404 => Ok(None),
-            status => Err(ProviderError::Rejected(format!(
-                "HTTP {status}: {}",
-                response_message(&response)
-            ))),
+        if response.status == 404 {
+            return Ok(None);
         }
+        response.check(response_message)?;
+        Ok(Some(response.json()?))
     }
 
     /// A GET that must find something: a 404 means `base_url` points at no MailerLite API.
