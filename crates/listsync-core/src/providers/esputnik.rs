@@ -654,9 +654,7 @@ fn not_static(group: &Value) -> ProviderError {
 
 fn custom_fields(binding: &Binding) -> Map<String, Value> {
     binding
-        .remote
-        .get("custom_fields")
-        .and_then(Value::as_object)
+        .remote_object("custom_fields")
         .cloned()
         .unwrap_or_default()
 }
@@ -728,9 +726,7 @@ impl Provider for Esputnik {
         };
         binding.list_id = Some(list_id);
         binding.remote.insert("group_name".into(), json!(name));
-        binding
-            .remote
-            .insert("custom_fields".into(), Value::Object(custom));
+        binding.keep_remote("custom_fields", custom);
         Ok(())
     }
 

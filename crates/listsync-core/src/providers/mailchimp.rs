@@ -215,9 +215,7 @@ impl Mailchimp {
 
     fn tag_segments(binding: &Binding) -> Vec<i64> {
         binding
-            .remote
-            .get("tag_segments")
-            .and_then(Value::as_object)
+            .remote_object("tag_segments")
             .into_iter()
             .flatten()
             .filter_map(|(_, v)| v.as_i64())
@@ -376,12 +374,8 @@ impl Provider for Mailchimp {
             tag_segments.insert(tag.clone(), json!(id));
         }
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("merge_field_types".into(), Value::Object(types));
-        binding
-            .remote
-            .insert("tag_segments".into(), Value::Object(tag_segments));
+        binding.keep_remote("merge_field_types", types);
+        binding.keep_remote("tag_segments", tag_segments);
         Ok(())
     }
 
@@ -392,10 +386,7 @@ impl Provider for Mailchimp {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
-        let types = binding
-            .remote
-            .get("merge_field_types")
-            .and_then(Value::as_object);
+        let types = binding.remote_object("merge_field_types");
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(members.len());
         let body: Vec<Value> = members
             .iter()

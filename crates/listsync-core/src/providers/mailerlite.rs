@@ -513,9 +513,7 @@ impl Provider for MailerLite {
         )?;
         let group = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(group);
-        binding
-            .remote
-            .insert("field_types".into(), Value::Object(types));
+        binding.keep_remote("field_types", types);
         Ok(())
     }
 
@@ -526,7 +524,7 @@ impl Provider for MailerLite {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let group = list_group(binding)?;
-        let types = binding.remote.get("field_types").and_then(Value::as_object);
+        let types = binding.remote_object("field_types");
         let status_if_new = match binding.new_member_status {
             MemberStatus::Subscribed => "active",
             MemberStatus::Pending => "unconfirmed",

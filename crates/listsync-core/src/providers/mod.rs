@@ -156,6 +156,17 @@ pub struct Binding {
     pub remote: Map<String, Value>,
 }
 
+impl Binding {
+    /// An object `prepare` kept in `remote`; `None` before it ran.
+    pub fn remote_object(&self, key: &str) -> Option<&Map<String, Value>> {
+        self.remote.get(key).and_then(Value::as_object)
+    }
+
+    pub fn keep_remote(&mut self, key: &str, object: Map<String, Value>) {
+        self.remote.insert(key.to_string(), Value::Object(object));
+    }
+}
+
 /// One address to add, update or remove.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {

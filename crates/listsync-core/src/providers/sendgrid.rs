@@ -367,9 +367,7 @@ struct Fields {
 impl Fields {
     fn of(binding: &Binding) -> Fields {
         let custom = binding
-            .remote
-            .get("custom_fields")
-            .and_then(Value::as_object)
+            .remote_object("custom_fields")
             .into_iter()
             .flatten()
             .filter_map(|(name, f)| {
@@ -1056,9 +1054,7 @@ impl Provider for SendGrid {
         }
         let list = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("custom_fields".into(), Value::Object(used_custom));
+        binding.keep_remote("custom_fields", used_custom);
         binding
             .remote
             .insert("reserved_fields".into(), Value::Array(used_reserved));

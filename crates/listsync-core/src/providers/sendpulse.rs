@@ -587,10 +587,7 @@ impl SendPulse {
         members: &[&Member],
         confirm: bool,
     ) -> Result<std::result::Result<(), ApiError>> {
-        let types = binding
-            .remote
-            .get("variable_types")
-            .and_then(Value::as_object);
+        let types = binding.remote_object("variable_types");
         let emails: Vec<Value> = members
             .iter()
             .map(|m| {
@@ -607,9 +604,7 @@ impl SendPulse {
             .collect();
         let mut body = json!({"emails": emails});
         let tags: Vec<Value> = binding
-            .remote
-            .get("tag_ids")
-            .and_then(Value::as_object)
+            .remote_object("tag_ids")
             .into_iter()
             .flatten()
             .map(|(_, id)| id.clone())
@@ -813,10 +808,8 @@ impl Provider for SendPulse {
             self.resolve_tags(http, &binding.tags)?
         };
         binding.list_id = Some(book);
-        binding
-            .remote
-            .insert("variable_types".into(), Value::Object(types));
-        binding.remote.insert("tag_ids".into(), Value::Object(tags));
+        binding.keep_remote("variable_types", types);
+        binding.keep_remote("tag_ids", tags);
         Ok(())
     }
 

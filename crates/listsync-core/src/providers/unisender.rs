@@ -277,7 +277,7 @@ impl Unisender {
         member: &Member,
         already_active: bool,
     ) -> Result<Outcome> {
-        let types = field_types(binding);
+        let types = binding.remote_object("field_types");
         let mut params = vec![
             ("list_ids".to_string(), list.to_string()),
             ("fields[email]".into(), member.address.clone()),
@@ -477,10 +477,6 @@ fn list_id(binding: &Binding) -> Result<&str> {
     kit::list_id(binding, "Unisender list")
 }
 
-fn field_types(binding: &Binding) -> Option<&Map<String, Value>> {
-    binding.remote.get("field_types").and_then(Value::as_object)
-}
-
 fn kind<'a>(types: Option<&'a Map<String, Value>>, name: &str) -> Option<&'a str> {
     types.and_then(|t| t.get(name)).and_then(Value::as_str)
 }
@@ -559,9 +555,7 @@ impl Provider for Unisender {
             types.keys().map(String::as_str),
         )?;
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("field_types".into(), Value::Object(types));
+        binding.keep_remote("field_types", types);
         Ok(())
     }
 
@@ -602,7 +596,7 @@ impl Provider for Unisender {
             }
         }
 
-        let types = field_types(binding);
+        let types = binding.remote_object("field_types");
         let mut columns = vec!["email".to_string(), "email_list_ids".to_string()];
         if !binding.tags.is_empty() {
             columns.push("tags".into());

@@ -307,9 +307,7 @@ fn list_group(binding: &Binding) -> Result<String> {
 
 fn tag_groups(binding: &Binding) -> Vec<String> {
     binding
-        .remote
-        .get("tag_groups")
-        .and_then(Value::as_object)
+        .remote_object("tag_groups")
         .into_iter()
         .flatten()
         .filter_map(|(_, v)| v.as_str().map(str::to_string))
@@ -363,9 +361,7 @@ impl Provider for GoogleContacts {
             tags.insert(tag.clone(), json!(rn));
         }
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("tag_groups".into(), Value::Object(tags));
+        binding.keep_remote("tag_groups", tags);
         Ok(())
     }
 
