@@ -3,7 +3,7 @@
 //! itself (`Provider::erase`, in `mod.rs`) deletes every contact holding the address.
 
 use super::fields::{client_data, contact_fields, memberships};
-use super::{CREATED_KEY, GoogleContacts, MY_CONTACTS, list_group, tag_groups};
+use super::{CREATED_KEY, GoogleContacts, MY_CONTACTS, distinct, list_group, tag_groups};
 use crate::http::{Http, Result};
 use crate::providers::{Binding, Member, Outcome};
 use std::collections::BTreeSet;
@@ -16,13 +16,7 @@ impl GoogleContacts {
         group: &str,
         names: &[Option<String>],
     ) -> Result<Vec<Outcome>> {
-        let leaving: Vec<String> = names
-            .iter()
-            .flatten()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let leaving = distinct(names.iter().flatten());
         let (_, kept) = if leaving.is_empty() {
             Default::default()
         } else {

@@ -314,6 +314,12 @@ fn tag_groups(binding: &Binding) -> Vec<String> {
         .collect()
 }
 
+/// The names, each once, sorted.
+fn distinct<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let names: BTreeSet<&String> = names.into_iter().collect();
+    names.into_iter().cloned().collect()
+}
+
 fn member(remote_id: String) -> Outcome {
     Outcome::Member {
         status: MemberStatus::Subscribed,
@@ -415,14 +421,7 @@ impl Provider for GoogleContacts {
                 people
             })
             .collect();
-        let all: Vec<String> = holders
-            .iter()
-            .flatten()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let failed = self.delete(http, &all)?;
+        let failed = self.delete(http, &distinct(holders.iter().flatten()))?;
         Ok(holders
             .iter()
             .map(|people| Outcome::removed_unless(people.iter().find_map(|p| failed.get(p))))
