@@ -534,14 +534,10 @@ impl Esputnik {
                 }
                 match &import {
                     Import::Failed(message) => Outcome::retry(message.clone()),
-                    Import::Finished(ids) => Outcome::Member {
-                        status,
-                        remote_id: ids.get(&address).map(i64::to_string),
-                    },
-                    Import::Running => Outcome::Member {
-                        status,
-                        remote_id: None,
-                    },
+                    Import::Finished(ids) => {
+                        Outcome::member(status, ids.get(&address).map(i64::to_string))
+                    }
+                    Import::Running => Outcome::member(status, None),
                 }
             })
             .collect())
@@ -625,14 +621,10 @@ impl Esputnik {
                     self.brand
                 ),
             },
-            Some("SUBSCRIBED" | "ALREADY_SUBSCRIBED") => Outcome::Member {
-                status: MemberStatus::Subscribed,
-                remote_id,
-            },
-            _ => Outcome::Member {
-                status: MemberStatus::Pending,
-                remote_id,
-            },
+            Some("SUBSCRIBED" | "ALREADY_SUBSCRIBED") => {
+                Outcome::member(MemberStatus::Subscribed, remote_id)
+            }
+            _ => Outcome::member(MemberStatus::Pending, remote_id),
         })
     }
 }

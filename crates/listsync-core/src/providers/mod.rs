@@ -203,6 +203,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub fn member(status: MemberStatus, remote_id: Option<String>) -> Outcome {
+        Outcome::Member { status, remote_id }
+    }
+
     pub fn failed(message: impl Into<String>) -> Outcome {
         Outcome::Failed {
             message: message.into(),

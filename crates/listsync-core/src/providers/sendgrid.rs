@@ -797,10 +797,7 @@ impl SendGrid {
             self.jobs.remove(&digest);
         }
         let every = match state {
-            Job::Completed => Outcome::Member {
-                status: MemberStatus::Subscribed,
-                remote_id: None,
-            },
+            Job::Completed => Outcome::member(MemberStatus::Subscribed, None),
             Job::Failed(message) => Outcome::Failed { message },
             Job::Pending => Outcome::Retry {
                 message: format!("SendGrid's import job {job} is still pending"),
@@ -818,10 +815,7 @@ impl SendGrid {
                         let address = members[*index].address.to_lowercase();
                         outcomes[*index] = Some(match search.found.get(&address) {
                             Some(found) if found.list_ids.iter().any(|l| l == list) => {
-                                Outcome::Member {
-                                    status: MemberStatus::Subscribed,
-                                    remote_id: Some(found.id.clone()),
-                                }
+                                Outcome::member(MemberStatus::Subscribed, Some(found.id.clone()))
                             }
                             _ => Outcome::Failed {
                                 message: format!(

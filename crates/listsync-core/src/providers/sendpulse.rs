@@ -694,14 +694,8 @@ impl SendPulse {
                     return Outcome::Failed { message };
                 }
                 match states.get(&m.address) {
-                    Some(BookState::Absent) | None => Outcome::Member {
-                        status: binding.new_member_status,
-                        remote_id: None,
-                    },
-                    Some(BookState::Receiving(status)) => Outcome::Member {
-                        status: *status,
-                        remote_id: None,
-                    },
+                    Some(BookState::Absent) | None => Outcome::member(binding.new_member_status, None),
+                    Some(BookState::Receiving(status)) => Outcome::member(*status, None),
                     Some(BookState::Refused(status, explain)) => Outcome::Refused {
                         status: *status,
                         message: format!(

@@ -624,10 +624,7 @@ impl Provider for Unisender {
         for (row, (i, status)) in imports.iter().enumerate() {
             outcomes[*i] = Some(match problems.get(&row) {
                 Some(message) => Outcome::failed(message),
-                None => Outcome::Member {
-                    status: *status,
-                    remote_id: None,
-                },
+                None => Outcome::member(*status, None),
             });
         }
         Ok(outcomes

@@ -233,10 +233,7 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let ok = Outcome::Member {
-            status: binding.new_member_status,
-            remote_id: None,
-        };
+        let ok = Outcome::member(binding.new_member_status, None);
         self.deliver(http, binding, "upsert members", members, ok, |m| {
             json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
                    "status_if_new": binding.new_member_status.as_str()})

@@ -321,10 +321,7 @@ fn distinct<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
 }
 
 fn member(remote_id: String) -> Outcome {
-    Outcome::Member {
-        status: MemberStatus::Subscribed,
-        remote_id: Some(remote_id),
-    }
+    Outcome::member(MemberStatus::Subscribed, Some(remote_id))
 }
 
 impl Provider for GoogleContacts {
