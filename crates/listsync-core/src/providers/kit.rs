@@ -2,6 +2,7 @@
 
 use super::Binding;
 use crate::http::{Http, ProviderError, Request, Response, Result, transient};
+use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -108,6 +109,22 @@ pub fn unknown_field<'a>(
     ProviderError::Binding(format!(
         "field {field} does not exist at {provider} (fields: {known})"
     ))
+}
+
+/// A member's mapped fields, each converted as the provider's type for it asks; `types` maps
+/// field names to those types, as `prepare` kept them.
+pub fn typed_fields(
+    fields: &Map<String, Value>,
+    types: Option<&Map<String, Value>>,
+    convert: fn(&Value, Option<&str>) -> Value,
+) -> Map<String, Value> {
+    fields
+        .iter()
+        .map(|(name, value)| {
+            let kind = types.and_then(|t| t.get(name)).and_then(Value::as_str);
+            (name.clone(), convert(value, kind))
+        })
+        .collect()
 }
 
 /// Renew an OAuth access token this long before it expires. Google renewed a minute early,

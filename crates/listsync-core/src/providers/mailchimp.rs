@@ -391,16 +391,7 @@ impl Provider for Mailchimp {
         let body: Vec<Value> = members
             .iter()
             .map(|m| {
-                let merge_fields: Map<String, Value> = m
-                    .fields
-                    .iter()
-                    .map(|(tag, v)| {
-                        (
-                            tag.clone(),
-                            merge_value(v, types.and_then(|t| t.get(tag)).and_then(Value::as_str)),
-                        )
-                    })
-                    .collect();
+                let merge_fields = kit::typed_fields(&m.fields, types, merge_value);
                 json!({
                     "email_address": m.address,
                     "status_if_new": binding.new_member_status.as_str(),

@@ -550,14 +550,7 @@ impl Provider for MailerLite {
                     },
                     Found::Missing => Some(status_if_new),
                 };
-                let fields: Map<String, Value> = member
-                    .fields
-                    .iter()
-                    .map(|(key, value)| {
-                        let kind = types.and_then(|t| t.get(key)).and_then(Value::as_str);
-                        (key.clone(), field_value(value, kind))
-                    })
-                    .collect();
+                let fields = kit::typed_fields(&member.fields, types, field_value);
                 let mut body =
                     json!({"email": member.address, "fields": fields, "groups": [group]});
                 if let Some(status) = status {

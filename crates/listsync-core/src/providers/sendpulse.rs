@@ -591,14 +591,7 @@ impl SendPulse {
         let emails: Vec<Value> = members
             .iter()
             .map(|m| {
-                let variables: Map<String, Value> = m
-                    .fields
-                    .iter()
-                    .map(|(name, value)| {
-                        let kind = types.and_then(|t| t.get(name)).and_then(Value::as_str);
-                        (name.clone(), variable_value(value, kind))
-                    })
-                    .collect();
+                let variables = kit::typed_fields(&m.fields, types, variable_value);
                 json!({"email": m.address, "variables": variables})
             })
             .collect();
