@@ -717,9 +717,7 @@ impl SendPulse {
         let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
         match self.with_body(http, operation, method, path, &json!({"emails": addresses}))? {
             Ok(_) => {}
-            Err(e) if e.code == Some(BOOK_NOT_FOUND) || e.status == 404 => {
-                return Err(Self::book_gone(book));
-            }
+            Err(e) if e.book_missing() => return Err(Self::book_gone(book)),
             Err(e) if e.address_missing() || e.message.to_lowercase().contains("active emails") => {
             }
             Err(e) => return Err(e.rejected()),
