@@ -198,6 +198,20 @@ impl Response {
             _ => Ok(()),
         }
     }
+
+    /// [`check_common`](Self::check_common), and any other unsuccessful status is the
+    /// provider's refusal for good.
+    pub fn check(&self, message: impl Fn(&Response) -> String) -> Result<()> {
+        self.check_common(&message)?;
+        if self.is_success() {
+            return Ok(());
+        }
+        Err(ProviderError::Rejected(format!(
+            "HTTP {}: {}",
+            self.status,
+            message(self)
+        )))
+    }
 }
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT` → seconds since the epoch.

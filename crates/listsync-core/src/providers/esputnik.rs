@@ -17,9 +17,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec,
 };
-use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode,
-};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
@@ -170,9 +168,7 @@ fn refusal(error: &str) -> Outcome {
             status,
             message: error.to_string(),
         },
-        None => Outcome::Failed {
-            message: error.to_string(),
-        },
+        None => Outcome::failed(error.to_string()),
     }
 }
 
@@ -537,18 +533,11 @@ impl Esputnik {
                     return refusal(error);
                 }
                 match &import {
-                    Import::Failed(message) => Outcome::Retry {
-                        message: message.clone(),
-                        retry_after: None,
-                    },
-                    Import::Finished(ids) => Outcome::Member {
-                        status,
-                        remote_id: ids.get(&address).map(i64::to_string),
-                    },
-                    Import::Running => Outcome::Member {
-                        status,
-                        remote_id: None,
-                    },
+                    Import::Failed(message) => Outcome::retry(message.clone()),
+                    Import::Finished(ids) => {
+                        Outcome::member(status, ids.get(&address).map(i64::to_string))
+                    }
+                    Import::Running => Outcome::member(status, None),
                 }
             })
             .collect())
@@ -632,14 +621,10 @@ impl Esputnik {
                     self.brand
                 ),
             },
-            Some("SUBSCRIBED" | "ALREADY_SUBSCRIBED") => Outcome::Member {
-                status: MemberStatus::Subscribed,
-                remote_id,
-            },
-            _ => Outcome::Member {
-                status: MemberStatus::Pending,
-                remote_id,
-            },
+            Some("SUBSCRIBED" | "ALREADY_SUBSCRIBED") => {
+                Outcome::member(MemberStatus::Subscribed, remote_id)
+            }
+            _ => Outcome::member(MemberStatus::Pending, remote_id),
         })
     }
 }
@@ -661,9 +646,7 @@ fn not_static(group: &Value) -> ProviderError {
 
 fn custom_fields(binding: &Binding) -> Map<String, Value> {
     binding
-        .remote
-        .get("custom_fields")
-        .and_then(Value::as_object)
+        .remote_object("custom_fields")
         .cloned()
         .unwrap_or_default()
 }
@@ -679,15 +662,8 @@ fn rejected(response: &Response) -> ProviderError {
 
 impl Provider for Esputnik {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: IMPORT_BATCH,
-            remove_batch: DETACH_BATCH,
-            // Contact writes are limited to 200 requests per second per account.
-            rate: Some(RateLimit {
-                per_second: 200.0,
-                burst: 20.0,
-            }),
-        }
+        // Contact writes are limited to 200 requests per second per account.
+        Limits::batches(IMPORT_BATCH, DETACH_BATCH).paced(200.0, 20.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -742,9 +718,7 @@ impl Provider for Esputnik {
         };
         binding.list_id = Some(list_id);
         binding.remote.insert("group_name".into(), json!(name));
-        binding
-            .remote
-            .insert("custom_fields".into(), Value::Object(custom));
+        binding.keep_remote("custom_fields", custom);
         Ok(())
     }
 
@@ -809,12 +783,9 @@ impl Provider for Esputnik {
             by_address.insert(&member.address, outcome);
         }
         outcomes.extend(members.iter().map(|m| {
-            by_address
-                .remove(m.address.as_str())
-                .unwrap_or(Outcome::Retry {
-                    message: format!("{} did not report this contact", self.brand),
-                    retry_after: None,
-                })
+            by_address.remove(m.address.as_str()).unwrap_or_else(|| {
+                Outcome::retry(format!("{} did not report this contact", self.brand))
+            })
         }));
         Ok(outcomes)
     }

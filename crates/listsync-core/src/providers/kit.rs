@@ -1,7 +1,8 @@
 //! Plumbing every provider shares, so that a provider's file holds only its API's facts.
 
 use super::Binding;
-use crate::http::{Http, ProviderError, Request, Response, Result};
+use crate::http::{Http, ProviderError, Request, Response, Result, transient};
+use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -110,6 +111,22 @@ pub fn unknown_field<'a>(
     ))
 }
 
+/// A member's mapped fields, each converted as the provider's type for it asks; `types` maps
+/// field names to those types, as `prepare` kept them.
+pub fn typed_fields(
+    fields: &Map<String, Value>,
+    types: Option<&Map<String, Value>>,
+    convert: fn(&Value, Option<&str>) -> Value,
+) -> Map<String, Value> {
+    fields
+        .iter()
+        .map(|(name, value)| {
+            let kind = types.and_then(|t| t.get(name)).and_then(Value::as_str);
+            (name.clone(), convert(value, kind))
+        })
+        .collect()
+}
+
 /// Renew an OAuth access token this long before it expires. Google renewed a minute early,
 /// SendPulse five minutes (its PHP SDK's margin); the larger one wins because a call may wait
 /// behind the rate limiter and the engine's backoff for minutes after it took the token, and
@@ -120,6 +137,28 @@ const RENEW_BEFORE: Duration = Duration::from_secs(300);
 pub struct IssuedToken {
     pub value: String,
     pub lifetime: Duration,
+}
+
+impl IssuedToken {
+    /// The token of a successful OAuth token answer (`access_token`, `expires_in`), living
+    /// `default_lifetime` when the answer does not say; an answer without one is transient.
+    pub fn from_answer(
+        response: &Response,
+        default_lifetime: Duration,
+        missing: &str,
+    ) -> Result<IssuedToken> {
+        let body = response.json()?;
+        let value = body["access_token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| transient(missing))?;
+        Ok(IssuedToken {
+            value: value.to_string(),
+            lifetime: body["expires_in"]
+                .as_u64()
+                .map_or(default_lifetime, Duration::from_secs),
+        })
+    }
 }
 
 /// An OAuth access token, reused until shortly before it expires.

@@ -99,16 +99,17 @@ impl Mailchimp {
     /// any other error → Rejected with Mailchimp's own words.
     fn call(&self, http: &mut Http, operation: &str, request: Request) -> Result<Option<Value>> {
         let response = http.send(operation, request)?;
-        response.check_common(problem)?;
-        match response.status {
-            200..=299 => Ok(Some(response.json()?)),
-            404 => Ok(None),
-            _ => Err(ProviderError::Rejected(format!(
-                "HTTP {}: {}",
-                response.status,
-                problem(&response)
-            ))),
+        if response.status == 404 {
+            return Ok(None);
         }
+        response.check(problem)?;
+        Ok(Some(response.json()?))
+    }
+
+    /// [`call`](Self::call) where a 404 means the audience itself is gone.
+    fn in_audience(&self, http: &mut Http, operation: &str, request: Request) -> Result<Value> {
+        self.call(http, operation, request)?
+            .ok_or_else(|| self.audience_missing())
     }
 
     fn segments_path(&self) -> String {
@@ -124,9 +125,7 @@ impl Mailchimp {
                 "{}?type=static&count=1000&offset={offset}",
                 self.segments_path()
             );
-            let page = self
-                .call(http, "list tags", self.request(Method::Get, &path))?
-                .ok_or_else(|| self.audience_missing())?;
+            let page = self.in_audience(http, "list tags", self.request(Method::Get, &path))?;
             let items = page["segments"].as_array().cloned().unwrap_or_default();
             for segment in &items {
                 if let (Some(name), Some(id)) = (segment["name"].as_str(), segment["id"].as_i64()) {
@@ -144,9 +143,7 @@ impl Mailchimp {
         let request = self
             .request(Method::Post, &self.segments_path())
             .json(&json!({"name": name, "static_segment": []}));
-        let created = self
-            .call(http, "create tag", request)?
-            .ok_or_else(|| self.audience_missing())?;
+        let created = self.in_audience(http, "create tag", request)?;
         created["id"].as_i64().ok_or_else(|| {
             ProviderError::Rejected(format!(
                 "Mailchimp returned no segment id for tag \"{name}\""
@@ -209,8 +206,7 @@ impl Mailchimp {
         let request = self
             .request(Method::Post, &format!("/lists/{}", self.audience))
             .json(&json!({"members": members, "update_existing": true}));
-        self.call(http, operation, request)?
-            .ok_or_else(|| self.audience_missing())
+        self.in_audience(http, operation, request)
     }
 
     fn list_segment(binding: &Binding) -> Result<i64> {
@@ -219,9 +215,7 @@ impl Mailchimp {
 
     fn tag_segments(binding: &Binding) -> Vec<i64> {
         binding
-            .remote
-            .get("tag_segments")
-            .and_then(Value::as_object)
+            .remote_object("tag_segments")
             .into_iter()
             .flatten()
             .filter_map(|(_, v)| v.as_i64())
@@ -242,9 +236,7 @@ impl Mailchimp {
             response.check_common(problem)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                _ => Outcome::Failed {
-                    message: format!("HTTP {}: {}", response.status, problem(&response)),
-                },
+                _ => Outcome::failed(format!("HTTP {}: {}", response.status, problem(&response))),
             });
         }
         Ok(outcomes)
@@ -337,24 +329,15 @@ impl Provider for Mailchimp {
     fn limits(&self) -> Limits {
         // Mailchimp limits simultaneous connections (10), not the request rate; the worker
         // makes one call at a time per connection (one delivery thread each).
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: None,
-        }
+        Limits::batches(BATCH, BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
         let ping = self
             .call(http, "ping", self.request(Method::Get, "/ping"))?
             .unwrap_or(Value::Null);
-        let audience = self
-            .call(
-                http,
-                "get audience",
-                self.request(Method::Get, &format!("/lists/{}", self.audience)),
-            )?
-            .ok_or_else(|| self.audience_missing())?;
+        let path = format!("/lists/{}", self.audience);
+        let audience = self.in_audience(http, "get audience", self.request(Method::Get, &path))?;
         Ok(json!({
             "provider": "mailchimp",
             "health": ping["health_status"],
@@ -363,16 +346,9 @@ impl Provider for Mailchimp {
     }
 
     fn prepare(&mut self, http: &mut Http, binding: &mut Binding) -> Result<()> {
-        let merge_fields = self
-            .call(
-                http,
-                "list merge fields",
-                self.request(
-                    Method::Get,
-                    &format!("/lists/{}/merge-fields?count=1000", self.audience),
-                ),
-            )?
-            .ok_or_else(|| self.audience_missing())?;
+        let path = format!("/lists/{}/merge-fields?count=1000", self.audience);
+        let merge_fields =
+            self.in_audience(http, "list merge fields", self.request(Method::Get, &path))?;
         let types: Map<String, Value> = merge_fields["merge_fields"]
             .as_array()
             .into_iter()
@@ -398,12 +374,8 @@ impl Provider for Mailchimp {
             tag_segments.insert(tag.clone(), json!(id));
         }
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("merge_field_types".into(), Value::Object(types));
-        binding
-            .remote
-            .insert("tag_segments".into(), Value::Object(tag_segments));
+        binding.keep_remote("merge_field_types", types);
+        binding.keep_remote("tag_segments", tag_segments);
         Ok(())
     }
 
@@ -414,24 +386,12 @@ impl Provider for Mailchimp {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
-        let types = binding
-            .remote
-            .get("merge_field_types")
-            .and_then(Value::as_object);
+        let types = binding.remote_object("merge_field_types");
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(members.len());
         let body: Vec<Value> = members
             .iter()
             .map(|m| {
-                let merge_fields: Map<String, Value> = m
-                    .fields
-                    .iter()
-                    .map(|(tag, v)| {
-                        (
-                            tag.clone(),
-                            merge_value(v, types.and_then(|t| t.get(tag)).and_then(Value::as_str)),
-                        )
-                    })
-                    .collect();
+                let merge_fields = kit::typed_fields(&m.fields, types, merge_value);
                 json!({
                     "email_address": m.address,
                     "status_if_new": binding.new_member_status.as_str(),
@@ -492,14 +452,11 @@ impl Provider for Mailchimp {
                 by_address.remove(&member.address),
                 untagged.get(&member.address),
             ) {
-                (Some(Outcome::Member { .. }), Some(message)) => Outcome::Failed {
-                    message: format!("could not be tagged: {message}"),
-                },
+                (Some(Outcome::Member { .. }), Some(message)) => {
+                    Outcome::failed(format!("could not be tagged: {message}"))
+                }
                 (Some(outcome), _) => outcome,
-                (None, _) => Outcome::Retry {
-                    message: "Mailchimp did not report this member".into(),
-                    retry_after: None,
-                },
+                (None, _) => Outcome::retry("Mailchimp did not report this member"),
             };
             outcomes.push(outcome);
         }
@@ -515,8 +472,6 @@ impl Provider for Mailchimp {
     ) -> Result<Vec<Outcome>> {
         let segment = Self::list_segment(binding)?;
         let audience = self.audience.clone();
-        let mut outcomes = Vec::with_capacity(members.len());
-        let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
         match action {
             LeaveAction::Remove | LeaveAction::Unsubscribe => {
                 if action == LeaveAction::Unsubscribe {
@@ -526,18 +481,16 @@ impl Provider for Mailchimp {
                         .collect();
                     self.batch_subscribe(http, "unsubscribe members", body)?;
                 }
+                let addresses: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
                 // Addresses the segment no longer holds are what we wanted: removed.
                 self.update_segment(http, segment, &[], &addresses)?;
-                outcomes.extend(members.iter().map(|_| Outcome::Removed));
+                Ok(vec![Outcome::Removed; members.len()])
             }
-            LeaveAction::Archive => {
-                outcomes.extend(self.each_member(http, "archive member", members, |hash| {
-                    self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
-                })?)
-            }
-            LeaveAction::Delete => outcomes.extend(self.erase(http, binding, members)?),
+            LeaveAction::Archive => self.each_member(http, "archive member", members, |hash| {
+                self.request(Method::Delete, &format!("/lists/{audience}/members/{hash}"))
+            }),
+            LeaveAction::Delete => self.erase(http, binding, members),
         }
-        Ok(outcomes)
     }
 
     fn erase(

@@ -17,7 +17,7 @@ use super::{
     Outcome, Provider, Spec, chunks, kit,
 };
 use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
 };
 use serde_json::{Map, Value, json};
 
@@ -134,15 +134,11 @@ impl MailerLite {
             request = request.json(body);
         }
         let response = http.send(operation, request)?;
-        response.check_common(response_message)?;
-        match response.status {
-            200..=299 => Ok(Some(response.json()?)),
-            404 => Ok(None),
-            status => Err(ProviderError::Rejected(format!(
-                "HTTP {status}: {}",
-                response_message(&response)
-            ))),
+        if response.status == 404 {
+            return Ok(None);
         }
+        response.check(response_message)?;
+        Ok(Some(response.json()?))
     }
 
     /// A GET that must find something: a 404 means `base_url` points at no MailerLite API.
@@ -226,12 +222,9 @@ impl MailerLite {
                         id: id.to_string(),
                         status: status.to_string(),
                     },
-                    _ => Found::Failed(Outcome::Retry {
-                        message:
-                            "MailerLite answered a lookup without the subscriber's id and status"
-                                .into(),
-                        retry_after: None,
-                    }),
+                    _ => Found::Failed(Outcome::retry(
+                        "MailerLite answered a lookup without the subscriber's id and status",
+                    )),
                 },
                 404 => Found::Missing,
                 _ => Found::Failed(item_failure(answer)),
@@ -444,10 +437,7 @@ fn response_message(response: &Response) -> String {
 fn item_failure(answer: &SubAnswer) -> Outcome {
     let message = format!("HTTP {}: {}", answer.code, describe(&answer.body));
     match answer.code {
-        0 | 408 | 425 | 429 | 500..=599 => Outcome::Retry {
-            message,
-            retry_after: None,
-        },
+        0 | 408 | 425 | 429 | 500..=599 => Outcome::retry(message),
         _ => Outcome::Failed { message },
     }
 }
@@ -505,15 +495,8 @@ fn field_value(value: &Value, kind: Option<&str>) -> Value {
 
 impl Provider for MailerLite {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            // 120 requests per minute per account.
-            rate: Some(RateLimit {
-                per_second: 2.0,
-                burst: 10.0,
-            }),
-        }
+        // 120 requests per minute per account.
+        Limits::batches(BATCH, BATCH).paced(2.0, 10.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -530,9 +513,7 @@ impl Provider for MailerLite {
         )?;
         let group = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(group);
-        binding
-            .remote
-            .insert("field_types".into(), Value::Object(types));
+        binding.keep_remote("field_types", types);
         Ok(())
     }
 
@@ -543,7 +524,7 @@ impl Provider for MailerLite {
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
         let group = list_group(binding)?;
-        let types = binding.remote.get("field_types").and_then(Value::as_object);
+        let types = binding.remote_object("field_types");
         let status_if_new = match binding.new_member_status {
             MemberStatus::Subscribed => "active",
             MemberStatus::Pending => "unconfirmed",
@@ -569,14 +550,7 @@ impl Provider for MailerLite {
                     },
                     Found::Missing => Some(status_if_new),
                 };
-                let fields: Map<String, Value> = member
-                    .fields
-                    .iter()
-                    .map(|(key, value)| {
-                        let kind = types.and_then(|t| t.get(key)).and_then(Value::as_str);
-                        (key.clone(), field_value(value, kind))
-                    })
-                    .collect();
+                let fields = kit::typed_fields(&member.fields, types, field_value);
                 let mut body =
                     json!({"email": member.address, "fields": fields, "groups": [group]});
                 if let Some(status) = status {
@@ -597,9 +571,8 @@ impl Provider for MailerLite {
                 }
             }
             outcomes.extend(slots.into_iter().map(|slot| {
-                slot.unwrap_or_else(|| Outcome::Retry {
-                    message: "MailerLite did not answer for this subscriber".into(),
-                    retry_after: None,
+                slot.unwrap_or_else(|| {
+                    Outcome::retry("MailerLite did not answer for this subscriber")
                 })
             }));
         }

@@ -156,6 +156,17 @@ pub struct Binding {
     pub remote: Map<String, Value>,
 }
 
+impl Binding {
+    /// An object `prepare` kept in `remote`; `None` before it ran.
+    pub fn remote_object(&self, key: &str) -> Option<&Map<String, Value>> {
+        self.remote.get(key).and_then(Value::as_object)
+    }
+
+    pub fn keep_remote(&mut self, key: &str, object: Map<String, Value>) {
+        self.remote.insert(key.to_string(), Value::Object(object));
+    }
+}
+
 /// One address to add, update or remove.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -191,6 +202,31 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    pub fn member(status: MemberStatus, remote_id: Option<String>) -> Outcome {
+        Outcome::Member { status, remote_id }
+    }
+
+    pub fn failed(message: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            message: message.into(),
+        }
+    }
+
+    /// A retry after the engine's own backoff: the provider named no time.
+    pub fn retry(message: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// `Removed`, unless the provider reported a failure for the member.
+    pub fn removed_unless(failure: Option<impl Into<String>>) -> Outcome {
+        failure.map_or(Outcome::Removed, Outcome::failed)
+    }
+}
+
 /// A provider's documented limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -200,6 +236,25 @@ pub struct Limits {
     pub remove_batch: usize,
     /// Request rate for one account.
     pub rate: Option<RateLimit>,
+}
+
+impl Limits {
+    /// Batch sizes and no request rate: the provider publishes none, or limits something else.
+    pub fn batches(upsert_batch: usize, remove_batch: usize) -> Limits {
+        Limits {
+            upsert_batch,
+            remove_batch,
+            rate: None,
+        }
+    }
+
+    /// Paced to `per_second` requests on average, `burst` at once.
+    pub fn paced(self, per_second: f64, burst: f64) -> Limits {
+        Limits {
+            rate: Some(RateLimit { per_second, burst }),
+            ..self
+        }
+    }
 }
 
 pub trait Provider: Send {

@@ -367,9 +367,7 @@ struct Fields {
 impl Fields {
     fn of(binding: &Binding) -> Fields {
         let custom = binding
-            .remote
-            .get("custom_fields")
-            .and_then(Value::as_object)
+            .remote_object("custom_fields")
             .into_iter()
             .flatten()
             .filter_map(|(name, f)| {
@@ -496,16 +494,6 @@ fn upsert_requests(contacts: Vec<(usize, Value)>, max_bytes: usize) -> Vec<Vec<(
 fn settle(outcomes: &mut [Option<Outcome>], contacts: &[(usize, Value)], outcome: Outcome) {
     for (index, _) in contacts {
         outcomes[*index] = Some(outcome.clone());
-    }
-}
-
-/// A member SendGrid refused to handle, with its words, or else one that is gone.
-fn removed_unless(refusal: Option<&String>) -> Outcome {
-    match refusal {
-        Some(message) => Outcome::Failed {
-            message: message.clone(),
-        },
-        None => Outcome::Removed,
     }
 }
 
@@ -809,19 +797,13 @@ impl SendGrid {
             self.jobs.remove(&digest);
         }
         let every = match state {
-            Job::Completed => Outcome::Member {
-                status: MemberStatus::Subscribed,
-                remote_id: None,
-            },
+            Job::Completed => Outcome::member(MemberStatus::Subscribed, None),
             Job::Failed(message) => Outcome::Failed { message },
             Job::Pending => Outcome::Retry {
                 message: format!("SendGrid's import job {job} is still pending"),
                 retry_after: Some(PENDING_RETRY),
             },
-            Job::Unknown => Outcome::Retry {
-                message: format!("SendGrid no longer knows import job {job}"),
-                retry_after: None,
-            },
+            Job::Unknown => Outcome::retry(format!("SendGrid no longer knows import job {job}")),
             Job::Errored => {
                 for batch in contacts.chunks(SEARCH_BATCH) {
                     let addresses: Vec<&str> = batch
@@ -833,10 +815,7 @@ impl SendGrid {
                         let address = members[*index].address.to_lowercase();
                         outcomes[*index] = Some(match search.found.get(&address) {
                             Some(found) if found.list_ids.iter().any(|l| l == list) => {
-                                Outcome::Member {
-                                    status: MemberStatus::Subscribed,
-                                    remote_id: Some(found.id.clone()),
-                                }
+                                Outcome::member(MemberStatus::Subscribed, Some(found.id.clone()))
                             }
                             _ => Outcome::Failed {
                                 message: format!(
@@ -1008,11 +987,7 @@ impl Provider for SendGrid {
     fn limits(&self) -> Limits {
         // SendGrid limits each endpoint separately without publishing the numbers; its 429s
         // say when to come back (see `check`).
-        Limits {
-            upsert_batch: UPSERT_CONTACTS,
-            remove_batch: SEARCH_BATCH,
-            rate: None,
-        }
+        Limits::batches(UPSERT_CONTACTS, SEARCH_BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -1073,9 +1048,7 @@ impl Provider for SendGrid {
         }
         let list = kit::resolve_list(http, self, binding)?;
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("custom_fields".into(), Value::Object(used_custom));
+        binding.keep_remote("custom_fields", used_custom);
         binding
             .remote
             .insert("reserved_fields".into(), Value::Array(used_reserved));
@@ -1114,12 +1087,7 @@ impl Provider for SendGrid {
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| {
-                o.unwrap_or(Outcome::Retry {
-                    message: "SendGrid did not report this contact".into(),
-                    retry_after: None,
-                })
-            })
+            .map(|o| o.unwrap_or_else(|| Outcome::retry("SendGrid did not report this contact")))
             .collect())
     }
 
@@ -1156,7 +1124,7 @@ impl Provider for SendGrid {
         }
         Ok(members
             .iter()
-            .map(|m| removed_unless(search.invalid.get(&m.address.to_lowercase())))
+            .map(|m| Outcome::removed_unless(search.invalid.get(&m.address.to_lowercase())))
             .collect())
     }
 
@@ -1183,7 +1151,7 @@ impl Provider for SendGrid {
             .iter()
             .map(|m| {
                 let key = m.address.to_lowercase();
-                removed_unless(search.invalid.get(&key).or_else(|| failed.get(&key)))
+                Outcome::removed_unless(search.invalid.get(&key).or_else(|| failed.get(&key)))
             })
             .collect())
     }

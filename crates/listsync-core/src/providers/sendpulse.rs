@@ -17,7 +17,7 @@ use super::{
     Outcome, Provider, Spec, kit,
 };
 use crate::http::{
-    Http, Method, ProviderError, RateLimit, Request, Response, Result, percent_encode, transient,
+    Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
 };
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -168,15 +168,11 @@ fn exchange_credentials(
             describe(&response)
         )));
     }
-    let body = response.json()?;
-    let value = body["access_token"]
-        .as_str()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| transient("SendPulse's token answer has no access_token"))?;
-    Ok(IssuedToken {
-        value: value.to_string(),
-        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3600)),
-    })
+    IssuedToken::from_answer(
+        &response,
+        Duration::from_secs(3600),
+        "SendPulse's token answer has no access_token",
+    )
 }
 
 struct SendPulse {
@@ -379,14 +375,9 @@ impl SendPulse {
             let refused = body["result"] == Value::Bool(false)
                 || matches!(&body["is_error"], Value::Bool(true))
                 || body["is_error"].as_i64() == Some(1);
-            if refused {
-                return Ok(Err(ApiError {
-                    status: response.status,
-                    code: code_of(&body),
-                    message: message_of(&body, &response),
-                }));
+            if !refused {
+                return Ok(Ok(body));
             }
-            return Ok(Ok(body));
         }
         Ok(Err(ApiError {
             status: response.status,
@@ -596,29 +587,17 @@ impl SendPulse {
         members: &[&Member],
         confirm: bool,
     ) -> Result<std::result::Result<(), ApiError>> {
-        let types = binding
-            .remote
-            .get("variable_types")
-            .and_then(Value::as_object);
+        let types = binding.remote_object("variable_types");
         let emails: Vec<Value> = members
             .iter()
             .map(|m| {
-                let variables: Map<String, Value> = m
-                    .fields
-                    .iter()
-                    .map(|(name, value)| {
-                        let kind = types.and_then(|t| t.get(name)).and_then(Value::as_str);
-                        (name.clone(), variable_value(value, kind))
-                    })
-                    .collect();
+                let variables = kit::typed_fields(&m.fields, types, variable_value);
                 json!({"email": m.address, "variables": variables})
             })
             .collect();
         let mut body = json!({"emails": emails});
         let tags: Vec<Value> = binding
-            .remote
-            .get("tag_ids")
-            .and_then(Value::as_object)
+            .remote_object("tag_ids")
             .into_iter()
             .flatten()
             .map(|(_, id)| id.clone())
@@ -708,25 +687,17 @@ impl SendPulse {
                     return Outcome::Failed { message };
                 }
                 match states.get(&m.address) {
-                    Some(BookState::Absent) | None => Outcome::Member {
-                        status: binding.new_member_status,
-                        remote_id: None,
-                    },
-                    Some(BookState::Receiving(status)) => Outcome::Member {
-                        status: *status,
-                        remote_id: None,
-                    },
+                    Some(BookState::Absent) | None => Outcome::member(binding.new_member_status, None),
+                    Some(BookState::Receiving(status)) => Outcome::member(*status, None),
                     Some(BookState::Refused(status, explain)) => Outcome::Refused {
                         status: *status,
                         message: format!(
                             "the address is \"{explain}\" in SendPulse mailing list {book}"
                         ),
                     },
-                    Some(BookState::Unknown(explain)) => Outcome::Failed {
-                        message: format!(
-                            "SendPulse holds the address as \"{explain}\" in mailing list {book}; it is left as it is"
-                        ),
-                    },
+                    Some(BookState::Unknown(explain)) => Outcome::failed(format!(
+                        "SendPulse holds the address as \"{explain}\" in mailing list {book}; it is left as it is"
+                    )),
                 }
             })
             .collect())
@@ -746,14 +717,12 @@ impl SendPulse {
         let addresses: Vec<&str> = batch.iter().map(|m| m.address.as_str()).collect();
         match self.with_body(http, operation, method, path, &json!({"emails": addresses}))? {
             Ok(_) => {}
-            Err(e) if e.code == Some(BOOK_NOT_FOUND) || e.status == 404 => {
-                return Err(Self::book_gone(book));
-            }
+            Err(e) if e.book_missing() => return Err(Self::book_gone(book)),
             Err(e) if e.address_missing() || e.message.to_lowercase().contains("active emails") => {
             }
             Err(e) => return Err(e.rejected()),
         }
-        Ok(batch.iter().map(|_| Outcome::Removed).collect())
+        Ok(vec![Outcome::Removed; batch.len()])
     }
 
     /// `DELETE /emails/{email}`: the address leaves every mailing list of the account.
@@ -765,9 +734,7 @@ impl SendPulse {
             outcomes.push(match self.call(http, "delete contact", request)? {
                 Ok(_) => Outcome::Removed,
                 Err(e) if e.address_missing() || e.status == 404 => Outcome::Removed,
-                Err(e) => Outcome::Failed {
-                    message: e.describe(),
-                },
+                Err(e) => Outcome::failed(e.describe()),
             });
         }
         Ok(outcomes)
@@ -777,14 +744,7 @@ impl SendPulse {
 impl Provider for SendPulse {
     fn limits(&self) -> Limits {
         // SendPulse allows 10 requests per second per account; requests are spaced, not burst.
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: Some(RateLimit {
-                per_second: 10.0,
-                burst: 1.0,
-            }),
-        }
+        Limits::batches(BATCH, BATCH).paced(10.0, 1.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -833,10 +793,8 @@ impl Provider for SendPulse {
             self.resolve_tags(http, &binding.tags)?
         };
         binding.list_id = Some(book);
-        binding
-            .remote
-            .insert("variable_types".into(), Value::Object(types));
-        binding.remote.insert("tag_ids".into(), Value::Object(tags));
+        binding.keep_remote("variable_types", types);
+        binding.keep_remote("tag_ids", tags);
         Ok(())
     }
 
@@ -859,30 +817,19 @@ impl Provider for SendPulse {
     ) -> Result<Vec<Outcome>> {
         let book = Self::book_id(binding)?;
         let path = format!("/addressbooks/{book}/emails");
-        Ok(match action {
-            LeaveAction::Remove => self.remove_batch(
-                http,
-                book,
-                "remove contacts",
-                Method::Delete,
-                &path,
-                members,
-            )?,
-            LeaveAction::Unsubscribe => self.remove_batch(
-                http,
-                book,
-                "unsubscribe contacts",
-                Method::Post,
-                &format!("{path}/unsubscribe"),
-                members,
-            )?,
-            LeaveAction::Delete => self.delete_everywhere(http, members)?,
+        let (operation, method, path) = match action {
+            LeaveAction::Remove => ("remove contacts", Method::Delete, path),
+            LeaveAction::Unsubscribe => {
+                ("unsubscribe contacts", Method::Post, path + "/unsubscribe")
+            }
+            LeaveAction::Delete => return self.delete_everywhere(http, members),
             LeaveAction::Archive => {
                 return Err(ProviderError::Binding(
                     "SendPulse has no archive; use on_leave remove, unsubscribe or delete".into(),
                 ));
             }
-        })
+        };
+        self.remove_batch(http, book, operation, method, &path, members)
     }
 
     /// SendPulse has no erasure call: the closest is deleting the address from every mailing

@@ -17,7 +17,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, RateLimit, Request, Result, transient};
+use crate::http::{Http, Method, ProviderError, Request, Result, transient};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 
@@ -174,14 +174,9 @@ impl ApiError {
     /// A per-member failure: retried when temporary, a dead letter otherwise.
     fn outcome(&self) -> Outcome {
         if self.is_transient() {
-            Outcome::Retry {
-                message: self.text.clone(),
-                retry_after: None,
-            }
+            Outcome::retry(self.text.clone())
         } else {
-            Outcome::Failed {
-                message: self.text.clone(),
-            }
+            Outcome::failed(self.text.clone())
         }
     }
 }
@@ -235,14 +230,7 @@ impl Sendsay {
                     .and_then(|v| ApiError::of(&v))
                     .map_or_else(|| r.text_excerpt(), |e| e.text)
             };
-            response.check_common(described)?;
-            if !response.is_success() {
-                return Err(ProviderError::Rejected(format!(
-                    "HTTP {}: {}",
-                    response.status,
-                    described(&response)
-                )));
-            }
+            response.check(described)?;
             let answer = response.json()?;
             if let Some(target) = answer["REDIRECT"].as_str() {
                 // Only a path on the same host: the API key must not follow a redirect
@@ -368,7 +356,7 @@ impl Sendsay {
             operation,
             &json!({"action": "member.delete", "addr_type": "email", "list": addresses}),
         )?;
-        Ok(members.iter().map(|_| Outcome::Removed).collect())
+        Ok(vec![Outcome::Removed; members.len()])
     }
 }
 
@@ -425,14 +413,7 @@ impl Provider for Sendsay {
         // Sendsay's reference publishes no rate; integrators report 80 requests/s per account.
         // Batching makes a handful of calls per thousand members, so a quarter of that is
         // plenty and leaves room for the account's other integrations.
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: Some(RateLimit {
-                per_second: 20.0,
-                burst: 20.0,
-            }),
-        }
+        Limits::batches(BATCH, BATCH).paced(20.0, 20.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -554,10 +535,7 @@ impl Provider for Sendsay {
                         }
                     }
                     Some(Err(error)) => error.outcome(),
-                    None => Outcome::Retry {
-                        message: "Sendsay did not report this member".into(),
-                        retry_after: None,
-                    },
+                    None => Outcome::retry("Sendsay did not report this member"),
                 },
             });
         }

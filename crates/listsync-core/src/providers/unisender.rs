@@ -21,8 +21,9 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
     Outcome, Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, RateLimit, Request, Response, Result, transient};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub static SPEC: Spec = Spec {
@@ -152,18 +153,14 @@ impl Unisender {
         let request =
             Request::new(Method::Post, format!("{}/{method}?format=json", self.root)).form(&form);
         let response = http.send(operation, request)?;
-        response.check_common(error_text)?;
-        match response.status {
-            200..=299 => classify(&response.json()?),
-            404 => Err(ProviderError::Binding(format!(
+        if response.status == 404 {
+            return Err(ProviderError::Binding(format!(
                 "no Unisender API at {} (settings.base_url, settings.language?)",
                 self.root
-            ))),
-            status => Err(ProviderError::Rejected(format!(
-                "HTTP {status}: {}",
-                error_text(&response)
-            ))),
+            )));
         }
+        response.check(error_text)?;
+        classify(&response.json()?)
     }
 
     /// A call whose error answer is a failure of the whole operation.
@@ -263,9 +260,9 @@ impl Unisender {
                         .map(|l| l["status"].as_str().unwrap_or("active").to_string()),
                 },
                 Answer::Error { message, .. } if not_found(&message) => Contact::Missing,
-                Answer::Error { code, message } => Contact::Failed(Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                }),
+                Answer::Error { code, message } => {
+                    Contact::Failed(Outcome::failed(Answer::describe(&code, &message)))
+                }
             },
         )
     }
@@ -280,7 +277,7 @@ impl Unisender {
         member: &Member,
         already_active: bool,
     ) -> Result<Outcome> {
-        let types = field_types(binding);
+        let types = binding.remote_object("field_types");
         let mut params = vec![
             ("list_ids".to_string(), list.to_string()),
             ("fields[email]".into(), member.address.clone()),
@@ -306,9 +303,9 @@ impl Unisender {
                     },
                     remote_id: id_text(&result["person_id"]),
                 },
-                Answer::Error { code, message } => Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                },
+                Answer::Error { code, message } => {
+                    Outcome::failed(Answer::describe(&code, &message))
+                }
             },
         )
     }
@@ -320,7 +317,7 @@ impl Unisender {
         operation: &str,
         columns: &[String],
         rows: &[Vec<String>],
-    ) -> Result<Map<String, Value>> {
+    ) -> Result<HashMap<usize, String>> {
         let mut params: Vec<(String, String)> = columns
             .iter()
             .enumerate()
@@ -333,17 +330,16 @@ impl Unisender {
         }
         match self.call(http, operation, "importContacts", params)? {
             Answer::Result(result) => {
-                let mut problems = Map::new();
-                for entry in result["log"].as_array().into_iter().flatten() {
-                    if let Some(index) = entry["index"].as_u64() {
+                let log = result["log"].as_array().into_iter().flatten();
+                Ok(log
+                    .filter_map(|entry| {
                         let message = Answer::describe(
                             entry["code"].as_str().unwrap_or(""),
                             entry["message"].as_str().unwrap_or("rejected"),
                         );
-                        problems.insert(index.to_string(), Value::String(message));
-                    }
-                }
-                Ok(problems)
+                        Some((usize::try_from(entry["index"].as_u64()?).ok()?, message))
+                    })
+                    .collect())
             }
             // A column or list the account does not have: the binding needs attention.
             Answer::Error { code, message } if code == "invalid_arg" => {
@@ -369,14 +365,7 @@ impl Unisender {
                 .map(|m| vec![m.address.clone(), "1".into()])
                 .collect();
             let problems = self.import(http, operation, &columns, &rows)?;
-            outcomes.extend(
-                (0..batch.len()).map(|i| match problems.get(&i.to_string()) {
-                    Some(message) => Outcome::Failed {
-                        message: message.as_str().unwrap_or("rejected").to_string(),
-                    },
-                    None => Outcome::Removed,
-                }),
-            );
+            outcomes.extend((0..batch.len()).map(|i| Outcome::removed_unless(problems.get(&i))));
         }
         Ok(outcomes)
     }
@@ -399,9 +388,9 @@ impl Unisender {
             outcomes.push(match self.call(http, method, method, params)? {
                 Answer::Result(_) => Outcome::Removed,
                 Answer::Error { message, .. } if not_found(&message) => Outcome::Removed,
-                Answer::Error { code, message } => Outcome::Failed {
-                    message: Answer::describe(&code, &message),
-                },
+                Answer::Error { code, message } => {
+                    Outcome::failed(Answer::describe(&code, &message))
+                }
             });
         }
         Ok(outcomes)
@@ -488,10 +477,6 @@ fn list_id(binding: &Binding) -> Result<&str> {
     kit::list_id(binding, "Unisender list")
 }
 
-fn field_types(binding: &Binding) -> Option<&Map<String, Value>> {
-    binding.remote.get("field_types").and_then(Value::as_object)
-}
-
 fn kind<'a>(types: Option<&'a Map<String, Value>>, name: &str) -> Option<&'a str> {
     types.and_then(|t| t.get(name)).and_then(Value::as_str)
 }
@@ -545,16 +530,9 @@ fn member_status(status: &str) -> MemberStatus {
 
 impl Provider for Unisender {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            // The documented per-method limits are 300 calls per 60 s per key (subscribe,
-            // checkEmail); the same pace is kept for every call.
-            rate: Some(RateLimit {
-                per_second: 5.0,
-                burst: 5.0,
-            }),
-        }
+        // The documented per-method limits are 300 calls per 60 s per key (subscribe,
+        // checkEmail); the same pace is kept for every call.
+        Limits::batches(BATCH, BATCH).paced(5.0, 5.0)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -577,9 +555,7 @@ impl Provider for Unisender {
             types.keys().map(String::as_str),
         )?;
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("field_types".into(), Value::Object(types));
+        binding.keep_remote("field_types", types);
         Ok(())
     }
 
@@ -620,7 +596,7 @@ impl Provider for Unisender {
             }
         }
 
-        let types = field_types(binding);
+        let types = binding.remote_object("field_types");
         let mut columns = vec!["email".to_string(), "email_list_ids".to_string()];
         if !binding.tags.is_empty() {
             columns.push("tags".into());
@@ -646,23 +622,15 @@ impl Provider for Unisender {
             .collect();
         let problems = self.import(http, "import contacts", &columns, &rows)?;
         for (row, (i, status)) in imports.iter().enumerate() {
-            outcomes[*i] = Some(match problems.get(&row.to_string()) {
-                Some(message) => Outcome::Failed {
-                    message: message.as_str().unwrap_or("rejected").to_string(),
-                },
-                None => Outcome::Member {
-                    status: *status,
-                    remote_id: None,
-                },
+            outcomes[*i] = Some(match problems.get(&row) {
+                Some(message) => Outcome::failed(message),
+                None => Outcome::member(*status, None),
             });
         }
         Ok(outcomes
             .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| Outcome::Retry {
-                    message: "Unisender did not answer for this contact".into(),
-                    retry_after: None,
-                })
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::retry("Unisender did not answer for this contact"))
             })
             .collect())
     }

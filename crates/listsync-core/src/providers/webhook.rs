@@ -134,15 +134,17 @@ impl Webhook {
         Ok(response)
     }
 
+    /// POSTs one `change` per member; those the receiver reports nothing for are `ok`.
     fn deliver(
         &self,
         http: &mut Http,
         binding: &Binding,
         operation: &str,
-        changes: Vec<Value>,
         members: &[Member],
         ok: Outcome,
+        change: impl Fn(&Member) -> Value,
     ) -> Result<Vec<Outcome>> {
+        let changes: Vec<Value> = members.iter().map(change).collect();
         let message = json!({
             "type": "listsync.changes",
             "binding": {"id": binding.id, "list": binding.list_id, "filter": binding.filter},
@@ -186,7 +188,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
         };
         let message = item["message"].as_str().unwrap_or("").to_string();
         let outcome = match item["status"].as_str() {
-            Some("failed") => Outcome::Failed { message },
+            Some("failed") => Outcome::failed(message),
             Some("unsubscribed") => Outcome::Refused {
                 status: ConsentStatus::Unsubscribed,
                 message,
@@ -199,10 +201,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
                 status: ConsentStatus::Complained,
                 message,
             },
-            Some("retry") => Outcome::Retry {
-                message,
-                retry_after: None,
-            },
+            Some("retry") => Outcome::retry(message),
             _ => continue,
         };
         results.insert(email.to_lowercase(), outcome);
@@ -212,11 +211,7 @@ fn item_results(response: &Response) -> Result<HashMap<String, Outcome>> {
 
 impl Provider for Webhook {
     fn limits(&self) -> Limits {
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: BATCH,
-            rate: None,
-        }
+        Limits::batches(BATCH, BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -238,18 +233,11 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| {
-                json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
-                       "status_if_new": binding.new_member_status.as_str()})
-            })
-            .collect();
-        let ok = Outcome::Member {
-            status: binding.new_member_status,
-            remote_id: None,
-        };
-        self.deliver(http, binding, "upsert members", changes, members, ok)
+        let ok = Outcome::member(binding.new_member_status, None);
+        self.deliver(http, binding, "upsert members", members, ok, |m| {
+            json!({"action": "upsert", "email": m.address, "fields": m.fields, "tags": binding.tags,
+                   "status_if_new": binding.new_member_status.as_str()})
+        })
     }
 
     fn remove(
@@ -259,17 +247,13 @@ impl Provider for Webhook {
         action: LeaveAction,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| json!({"action": "remove", "email": m.address, "on_leave": action.as_str()}))
-            .collect();
         self.deliver(
             http,
             binding,
             "remove members",
-            changes,
             members,
             Outcome::Removed,
+            |m| json!({"action": "remove", "email": m.address, "on_leave": action.as_str()}),
         )
     }
 
@@ -279,17 +263,13 @@ impl Provider for Webhook {
         binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let changes = members
-            .iter()
-            .map(|m| json!({"action": "erase", "email": m.address}))
-            .collect();
         self.deliver(
             http,
             binding,
             "erase members",
-            changes,
             members,
             Outcome::Removed,
+            |m| json!({"action": "erase", "email": m.address}),
         )
     }
 }

@@ -6,7 +6,7 @@
 use super::directory::{Directory, Listing, identities_of};
 use super::{
     API, Answer, ApiError, BATCH, DELETE_BATCH, GoogleContacts, MODIFY_BATCH, PAGE_SIZE,
-    READ_FIELDS, TOKEN_URL, group_name, refresh_access_token,
+    READ_FIELDS, TOKEN_URL, distinct, group_name, refresh_access_token,
 };
 use crate::http::{
     Http, Method, ProviderError, Request, Response, Result, percent_encode, transient,
@@ -265,8 +265,7 @@ impl GoogleContacts {
         http: &mut Http,
         names: &[String],
     ) -> Result<HashMap<String, Value>> {
-        let unique: BTreeSet<&String> = names.iter().collect();
-        let unique: Vec<&String> = unique.into_iter().collect();
+        let unique = distinct(names);
         let mut found = HashMap::new();
         for batch in chunks(&unique, BATCH) {
             let mut path = format!(

@@ -3,7 +3,7 @@
 //! itself (`Provider::erase`, in `mod.rs`) deletes every contact holding the address.
 
 use super::fields::{client_data, contact_fields, memberships};
-use super::{CREATED_KEY, GoogleContacts, MY_CONTACTS, list_group, tag_groups};
+use super::{CREATED_KEY, GoogleContacts, MY_CONTACTS, distinct, list_group, tag_groups};
 use crate::http::{Http, Result};
 use crate::providers::{Binding, Member, Outcome};
 use std::collections::BTreeSet;
@@ -16,13 +16,7 @@ impl GoogleContacts {
         group: &str,
         names: &[Option<String>],
     ) -> Result<Vec<Outcome>> {
-        let leaving: Vec<String> = names
-            .iter()
-            .flatten()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let leaving = distinct(names.iter().flatten());
         let (_, kept) = if leaving.is_empty() {
             Default::default()
         } else {
@@ -31,11 +25,9 @@ impl GoogleContacts {
         Ok(names
             .iter()
             .map(|name| match name {
-                Some(name) if kept.contains(name) => Outcome::Failed {
-                    message: format!(
-                        "Google keeps every contact in at least one group and {group} is the last one of {name}"
-                    ),
-                },
+                Some(name) if kept.contains(name) => Outcome::failed(format!(
+                    "Google keeps every contact in at least one group and {group} is the last one of {name}"
+                )),
                 _ => Outcome::Removed,
             })
             .collect())
@@ -74,12 +66,7 @@ impl GoogleContacts {
         let left = self.leave_group(http, &group, &leaving_names)?;
         let mut outcomes: Vec<Outcome> = names
             .iter()
-            .map(|name| match name.as_ref().and_then(|n| failed.get(n)) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            })
+            .map(|name| Outcome::removed_unless(name.as_ref().and_then(|n| failed.get(n))))
             .collect();
         for ((i, _), outcome) in leaving.into_iter().zip(left) {
             outcomes[i] = outcome;

@@ -46,7 +46,7 @@ use super::{
     Binding, Capabilities, Config, LeaveAction, Limits, Member, MemberStatus, Need, Outcome,
     Provider, Spec, kit,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
+use crate::http::{Http, Method, ProviderError, Request, Response, Result};
 use calls::ContactGroups;
 use directory::Directory;
 use serde_json::{Map, Value, json};
@@ -195,16 +195,11 @@ fn refresh_access_token(
             oauth_problem(&response)
         )));
     }
-    let body = response.json()?;
-    let value = body["access_token"]
-        .as_str()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| transient("the token endpoint answered without an access_token"))?
-        .to_string();
-    Ok(IssuedToken {
-        value,
-        lifetime: Duration::from_secs(body["expires_in"].as_u64().unwrap_or(3599)),
-    })
+    IssuedToken::from_answer(
+        &response,
+        Duration::from_secs(3599),
+        "the token endpoint answered without an access_token",
+    )
 }
 
 struct GoogleContacts {
@@ -312,39 +307,30 @@ fn list_group(binding: &Binding) -> Result<String> {
 
 fn tag_groups(binding: &Binding) -> Vec<String> {
     binding
-        .remote
-        .get("tag_groups")
-        .and_then(Value::as_object)
+        .remote_object("tag_groups")
         .into_iter()
         .flatten()
         .filter_map(|(_, v)| v.as_str().map(str::to_string))
         .collect()
 }
 
-fn member(remote_id: String) -> Outcome {
-    Outcome::Member {
-        status: MemberStatus::Subscribed,
-        remote_id: Some(remote_id),
-    }
+/// The names, each once, sorted.
+fn distinct<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let names: BTreeSet<&String> = names.into_iter().collect();
+    names.into_iter().cloned().collect()
 }
 
-fn retry(message: impl Into<String>) -> Outcome {
-    Outcome::Retry {
-        message: message.into(),
-        retry_after: None,
-    }
+fn member(remote_id: String) -> Outcome {
+    Outcome::member(MemberStatus::Subscribed, Some(remote_id))
 }
 
 impl Provider for GoogleContacts {
     fn limits(&self) -> Limits {
         // People API quotas are per minute, per project and per user, set in the Cloud
         // Console; Google answers 429 RESOURCE_EXHAUSTED beyond them, which the engine backs
-        // off from. A connection makes one call at a time (one delivery thread each), as Google asks for mutations.
-        Limits {
-            upsert_batch: BATCH,
-            remove_batch: DELETE_BATCH,
-            rate: None,
-        }
+        // off from. A connection makes one call at a time (one delivery thread each), as Google
+        // asks for mutations.
+        Limits::batches(BATCH, DELETE_BATCH)
     }
 
     fn check(&mut self, http: &mut Http) -> Result<Value> {
@@ -378,9 +364,7 @@ impl Provider for GoogleContacts {
             tags.insert(tag.clone(), json!(rn));
         }
         binding.list_id = Some(list);
-        binding
-            .remote
-            .insert("tag_groups".into(), Value::Object(tags));
+        binding.keep_remote("tag_groups", tags);
         Ok(())
     }
 
@@ -424,7 +408,6 @@ impl Provider for GoogleContacts {
         _binding: &Binding,
         members: &[Member],
     ) -> Result<Vec<Outcome>> {
-        let mut outcomes = Vec::with_capacity(members.len());
         let directory = self.refresh_directory(http)?;
         let holders: Vec<BTreeSet<String>> = members
             .iter()
@@ -435,22 +418,10 @@ impl Provider for GoogleContacts {
                 people
             })
             .collect();
-        let all: Vec<String> = holders
+        let failed = self.delete(http, &distinct(holders.iter().flatten()))?;
+        Ok(holders
             .iter()
-            .flatten()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let failed = self.delete(http, &all)?;
-        outcomes.extend(holders.iter().map(
-            |people| match people.iter().find_map(|p| failed.get(p)) {
-                Some(message) => Outcome::Failed {
-                    message: message.clone(),
-                },
-                None => Outcome::Removed,
-            },
-        ));
-        Ok(outcomes)
+            .map(|people| Outcome::removed_unless(people.iter().find_map(|p| failed.get(p))))
+            .collect())
     }
 }

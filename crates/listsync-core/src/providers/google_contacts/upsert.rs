@@ -7,7 +7,7 @@ use super::fields::{
     Update, Write, changed_fields, contact_fields, memberships, merge, set_client_data,
     update_body, wanted,
 };
-use super::{CONTACT_LIMIT, CREATED_KEY, Field, GoogleContacts, member, retry};
+use super::{CONTACT_LIMIT, CREATED_KEY, Field, GoogleContacts, member};
 use crate::http::{Http, Method, Request, Result, percent_encode};
 use crate::providers::{Member, Outcome};
 use serde_json::{Map, Value, json};
@@ -98,7 +98,7 @@ impl GoogleContacts {
         self.join_groups(http, groups, settled, &mut outcomes)?;
         Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or_else(|| retry("Google did not report this contact")))
+            .map(|o| o.unwrap_or_else(|| Outcome::retry("Google did not report this contact")))
             .collect())
     }
 
@@ -117,11 +117,9 @@ impl GoogleContacts {
         let held = self.directory.as_ref().map_or(0, |d| d.people.len());
         let room = CONTACT_LIMIT.saturating_sub(held);
         for (i, _) in creates.iter().skip(room) {
-            outcomes[*i] = Some(Outcome::Failed {
-                message: format!(
-                    "not created: a Google account holds at most {CONTACT_LIMIT} contacts and this one has {held}"
-                ),
-            });
+            outcomes[*i] = Some(Outcome::failed(format!(
+                "not created: a Google account holds at most {CONTACT_LIMIT} contacts and this one has {held}"
+            )));
         }
         creates.truncate(room);
         if creates.is_empty() {
@@ -185,11 +183,11 @@ impl GoogleContacts {
                                 self.remember(rn, fields);
                                 member(rn.to_string())
                             }
-                            None => retry("Google created the contact without a resource name"),
+                            None => {
+                                Outcome::retry("Google created the contact without a resource name")
+                            }
                         },
-                        Err(e) => Outcome::Failed {
-                            message: e.to_string(),
-                        },
+                        Err(e) => Outcome::failed(e.to_string()),
                     });
                 }
             }
@@ -222,9 +220,7 @@ impl GoogleContacts {
             match plan(&update.person, &update.members) {
                 Err(message) => {
                     for i in &update.members {
-                        outcomes[*i] = Some(Outcome::Failed {
-                            message: message.clone(),
-                        });
+                        outcomes[*i] = Some(Outcome::failed(message.clone()));
                     }
                 }
                 Ok((_, changed)) if changed.is_empty() => {
@@ -310,7 +306,7 @@ impl GoogleContacts {
                         let Some(fresh) =
                             self.fetch(http, std::slice::from_ref(&name))?.remove(&name)
                         else {
-                            break Err(retry(format!(
+                            break Err(Outcome::retry(format!(
                                 "the contact was deleted at Google meanwhile: {e}"
                             )));
                         };
@@ -321,18 +317,14 @@ impl GoogleContacts {
                             Err(message) => break Err(Outcome::Failed { message }),
                         }
                     }
-                    Err(e) if e.is_stale_etag() => break Err(retry(e.to_string())),
+                    Err(e) if e.is_stale_etag() => break Err(Outcome::retry(e.to_string())),
                     Err(e) if e.http == 404 => {
                         self.forget(&name);
-                        break Err(retry(format!(
+                        break Err(Outcome::retry(format!(
                             "the contact was deleted at Google meanwhile: {e}"
                         )));
                     }
-                    Err(e) => {
-                        break Err(Outcome::Failed {
-                            message: e.to_string(),
-                        });
-                    }
+                    Err(e) => break Err(Outcome::failed(e.to_string())),
                 }
             };
             match result {
@@ -377,7 +369,7 @@ impl GoogleContacts {
             for i in served {
                 outcomes[i] = Some(if missing.contains(&name) {
                     self.forget(&name);
-                    retry("the contact was deleted at Google meanwhile")
+                    Outcome::retry("the contact was deleted at Google meanwhile")
                 } else {
                     member(name.clone())
                 });
