@@ -740,14 +740,10 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use crate::providers::test_support::{http, remote_id};
     use listsync_emulator::Emulator;
-    use std::time::Duration;
 
     const TOKEN: &str = "ml-token";
-
-    fn http() -> Http {
-        Http::local(Duration::from_secs(5))
-    }
 
     fn provider(emulator: &Emulator, token: &str) -> Box<dyn Provider> {
         connect(&Config {
@@ -799,13 +795,6 @@ mod fake {
             )
             .expect("upsert");
         (binding, outcomes)
-    }
-
-    fn remote_id(outcome: &Outcome) -> Option<String> {
-        match outcome {
-            Outcome::Member { remote_id, .. } => remote_id.clone(),
-            _ => None,
-        }
     }
 
     #[test]
@@ -963,7 +952,7 @@ mod fake {
             let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
             // Ann with the recorded id, Bob looked up by address, Zed unknown to MailerLite.
             let leaving = [
-                gone("ann@example.com", remote_id(&outcomes[0])),
+                gone("ann@example.com", Some(remote_id(&outcomes[0]))),
                 gone("bob@example.com", None),
                 gone("zed@example.com", None),
             ];

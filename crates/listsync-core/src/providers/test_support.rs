@@ -1,7 +1,26 @@
 //! Fixture builders shared by the provider tests.
 
-use super::{Binding, Member, MemberStatus};
+use super::{Binding, Member, MemberStatus, Outcome};
+use crate::http::Http;
 use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// A client for the local fakes. No test injects a stall, so the timeout is only a ceiling
+/// for a debug-built fake on a busy machine.
+pub fn http() -> Http {
+    Http::local(Duration::from_secs(5))
+}
+
+/// Whether `outcome` is a member who joined (or stayed) subscribed.
+pub fn is_subscribed(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Member {
+            status: MemberStatus::Subscribed,
+            ..
+        }
+    )
+}
 
 /// A member with `fields` (a JSON object) and no recorded provider id.
 pub fn member(address: &str, fields: Value) -> Member {
@@ -31,5 +50,17 @@ pub fn binding(fields: &[&str]) -> Binding {
         fields: fields.iter().map(|f| f.to_string()).collect(),
         new_member_status: MemberStatus::Subscribed,
         remote: Map::new(),
+    }
+}
+
+/// The provider's id for a member who joined subscribed; panics on any other outcome, so a
+/// test taking the id also checks the member joined.
+pub fn remote_id(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Member {
+            remote_id: Some(id),
+            status: MemberStatus::Subscribed,
+        } => id.clone(),
+        other => panic!("not a subscribed member with an id: {other:?}"),
     }
 }

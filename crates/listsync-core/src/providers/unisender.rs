@@ -807,13 +807,10 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use crate::providers::test_support::http;
     use listsync_emulator::Emulator;
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
-
-    fn http() -> Http {
-        Http::local(Duration::from_secs(5))
-    }
 
     fn provider(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
         connect(&Config {

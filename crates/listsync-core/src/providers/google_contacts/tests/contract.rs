@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::providers::contract::{Prism, assert_all_valid};
-use crate::providers::test_support::known_member as member;
+use crate::providers::test_support::{known_member as member, remote_id};
 use listsync_emulator::{Emulator, Fault};
 
 /// A request's kind: its path with the resource ids replaced as the description names them.
@@ -27,16 +27,6 @@ fn kind(method: &str, path: &str) -> String {
         segments[3] = format!("{name}{action}");
     }
     format!("{method} {}", segments.join("/"))
-}
-
-fn id(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Member {
-            remote_id: Some(id),
-            ..
-        } => id.clone(),
-        other => panic!("not a member: {other:?}"),
-    }
 }
 
 #[test]
@@ -92,8 +82,8 @@ fn every_request_validates_against_the_official_spec() {
             ],
         )
         .expect("upsert");
-    let (ann, bob) = (id(&outcomes[0]), id(&outcomes[1]));
-    assert_eq!(id(&outcomes[3]), carol);
+    let (ann, bob) = (remote_id(&outcomes[0]), remote_id(&outcomes[1]));
+    assert_eq!(remote_id(&outcomes[3]), carol);
     // A stale etag: the batch update fails, then one by one with a fresh read.
     gc.touch_after_next_read(&ann);
     provider

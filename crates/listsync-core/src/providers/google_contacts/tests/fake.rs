@@ -1,12 +1,8 @@
 use super::*;
 use crate::providers::conformance::{Erasure, Fake, WRONG_SECRET, conformance_suite};
 use crate::providers::test_support;
-use crate::providers::test_support::known_member as member;
+use crate::providers::test_support::{http, known_member as member, remote_id};
 use listsync_emulator::{Emulator, Fault};
-
-fn http() -> Http {
-    Http::local(Duration::from_secs(5))
-}
 
 fn provider(emulator: &Emulator) -> Box<dyn Provider> {
     provider_with_refresh_token(emulator, "refresh")
@@ -35,16 +31,6 @@ fn binding(tags: &[&str]) -> Binding {
         id: 7,
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ..test_support::binding(&["given_name", "phone"])
-    }
-}
-
-fn remote_id(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Member {
-            remote_id: Some(id),
-            status: MemberStatus::Subscribed,
-        } => id.clone(),
-        other => panic!("not a member: {other:?}"),
     }
 }
 
@@ -751,6 +737,8 @@ fn tokens_are_cached_renewed_and_refreshed_on_401() {
     );
 }
 
+/// The suite presents a wrong refresh token; here Google's reason for refusing it, a wrong
+/// client secret, and the API refusing a fresh token (401 twice) or the scope (403).
 #[test]
 fn refused_credentials_are_authentication_failures() {
     let emulator = Emulator::start();
@@ -762,7 +750,6 @@ fn refused_credentials_are_authentication_failures() {
     match provider.check(&mut http) {
         Err(ProviderError::Auth(message)) => {
             assert!(message.contains("invalid_grant"), "{message}");
-            assert!(!message.contains("refresh\""), "{message}");
         }
         other => panic!("{other:?}"),
     }
