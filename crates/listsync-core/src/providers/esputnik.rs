@@ -876,7 +876,7 @@ impl Provider for Esputnik {
 #[cfg(test)]
 mod unit {
     use super::*;
-    use crate::providers::test_support::member;
+    use crate::providers::test_support::{config, member};
 
     #[test]
     fn an_empty_detach_is_never_sent() {
@@ -890,10 +890,7 @@ mod unit {
         assert_eq!(ESPUTNIK.name, "esputnik");
         assert_eq!(YESPO.name, "yespo");
         assert_eq!(ESPUTNIK.capabilities.on_leave, YESPO.capabilities.on_leave);
-        let config = Config {
-            settings: Map::new(),
-            secrets: serde_json::from_value(json!({"api_key": "k"})).unwrap(),
-        };
+        let config = config(json!({}), json!({"api_key": "k"}));
         assert_eq!(
             Esputnik::new(&config, "eSputnik", "https://esputnik.com").root,
             "https://esputnik.com/api"
@@ -987,11 +984,10 @@ mod fake {
     use listsync_emulator::{Emulator, Fault};
 
     fn provider(emulator: &Emulator, brand: &str, key: &str) -> Box<dyn Provider> {
-        let config = Config {
-            settings: serde_json::from_value(json!({"base_url": emulator.base_url(brand)}))
-                .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        };
+        let config = test_support::config(
+            json!({"base_url": emulator.base_url(brand)}),
+            json!({"api_key": key}),
+        );
         let spec = if brand == "yespo" { &YESPO } else { &ESPUTNIK };
         (spec.connect)(&config)
     }
@@ -1519,10 +1515,10 @@ mod contract {
     fn every_request_validates_against_the_yespo_spec() {
         let prism = Prism::start("yespo.prism.json");
         let mut http = prism.http();
-        let config = Config {
-            settings: serde_json::from_value(json!({"base_url": prism.base_url})).unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "0123456789abcdef"})).unwrap(),
-        };
+        let config = test_support::config(
+            json!({"base_url": prism.base_url}),
+            json!({"api_key": "0123456789abcdef"}),
+        );
         let mut provider = (YESPO.connect)(&config);
         provider.check(&mut http).expect("check");
         // The mock's segments are not ours: the first prepare waits for the import to

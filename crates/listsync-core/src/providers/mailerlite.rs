@@ -746,11 +746,10 @@ mod fake {
     const TOKEN: &str = "ml-token";
 
     fn provider(emulator: &Emulator, token: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(json!({"base_url": emulator.base_url("mailerlite")}))
-                .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": token})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("mailerlite")}),
+            json!({"api_key": token}),
+        ))
     }
 
     fn setup() -> (Emulator, Http, Box<dyn Provider>) {

@@ -1233,10 +1233,7 @@ mod unit {
         assert!(field_name("2fast").is_err());
         assert!(field_name("has space").is_err());
         assert!(field_name("email").is_err());
-        let config = |settings: Value| Config {
-            settings: serde_json::from_value(settings).unwrap(),
-            secrets: Map::new(),
-        };
+        let config = |settings| crate::providers::test_support::config(settings, json!({}));
         assert!(validate(&config(json!({"region": "eu", "import_wait_seconds": "5"}))).is_ok());
         assert!(validate(&config(json!({"region": "mars"}))).is_err());
         assert!(validate(&config(json!({"import_wait_seconds": "soon"}))).is_err());
@@ -1323,14 +1320,10 @@ mod fake {
     }
 
     fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(json!({
-                "base_url": emulator.base_url("sendgrid"),
-                "import_wait_seconds": "0",
-            }))
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("sendgrid"), "import_wait_seconds": "0"}),
+            json!({"api_key": key}),
+        ))
     }
 
     fn binding(fields: &[&str]) -> Binding {
@@ -1953,13 +1946,10 @@ mod contract {
             ("/v3/asm", url("tsg_suppressions_v3.json")),
         ]);
         let mut http = prisms[0].http();
-        let mut provider = connect(&Config {
-            settings: serde_json::from_value(
-                json!({"base_url": base_url, "import_wait_seconds": "0"}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "SG.contract-test"})).unwrap(),
-        });
+        let mut provider = connect(&test_support::config(
+            json!({"base_url": base_url, "import_wait_seconds": "0"}),
+            json!({"api_key": "SG.contract-test"}),
+        ));
         provider.check(&mut http).expect("check");
         let mut binding = Binding {
             id: 1,

@@ -900,13 +900,7 @@ impl Provider for SendPulse {
 #[cfg(test)]
 mod unit {
     use super::*;
-
-    fn config(settings: Value, secrets: Value) -> Config {
-        Config {
-            settings: serde_json::from_value(settings).unwrap(),
-            secrets: serde_json::from_value(secrets).unwrap(),
-        }
-    }
+    use crate::providers::test_support::config;
 
     #[test]
     fn credentials_are_a_client_pair_or_an_api_key() {
@@ -1024,10 +1018,7 @@ mod fake {
     fn config(emulator: &Emulator, settings: Value, secrets: Value) -> Config {
         let mut settings = settings;
         settings["base_url"] = json!(emulator.base_url("sendpulse"));
-        Config {
-            settings: serde_json::from_value(settings).unwrap(),
-            secrets: serde_json::from_value(secrets).unwrap(),
-        }
+        test_support::config(settings, secrets)
     }
 
     /// A SendPulse account with client credentials, and a provider using them.
@@ -1459,15 +1450,14 @@ mod contract {
     /// The token endpoint is not in the spec, so the spec's other scheme, a static API key,
     /// authenticates here; the OAuth exchange is covered by the fake.
     fn provider(prism: &Prism) -> SendPulse {
-        build(&Config {
-            settings: serde_json::from_value(json!({
+        build(&test_support::config(
+            json!({
                 "base_url": prism.base_url,
                 "sender_email": "news@shop.example",
                 "confirmation_template_id": "123",
-            }))
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "0123456789abcdef"})).unwrap(),
-        })
+            }),
+            json!({"api_key": "0123456789abcdef"}),
+        ))
     }
 
     fn binding(list_id: Option<&str>, tags: &[&str]) -> Binding {

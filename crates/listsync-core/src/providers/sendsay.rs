@@ -620,9 +620,8 @@ mod unit {
 
     #[test]
     fn the_account_is_a_path_segment() {
-        let config = |account: &str| Config {
-            settings: serde_json::from_value(json!({"account": account})).unwrap(),
-            secrets: Default::default(),
+        let config = |account: &str| {
+            crate::providers::test_support::config(json!({"account": account}), json!({}))
         };
         assert!(validate(&config("acme_shop")).is_ok());
         assert!(validate(&config("acme/../x")).is_err());
@@ -684,13 +683,10 @@ mod fake {
     }
 
     fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(
-                json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
+            json!({"api_key": key}),
+        ))
     }
 
     fn binding() -> Binding {

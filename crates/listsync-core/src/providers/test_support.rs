@@ -1,6 +1,6 @@
 //! Fixture builders shared by the provider tests.
 
-use super::{Binding, Member, MemberStatus, Outcome};
+use super::{Binding, Config, Member, MemberStatus, Outcome};
 use crate::http::Http;
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -62,5 +62,19 @@ pub fn remote_id(outcome: &Outcome) -> String {
             status: MemberStatus::Subscribed,
         } => id.clone(),
         other => panic!("not a subscribed member with an id: {other:?}"),
+    }
+}
+
+/// A provider's configuration from two JSON objects, its settings and its secrets.
+pub fn config(settings: Value, secrets: Value) -> Config {
+    let object = |value: Value| {
+        value
+            .as_object()
+            .cloned()
+            .expect("settings and secrets are JSON objects")
+    };
+    Config {
+        settings: object(settings),
+        secrets: object(secrets),
     }
 }

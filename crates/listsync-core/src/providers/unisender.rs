@@ -701,9 +701,8 @@ mod unit {
 
     #[test]
     fn settings_and_field_names_are_checked() {
-        let config = |language: &str| Config {
-            settings: serde_json::from_value(json!({"language": language})).unwrap(),
-            secrets: Map::new(),
+        let config = |language: &str| {
+            crate::providers::test_support::config(json!({"language": language}), json!({}))
         };
         assert!(validate(&config("ru")).is_ok());
         assert!(validate(&config("english")).is_err());
@@ -813,11 +812,10 @@ mod fake {
     const KEY: &str = "6cknyh3pzk9d1dgj";
 
     fn provider(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(json!({"base_url": emulator.base_url("unisender")}))
-                .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("unisender")}),
+            json!({"api_key": key}),
+        ))
     }
 
     fn setup() -> (Emulator, Http, Box<dyn Provider>) {

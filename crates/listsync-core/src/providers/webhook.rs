@@ -375,13 +375,10 @@ mod fake {
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
     fn provider(emulator: &Emulator, signing_secret: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(
-                json!({"url": format!("{}/crm", emulator.base_url("webhook"))}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"signing_secret": signing_secret})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"url": format!("{}/crm", emulator.base_url("webhook"))}),
+            json!({"signing_secret": signing_secret}),
+        ))
     }
 
     struct WebhookFake;

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::providers::contract::{Prism, assert_all_valid};
-use crate::providers::test_support::{known_member as member, remote_id};
+use crate::providers::test_support::{config, known_member as member, remote_id};
 use listsync_emulator::{Emulator, Fault};
 
 /// A request's kind: its path with the resource ids replaced as the description names them.
@@ -35,16 +35,10 @@ fn every_request_validates_against_the_official_spec() {
     let gc = emulator.google_contacts();
     gc.reject_address("bad@example.com", "Invalid email address.");
     let mut http = Http::local(Duration::from_secs(10));
-    let config = Config {
-        settings: serde_json::from_value(
-            json!({"base_url": emulator.base_url("google_contacts")}),
-        )
-        .unwrap(),
-        secrets: serde_json::from_value(
-            json!({"client_id": "id.apps.googleusercontent.com", "client_secret": "s", "refresh_token": "1//r"}),
-        )
-        .unwrap(),
-    };
+    let config = config(
+        json!({"base_url": emulator.base_url("google_contacts")}),
+        json!({"client_id": "id.apps.googleusercontent.com", "client_secret": "s", "refresh_token": "1//r"}),
+    );
     let mut provider = connect(&config);
     provider.check(&mut http).expect("check");
     let mut binding = Binding {

@@ -10,16 +10,10 @@ fn provider(emulator: &Emulator) -> Box<dyn Provider> {
 
 /// A provider of the account whose refresh token is `refresh`, presenting `refresh_token`.
 fn provider_with_refresh_token(emulator: &Emulator, refresh_token: &str) -> Box<dyn Provider> {
-    let config = Config {
-        settings: serde_json::from_value(
-            json!({"base_url": emulator.base_url("google_contacts")}),
-        )
-        .unwrap(),
-        secrets: serde_json::from_value(
-            json!({"client_id": "client", "client_secret": "secret", "refresh_token": refresh_token}),
-        )
-        .unwrap(),
-    };
+    let config = test_support::config(
+        json!({"base_url": emulator.base_url("google_contacts")}),
+        json!({"client_id": "client", "client_secret": "secret", "refresh_token": refresh_token}),
+    );
     emulator
         .google_contacts()
         .set_credentials("client", "secret", "refresh");
