@@ -876,7 +876,7 @@ impl Provider for Esputnik {
 #[cfg(test)]
 mod unit {
     use super::*;
-    use crate::providers::test_support::{config, member};
+    use crate::providers::test_support::{config, member, refusal_status};
 
     #[test]
     fn an_empty_detach_is_never_sent() {
@@ -938,27 +938,16 @@ mod unit {
 
     #[test]
     fn import_refusals_are_read() {
-        assert!(matches!(
-            refusal("Email is in the unsubscribed list"),
-            Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            }
-        ));
-        assert!(matches!(
-            refusal("email is blacklisted (hard bounce)"),
-            Outcome::Refused {
-                status: ConsentStatus::Bounced,
-                ..
-            }
-        ));
-        assert!(matches!(
-            refusal("Contact complained: spam"),
-            Outcome::Refused {
-                status: ConsentStatus::Complained,
-                ..
-            }
-        ));
+        for (error, consent) in [
+            (
+                "Email is in the unsubscribed list",
+                ConsentStatus::Unsubscribed,
+            ),
+            ("email is blacklisted (hard bounce)", ConsentStatus::Bounced),
+            ("Contact complained: spam", ConsentStatus::Complained),
+        ] {
+            assert_eq!(refusal_status(&refusal(error)), Some(consent), "{error}");
+        }
         assert!(matches!(refusal("Invalid email"), Outcome::Failed { .. }));
     }
 
@@ -979,7 +968,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::http;
+    use crate::providers::test_support::{http, refusal_status};
     use listsync_emulator::esputnik::Esputnik as Account;
     use listsync_emulator::{Emulator, Fault};
 
@@ -1165,12 +1154,11 @@ mod fake {
         es.set_status("b@example.com", "bounced");
         es.set_status("c@example.com", "complained");
         let outcomes = provider.upsert(&mut http, &b, &members).unwrap();
-        let refused = |o: &Outcome| match o {
-            Outcome::Refused { status, .. } => Some(*status),
-            _ => None,
-        };
-        assert_eq!(refused(&outcomes[0]), Some(ConsentStatus::Bounced));
-        assert_eq!(refused(&outcomes[1]), Some(ConsentStatus::Complained));
+        assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Bounced));
+        assert_eq!(
+            refusal_status(&outcomes[1]),
+            Some(ConsentStatus::Complained)
+        );
         assert!(matches!(outcomes[2], Outcome::Member { .. }));
     }
 
@@ -1294,13 +1282,10 @@ mod fake {
                 remote_id: Some(contact.id.to_string())
             }
         );
-        assert!(matches!(
-            outcomes[1],
-            Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            }
-        ));
+        assert_eq!(
+            refusal_status(&outcomes[1]),
+            Some(ConsentStatus::Unsubscribed)
+        );
         assert_eq!(yespo.subscriptions(), vec!["new@example.com".to_string()]);
         // Known members are updated by the import, without a second subscription.
         let known = Member {

@@ -658,6 +658,7 @@ impl Provider for MailerLite {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::providers::test_support::refusal_status;
 
     #[test]
     fn field_keys_are_checked() {
@@ -708,9 +709,8 @@ mod unit {
             ("bounced", ConsentStatus::Bounced),
             ("junk", ConsentStatus::Complained),
         ] {
-            assert!(
-                matches!(upserted(&json!({"id": "1", "status": status})), Outcome::Refused { status: s, .. } if s == consent)
-            );
+            let outcome = upserted(&json!({"id": "1", "status": status}));
+            assert_eq!(refusal_status(&outcome), Some(consent), "{status}");
         }
         assert_eq!(
             upserted(&json!({"id": "7", "status": "unconfirmed"})),
@@ -740,7 +740,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{http, remote_id};
+    use crate::providers::test_support::{http, refusal_status, remote_id};
     use listsync_emulator::Emulator;
 
     const TOKEN: &str = "ml-token";
@@ -913,13 +913,7 @@ mod fake {
         let outcomes = provider
             .upsert(&mut http, &binding, &[member("bob@example.com", "Bob", 2)])
             .unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Bounced,
-                ..
-            }
-        ));
+        assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Bounced));
 
         let mut spam = member("spam@example.com", "S", 0);
         spam.fields.clear();
@@ -928,13 +922,10 @@ mod fake {
         provider.upsert(&mut http, &other, &[spam.clone()]).unwrap();
         assert!(ml.set_status("spam@example.com", "junk"));
         let outcomes = provider.upsert(&mut http, &binding, &[spam]).unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Complained,
-                ..
-            }
-        ));
+        assert_eq!(
+            refusal_status(&outcomes[0]),
+            Some(ConsentStatus::Complained)
+        );
         let group = binding.list_id.as_deref().unwrap();
         assert!(!ml.group_members(group).contains_key("spam@example.com"));
         assert!(ml.resubscribed().is_empty());

@@ -1012,7 +1012,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::http;
+    use crate::providers::test_support::{http, refusal_status};
     use listsync_emulator::Emulator;
 
     fn config(emulator: &Emulator, settings: Value, secrets: Value) -> Config {
@@ -1209,13 +1209,7 @@ mod fake {
             assert!(sp.set_status(book(&b), address, status));
         }
         let outcomes = provider.upsert(&mut http, &b, &members).unwrap();
-        let statuses: Vec<Option<ConsentStatus>> = outcomes
-            .iter()
-            .map(|o| match o {
-                Outcome::Refused { status, .. } => Some(*status),
-                _ => None,
-            })
-            .collect();
+        let statuses: Vec<Option<ConsentStatus>> = outcomes.iter().map(refusal_status).collect();
         assert_eq!(
             statuses,
             vec![

@@ -1,6 +1,6 @@
 //! Fixture builders shared by the provider tests.
 
-use super::{Binding, Config, Member, MemberStatus, Outcome};
+use super::{Binding, Config, ConsentStatus, Member, MemberStatus, Outcome};
 use crate::http::Http;
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -76,5 +76,13 @@ pub fn config(settings: Value, secrets: Value) -> Config {
     Config {
         settings: object(settings),
         secrets: object(secrets),
+    }
+}
+
+/// The consent status a refusal names; `None` for any other outcome.
+pub fn refusal_status(outcome: &Outcome) -> Option<ConsentStatus> {
+    match outcome {
+        Outcome::Refused { status, .. } => Some(*status),
+        _ => None,
     }
 }

@@ -698,6 +698,7 @@ impl Provider for Unisender {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::providers::test_support::refusal_status;
 
     #[test]
     fn settings_and_field_names_are_checked() {
@@ -749,41 +750,40 @@ mod unit {
 
     #[test]
     fn consent_states_refuse() {
-        assert!(matches!(
-            refusal("unsubscribed", "available", None),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("active", "available", Some("unsubscribed")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("blocked", "available", None),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Complained,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("active", "unreachable", Some("active")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Bounced,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("inactive", "available", Some("active")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Cleaned,
-                ..
-            })
-        ));
+        for (status, availability, list_status, consent) in [
+            (
+                "unsubscribed",
+                "available",
+                None,
+                ConsentStatus::Unsubscribed,
+            ),
+            (
+                "active",
+                "available",
+                Some("unsubscribed"),
+                ConsentStatus::Unsubscribed,
+            ),
+            ("blocked", "available", None, ConsentStatus::Complained),
+            (
+                "active",
+                "unreachable",
+                Some("active"),
+                ConsentStatus::Bounced,
+            ),
+            (
+                "inactive",
+                "available",
+                Some("active"),
+                ConsentStatus::Cleaned,
+            ),
+        ] {
+            let outcome = refusal(status, availability, list_status);
+            assert_eq!(
+                outcome.as_ref().and_then(refusal_status),
+                Some(consent),
+                "{status}, {availability}, {list_status:?}"
+            );
+        }
         assert!(refusal("new", "available", Some("active")).is_none());
         assert_eq!(member_status("activation_requested"), MemberStatus::Pending);
         assert_eq!(member_status("active"), MemberStatus::Subscribed);
@@ -806,7 +806,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::http;
+    use crate::providers::test_support::{http, refusal_status};
     use listsync_emulator::Emulator;
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
@@ -1027,21 +1027,18 @@ mod fake {
             assert!(us.set_availability("bnc@example.com", "unreachable"));
             assert!(us.set_status("off@example.com", "inactive"));
             let outcomes = provider.upsert(&mut http, &binding, &first).unwrap();
-            let refused: Vec<ConsentStatus> = outcomes
-                .iter()
-                .map(|o| match o {
-                    Outcome::Refused { status, .. } => *status,
-                    other => panic!("{other:?}"),
-                })
-                .collect();
+            let statuses: Vec<Option<ConsentStatus>> =
+                outcomes.iter().map(refusal_status).collect();
             assert_eq!(
-                refused,
-                vec![
+                statuses,
+                [
                     ConsentStatus::Unsubscribed,
                     ConsentStatus::Complained,
                     ConsentStatus::Bounced,
                     ConsentStatus::Cleaned
                 ]
+                .map(Some),
+                "{pending:?}"
             );
             assert!(us.resubscribed().is_empty());
             assert_eq!(us.contact("blk@example.com").unwrap().status, "blocked");
