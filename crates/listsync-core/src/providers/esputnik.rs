@@ -968,7 +968,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{http, refusal_status};
+    use crate::providers::test_support::{connected, http, refusal_status};
     use listsync_emulator::esputnik::Esputnik as Account;
     use listsync_emulator::{Emulator, Fault};
 
@@ -982,12 +982,6 @@ mod fake {
     }
 
     const KEY: &str = "secret-key";
-
-    fn setup() -> (Emulator, Box<dyn Provider>, Http) {
-        let emulator = Emulator::start();
-        let provider = EsputnikBrand::connect(&emulator);
-        (emulator, provider, http())
-    }
 
     fn binding() -> Binding {
         test_support::binding(&["firstName", "town"])
@@ -1028,7 +1022,7 @@ mod fake {
 
     #[test]
     fn the_segment_comes_with_the_first_import_and_is_found_by_name_later() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let es = emulator.esputnik();
         let b = prepared(&mut provider, &mut http);
         assert_eq!(b.list_id.as_deref(), Some("vip (crm)"), "no segment yet");
@@ -1069,7 +1063,7 @@ mod fake {
 
     #[test]
     fn upsert_maps_standard_and_additional_fields_and_updates_them() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let es = emulator.esputnik();
         let birthday = es.add_field("Birthday", "DATE");
         es.add_field("Loyalty", "TEXTFIELD");
@@ -1108,7 +1102,7 @@ mod fake {
 
     #[test]
     fn slow_and_failed_imports() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let es = emulator.esputnik();
         let b = prepared(&mut provider, &mut http);
         es.set_import_polls(2);
@@ -1145,7 +1139,7 @@ mod fake {
     /// states are refused per contact too.
     #[test]
     fn bounced_and_complained_contacts_are_refused() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let es = emulator.esputnik();
         let b = prepared(&mut provider, &mut http);
         let people = ["b@example.com", "c@example.com", "ok@example.com"];
@@ -1165,7 +1159,7 @@ mod fake {
     /// Erasure is the suite's.
     #[test]
     fn every_on_leave() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let es = emulator.esputnik();
         let b = prepared(&mut provider, &mut http);
         let everyone: Vec<Member> = [
@@ -1234,7 +1228,7 @@ mod fake {
 
     #[test]
     fn removing_before_the_segment_exists_calls_nothing_destructive() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
         let b = prepared(&mut provider, &mut http);
         let outcomes = provider
             .remove(
@@ -1314,7 +1308,7 @@ mod fake {
     /// already; the other calls are the suite's.
     #[test]
     fn a_wrong_key_fails_prepare() {
-        let (emulator, _, mut http) = setup();
+        let (emulator, _, mut http) = connected::<EsputnikBrand>();
         let mut wrong = provider(&emulator, "esputnik", WRONG_SECRET);
         let mut b = binding();
         assert!(matches!(

@@ -1012,20 +1012,13 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{http, refusal_status};
+    use crate::providers::test_support::{connected, refusal_status};
     use listsync_emulator::Emulator;
 
     fn config(emulator: &Emulator, settings: Value, secrets: Value) -> Config {
         let mut settings = settings;
         settings["base_url"] = json!(emulator.base_url("sendpulse"));
         test_support::config(settings, secrets)
-    }
-
-    /// A SendPulse account with client credentials, and a provider using them.
-    fn setup() -> (Emulator, Box<dyn Provider>, Http) {
-        let emulator = Emulator::start();
-        let provider = SendPulseFake::connect(&emulator);
-        (emulator, provider, http())
     }
 
     /// A provider with a sender for confirmations, presenting `secret` as the client secret.
@@ -1067,7 +1060,7 @@ mod fake {
 
     #[test]
     fn prepare_creates_the_list_once_and_checks_given_ids() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let first = prepared(&mut provider, &mut http);
         let again = prepared(&mut provider, &mut http);
         assert_eq!(first.list_id, again.list_id, "an existing list is reused");
@@ -1096,7 +1089,7 @@ mod fake {
 
     #[test]
     fn upsert_sets_variables_and_tags_and_updates_them() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let sp = emulator.sendpulse();
         let mut b = binding();
         provider.prepare(&mut http, &mut b).unwrap();
@@ -1124,7 +1117,7 @@ mod fake {
 
     #[test]
     fn double_opt_in_confirms_new_members_only() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let sp = emulator.sendpulse();
         let mut b = binding();
         b.new_member_status = MemberStatus::Pending;
@@ -1199,7 +1192,7 @@ mod fake {
     /// among them, are refused too.
     #[test]
     fn consent_states_are_refused_and_never_overridden() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let sp = emulator.sendpulse();
         let b = prepared(&mut provider, &mut http);
         let people = ["b@example.com", "c@example.com", "k@example.com"];
@@ -1232,7 +1225,7 @@ mod fake {
     /// Erasure is the suite's.
     #[test]
     fn every_on_leave() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let sp = emulator.sendpulse();
         let b = prepared(&mut provider, &mut http);
         let book = book(&b);
@@ -1289,7 +1282,7 @@ mod fake {
 
     #[test]
     fn tokens_are_cached_renewed_before_expiry_and_after_a_401() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         let sp = emulator.sendpulse();
         let b = prepared(&mut provider, &mut http);
         provider
@@ -1328,7 +1321,7 @@ mod fake {
     /// needs no token and is checked as well.
     #[test]
     fn a_static_api_key_is_checked_too() {
-        let (emulator, _, mut http) = setup();
+        let (emulator, _, mut http) = connected::<SendPulseFake>();
         emulator.sendpulse().add_api_key("static-key");
         let mut keyed = connect(&config(
             &emulator,
@@ -1347,7 +1340,7 @@ mod fake {
     /// SendPulse's own answer to a request over its rate limit is transient, with a delay.
     #[test]
     fn the_request_rate_limit_is_transient() {
-        let (emulator, mut provider, mut http) = setup();
+        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
         emulator.sendpulse().set_rate_limit(Some(1));
         let e = provider
             .check(&mut http)
@@ -1367,7 +1360,7 @@ mod fake {
 
     #[test]
     fn limits_follow_the_documentation() {
-        let (_, provider, _) = setup();
+        let (_, provider, _) = connected::<SendPulseFake>();
         let limits = provider.limits();
         assert_eq!(limits.remove_batch, 100);
         assert!(limits.upsert_batch <= 100);

@@ -1,7 +1,9 @@
 //! Fixture builders shared by the provider tests.
 
-use super::{Binding, Config, ConsentStatus, Member, MemberStatus, Outcome};
+use super::conformance::Fake;
+use super::{Binding, Config, ConsentStatus, Member, MemberStatus, Outcome, Provider};
 use crate::http::Http;
+use listsync_emulator::Emulator;
 use serde_json::{Map, Value};
 use std::time::Duration;
 
@@ -9,6 +11,14 @@ use std::time::Duration;
 /// for a debug-built fake on a busy machine.
 pub fn http() -> Http {
     Http::local(Duration::from_secs(5))
+}
+
+/// A fresh emulator with `F`'s account opened, a provider connected to it and a client: where
+/// a provider's own tests against its fake start.
+pub fn connected<F: Fake>() -> (Emulator, Box<dyn Provider>, Http) {
+    let emulator = Emulator::start();
+    let provider = F::connect(&emulator);
+    (emulator, provider, http())
 }
 
 /// Whether `outcome` is a member who joined (or stayed) subscribed.

@@ -806,7 +806,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{http, refusal_status};
+    use crate::providers::test_support::{connected, refusal_status};
     use listsync_emulator::Emulator;
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
@@ -816,14 +816,6 @@ mod fake {
             json!({"base_url": emulator.base_url("unisender")}),
             json!({"api_key": key}),
         ))
-    }
-
-    fn setup() -> (Emulator, Http, Box<dyn Provider>) {
-        let emulator = Emulator::start();
-        emulator.unisender().set_api_key(KEY);
-        emulator.unisender().add_field("score", "number");
-        let provider = provider(&emulator, KEY);
-        (emulator, http(), provider)
     }
 
     fn binding(status: MemberStatus) -> Binding {
@@ -861,7 +853,7 @@ mod fake {
 
     #[test]
     fn prepare_creates_the_list_once_and_checks_fields() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let first = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let again = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert_eq!(
@@ -892,7 +884,7 @@ mod fake {
 
     #[test]
     fn upsert_imports_members_with_fields_and_tags_then_updates() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let outcomes = provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -930,7 +922,7 @@ mod fake {
 
     #[test]
     fn the_api_key_travels_in_the_body_never_in_the_url() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -946,7 +938,7 @@ mod fake {
 
     #[test]
     fn double_opt_in_subscribes_new_members_with_a_confirmation() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let subscribed = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(
@@ -1008,7 +1000,7 @@ mod fake {
     #[test]
     fn every_consent_state_is_never_overridden() {
         for pending in [MemberStatus::Subscribed, MemberStatus::Pending] {
-            let (emulator, mut http, mut provider) = setup();
+            let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
             let binding = prepared(&mut http, &mut provider, pending);
             let list = binding.list_id.clone().unwrap();
             let addresses = [
@@ -1050,7 +1042,7 @@ mod fake {
     /// address on the double opt-in path, which subscribes instead of importing.
     #[test]
     fn per_item_errors_do_not_fail_the_batch() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         emulator
             .unisender()
@@ -1084,7 +1076,7 @@ mod fake {
             LeaveAction::Unsubscribe,
             LeaveAction::Delete,
         ] {
-            let (emulator, mut http, mut provider) = setup();
+            let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
             let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
             provider
                 .upsert(&mut http, &binding, &ann_and_bob())
@@ -1116,7 +1108,7 @@ mod fake {
 
     #[test]
     fn archive_is_refused() {
-        let (_emulator, mut http, mut provider) = setup();
+        let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
         assert!(matches!(
@@ -1132,7 +1124,7 @@ mod fake {
 
     #[test]
     fn erase_deletes_contacts_in_chunks_of_500() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -1158,7 +1150,7 @@ mod fake {
 
     #[test]
     fn check_counts_the_lists() {
-        let (_emulator, mut http, mut provider) = setup();
+        let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
         assert_eq!(provider.check(&mut http).unwrap()["lists"], 0);
     }
 
@@ -1166,7 +1158,7 @@ mod fake {
     /// the minute it counts calls over.
     #[test]
     fn the_call_limit_is_transient() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let batch = ann_and_bob();
 
