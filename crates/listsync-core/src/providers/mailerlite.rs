@@ -974,15 +974,12 @@ mod fake {
         let (emulator, mut http, mut provider) = setup();
         let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
-        assert!(matches!(
-            provider.remove(
-                &mut http,
-                &binding,
-                LeaveAction::Archive,
-                &[gone("ann@example.com", None)]
-            ),
-            Err(ProviderError::Binding(_))
-        ));
+        test_support::assert_unoffered_leaves_are_refused(
+            &SPEC,
+            &mut provider,
+            &mut http,
+            &binding,
+        );
     }
 
     #[test]

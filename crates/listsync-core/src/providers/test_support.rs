@@ -1,10 +1,12 @@
 //! Fixture builders shared by the provider tests.
 
 use super::conformance::Fake;
-use super::{Binding, Config, ConsentStatus, Member, MemberStatus, Outcome, Provider};
-use crate::http::Http;
+use super::{
+    Binding, Config, ConsentStatus, LeaveAction, Member, MemberStatus, Outcome, Provider, Spec,
+};
+use crate::http::{Http, ProviderError};
 use listsync_emulator::Emulator;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use std::time::Duration;
 
 /// A client for the local fakes. No test injects a stall, so the timeout is only a ceiling
@@ -94,5 +96,30 @@ pub fn refusal_status(outcome: &Outcome) -> Option<ConsentStatus> {
     match outcome {
         Outcome::Refused { status, .. } => Some(*status),
         _ => None,
+    }
+}
+
+/// Asserts that `provider` refuses, as a binding error, every leave action `spec` does not
+/// offer: a binding set to one must stop at the first leave, not do something else instead.
+pub fn assert_unoffered_leaves_are_refused(
+    spec: &Spec,
+    provider: &mut Box<dyn Provider>,
+    http: &mut Http,
+    binding: &Binding,
+) {
+    let leaving = [member("leaver@example.com", json!({}))];
+    for action in [
+        LeaveAction::Remove,
+        LeaveAction::Archive,
+        LeaveAction::Unsubscribe,
+        LeaveAction::Delete,
+    ] {
+        if !spec.capabilities.on_leave.contains(&action.as_str()) {
+            let removed = provider.remove(http, binding, action, &leaving);
+            assert!(
+                matches!(removed, Err(ProviderError::Binding(_))),
+                "{action:?}: {removed:?}"
+            );
+        }
     }
 }

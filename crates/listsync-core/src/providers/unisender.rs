@@ -1111,15 +1111,12 @@ mod fake {
         let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
-        assert!(matches!(
-            provider.remove(
-                &mut http,
-                &binding,
-                LeaveAction::Archive,
-                &[gone("ann@example.com")]
-            ),
-            Err(ProviderError::Binding(_))
-        ));
+        test_support::assert_unoffered_leaves_are_refused(
+            &SPEC,
+            &mut provider,
+            &mut http,
+            &binding,
+        );
     }
 
     #[test]
