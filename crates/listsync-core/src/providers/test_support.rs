@@ -23,6 +23,41 @@ pub fn connected<F: Fake>() -> (Emulator, Box<dyn Provider>, Http) {
     (emulator, provider, http())
 }
 
+/// A provider with its client and a prepared binding, so that a test's upserts and removals
+/// name only the members. The emulator stays apart, for the test to look into between calls.
+pub struct Bound {
+    pub provider: Box<dyn Provider>,
+    pub http: Http,
+    pub binding: Binding,
+}
+
+impl Bound {
+    /// [`connected`] to `F`'s fake, with `F`'s binding prepared.
+    pub fn new<F: Fake>() -> (Emulator, Bound) {
+        let (emulator, mut provider, mut http) = connected::<F>();
+        let mut binding = F::binding();
+        provider.prepare(&mut http, &mut binding).expect("prepare");
+        let bound = Bound {
+            provider,
+            http,
+            binding,
+        };
+        (emulator, bound)
+    }
+
+    pub fn upsert(&mut self, members: &[Member]) -> Vec<Outcome> {
+        self.provider
+            .upsert(&mut self.http, &self.binding, members)
+            .expect("upsert")
+    }
+
+    pub fn remove(&mut self, action: LeaveAction, members: &[Member]) -> Vec<Outcome> {
+        self.provider
+            .remove(&mut self.http, &self.binding, action, members)
+            .expect("remove")
+    }
+}
+
 /// Whether `outcome` is a member who joined (or stayed) subscribed.
 pub fn is_subscribed(outcome: &Outcome) -> bool {
     matches!(
