@@ -525,10 +525,7 @@ mod unit {
     fn data_centre_comes_from_the_key() {
         assert_eq!(data_center("0123456789abcdef-us21"), Some("us21"));
         assert_eq!(data_center("nodash"), None);
-        let config = Config {
-            settings: Map::new(),
-            secrets: serde_json::from_value(json!({"api_key": "k"})).unwrap(),
-        };
+        let config = crate::providers::test_support::config(json!({}), json!({"api_key": "k"}));
         assert!(validate(&config).is_err());
     }
 
@@ -562,13 +559,10 @@ mod fake {
     const KEY: &str = "0123456789abcdef-us21";
 
     fn provider(emulator: &Emulator, api_key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(
-                json!({"audience_id": AUDIENCE, "base_url": emulator.base_url("mailchimp")}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": api_key})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"audience_id": AUDIENCE, "base_url": emulator.base_url("mailchimp")}),
+            json!({"api_key": api_key}),
+        ))
     }
 
     struct MailchimpFake;
@@ -654,13 +648,10 @@ mod contract {
     fn every_request_validates_against_the_official_spec() {
         let prism = Prism::start("mailchimp-marketing-lists-subset.json");
         let mut http = prism.http();
-        let config = Config {
-            settings: serde_json::from_value(
-                json!({"audience_id": "a1b2c3", "base_url": prism.base_url}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": "0123456789abcdef-us21"})).unwrap(),
-        };
+        let config = test_support::config(
+            json!({"audience_id": "a1b2c3", "base_url": prism.base_url}),
+            json!({"api_key": "0123456789abcdef-us21"}),
+        );
         let mut provider = connect(&config);
         provider.check(&mut http).expect("ping and audience");
         let mut created = binding(None);

@@ -631,6 +631,7 @@ impl Provider for MailerLite {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::providers::test_support::refusal_status;
 
     #[test]
     fn field_keys_are_checked() {
@@ -681,9 +682,8 @@ mod unit {
             ("bounced", ConsentStatus::Bounced),
             ("junk", ConsentStatus::Complained),
         ] {
-            assert!(
-                matches!(upserted(&json!({"id": "1", "status": status})), Outcome::Refused { status: s, .. } if s == consent)
-            );
+            let outcome = upserted(&json!({"id": "1", "status": status}));
+            assert_eq!(refusal_status(&outcome), Some(consent), "{status}");
         }
         assert_eq!(
             upserted(&json!({"id": "7", "status": "unconfirmed"})),
@@ -713,21 +713,16 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use crate::providers::test_support::{http, refusal_status, remote_id};
     use listsync_emulator::Emulator;
-    use std::time::Duration;
 
     const TOKEN: &str = "ml-token";
 
-    fn http() -> Http {
-        Http::local(Duration::from_secs(5))
-    }
-
     fn provider(emulator: &Emulator, token: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(json!({"base_url": emulator.base_url("mailerlite")}))
-                .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": token})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("mailerlite")}),
+            json!({"api_key": token}),
+        ))
     }
 
     fn setup() -> (Emulator, Http, Box<dyn Provider>) {
@@ -772,13 +767,6 @@ mod fake {
             )
             .expect("upsert");
         (binding, outcomes)
-    }
-
-    fn remote_id(outcome: &Outcome) -> Option<String> {
-        match outcome {
-            Outcome::Member { remote_id, .. } => remote_id.clone(),
-            _ => None,
-        }
     }
 
     #[test]
@@ -898,13 +886,7 @@ mod fake {
         let outcomes = provider
             .upsert(&mut http, &binding, &[member("bob@example.com", "Bob", 2)])
             .unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Bounced,
-                ..
-            }
-        ));
+        assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Bounced));
 
         let mut spam = member("spam@example.com", "S", 0);
         spam.fields.clear();
@@ -913,13 +895,10 @@ mod fake {
         provider.upsert(&mut http, &other, &[spam.clone()]).unwrap();
         assert!(ml.set_status("spam@example.com", "junk"));
         let outcomes = provider.upsert(&mut http, &binding, &[spam]).unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Complained,
-                ..
-            }
-        ));
+        assert_eq!(
+            refusal_status(&outcomes[0]),
+            Some(ConsentStatus::Complained)
+        );
         let group = binding.list_id.as_deref().unwrap();
         assert!(!ml.group_members(group).contains_key("spam@example.com"));
         assert!(ml.resubscribed().is_empty());
@@ -936,7 +915,7 @@ mod fake {
             let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
             // Ann with the recorded id, Bob looked up by address, Zed unknown to MailerLite.
             let leaving = [
-                gone("ann@example.com", remote_id(&outcomes[0])),
+                gone("ann@example.com", Some(remote_id(&outcomes[0]))),
                 gone("bob@example.com", None),
                 gone("zed@example.com", None),
             ];
@@ -968,15 +947,12 @@ mod fake {
         let (emulator, mut http, mut provider) = setup();
         let (binding, _) = prepared(&emulator, &mut http, &mut provider);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
-        assert!(matches!(
-            provider.remove(
-                &mut http,
-                &binding,
-                LeaveAction::Archive,
-                &[gone("ann@example.com", None)]
-            ),
-            Err(ProviderError::Binding(_))
-        ));
+        test_support::assert_unoffered_leaves_are_refused(
+            &SPEC,
+            &mut provider,
+            &mut http,
+            &binding,
+        );
     }
 
     #[test]

@@ -598,9 +598,8 @@ mod unit {
 
     #[test]
     fn the_account_is_a_path_segment() {
-        let config = |account: &str| Config {
-            settings: serde_json::from_value(json!({"account": account})).unwrap(),
-            secrets: Default::default(),
+        let config = |account: &str| {
+            crate::providers::test_support::config(json!({"account": account}), json!({}))
         };
         assert!(validate(&config("acme_shop")).is_ok());
         assert!(validate(&config("acme/../x")).is_err());
@@ -652,27 +651,20 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use crate::providers::test_support::{Bound, http, member, refusal_status};
     use listsync_emulator::Emulator;
-    use std::time::Duration;
 
     const KEY: &str = "ss-test-key";
-
-    fn http() -> Http {
-        Http::local(Duration::from_secs(2))
-    }
 
     fn provider(emulator: &Emulator) -> Box<dyn Provider> {
         provider_with_key(emulator, KEY)
     }
 
     fn provider_with_key(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(
-                json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
-            )
-            .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        })
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("sendsay"), "account": "acme"}),
+            json!({"api_key": key}),
+        ))
     }
 
     fn binding() -> Binding {
@@ -680,21 +672,6 @@ mod fake {
             id: 3,
             ..test_support::binding(&["base.firstName", "custom.city"])
         }
-    }
-
-    fn member(address: &str, fields: Value) -> Member {
-        Member {
-            address: address.into(),
-            fields: serde_json::from_value(fields).unwrap(),
-            remote_id: None,
-        }
-    }
-
-    fn prepared(emulator: &Emulator, http: &mut Http) -> (Box<dyn Provider>, Binding) {
-        let mut provider = provider(emulator);
-        let mut binding = binding();
-        provider.prepare(http, &mut binding).expect("prepare");
-        (provider, binding)
     }
 
     fn is_member(outcome: &Outcome) -> bool {
@@ -709,10 +686,8 @@ mod fake {
 
     #[test]
     fn prepare_creates_the_group_once_and_checks_given_ones() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
-        let group = bound.list_id.clone().unwrap();
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
+        let group = s.binding.list_id.clone().unwrap();
         let groups = emulator.sendsay().groups();
         assert_eq!(groups.len(), 1);
         assert_eq!(
@@ -721,76 +696,56 @@ mod fake {
         );
 
         let mut again = binding();
-        provider.prepare(&mut http, &mut again).unwrap();
+        s.provider.prepare(&mut s.http, &mut again).unwrap();
         assert_eq!(again.list_id, Some(group.clone()));
         assert_eq!(emulator.sendsay().groups().len(), 1);
 
         again.list_id = Some("nosuch".into());
         assert!(matches!(
-            provider.prepare(&mut http, &mut again),
+            s.provider.prepare(&mut s.http, &mut again),
             Err(ProviderError::Binding(m)) if m.contains("does not exist")
         ));
         again.list_id = Some(emulator.sendsay().create_filter_group("computed"));
         assert!(matches!(
-            provider.prepare(&mut http, &mut again),
+            s.provider.prepare(&mut s.http, &mut again),
             Err(ProviderError::Binding(m)) if m.contains("filter")
         ));
     }
 
     #[test]
     fn upsert_adds_members_updates_fields_and_honours_double_opt_in() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, mut bound) = prepared(&emulator, &mut http);
-        let group = bound.list_id.clone().unwrap();
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[
-                    member(
-                        "ann@example.com",
-                        json!({"base.firstName": "Ann", "custom.city": "Moscow"}),
-                    ),
-                    member(
-                        "bob@example.com",
-                        json!({"base.firstName": "Bob", "custom.city": null}),
-                    ),
-                ],
-            )
-            .unwrap();
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
+        let group = s.binding.list_id.clone().unwrap();
+        let outcomes = s.upsert(&[
+            member(
+                "ann@example.com",
+                json!({"base.firstName": "Ann", "custom.city": "Moscow"}),
+            ),
+            member(
+                "bob@example.com",
+                json!({"base.firstName": "Bob", "custom.city": null}),
+            ),
+        ]);
         assert!(outcomes.iter().all(is_member), "{outcomes:?}");
         let members = emulator.list_members("sendsay", &group);
         assert_eq!(members["ann@example.com"]["base.firstName"], "Ann");
         assert_eq!(members["ann@example.com"]["custom.city"], "Moscow");
         assert_eq!(members["bob@example.com"]["custom.city"], "");
 
-        provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[member(
-                    "ann@example.com",
-                    json!({"base.firstName": "Anne", "custom.city": "Moscow"}),
-                )],
-            )
-            .unwrap();
+        s.upsert(&[member(
+            "ann@example.com",
+            json!({"base.firstName": "Anne", "custom.city": "Moscow"}),
+        )]);
         assert_eq!(
             emulator.list_members("sendsay", &group)["ann@example.com"]["base.firstName"],
             "Anne"
         );
 
-        bound.new_member_status = MemberStatus::Pending;
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[
-                    member("cid@example.com", json!({})),
-                    member("ann@example.com", json!({})),
-                ],
-            )
-            .unwrap();
+        s.binding.new_member_status = MemberStatus::Pending;
+        let outcomes = s.upsert(&[
+            member("cid@example.com", json!({})),
+            member("ann@example.com", json!({})),
+        ]);
         assert!(matches!(
             outcomes[0],
             Outcome::Member {
@@ -813,34 +768,22 @@ mod fake {
 
     #[test]
     fn each_on_leave_does_what_it_says() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
-        let group = bound.list_id.clone().unwrap();
-        let everyone: Vec<Member> = ["ann", "bob", "cid", "dan"]
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
+        let group = s.binding.list_id.clone().unwrap();
+        let everyone: Vec<Member> = ["ann", "bob", "cid"]
             .iter()
             .map(|n| member(&format!("{n}@example.com"), json!({"base.firstName": n})))
             .collect();
-        assert!(
-            provider
-                .upsert(&mut http, &bound, &everyone)
-                .unwrap()
-                .iter()
-                .all(is_member)
-        );
+        assert!(s.upsert(&everyone).iter().all(is_member));
         let ss = emulator.sendsay();
 
-        let outcomes = provider
-            .remove(
-                &mut http,
-                &bound,
-                LeaveAction::Remove,
-                &[
-                    member("ann@example.com", json!({})),
-                    member("nobody@example.com", json!({})),
-                ],
-            )
-            .unwrap();
+        let outcomes = s.remove(
+            LeaveAction::Remove,
+            &[
+                member("ann@example.com", json!({})),
+                member("nobody@example.com", json!({})),
+            ],
+        );
         assert_eq!(outcomes, vec![Outcome::Removed, Outcome::Removed]);
         assert!(
             ss.member("ann@example.com")
@@ -849,89 +792,46 @@ mod fake {
         assert!(ss.member("nobody@example.com").is_none());
 
         assert_eq!(
-            provider
-                .remove(
-                    &mut http,
-                    &bound,
-                    LeaveAction::Unsubscribe,
-                    &[member("bob@example.com", json!({}))]
-                )
-                .unwrap(),
+            s.remove(
+                LeaveAction::Unsubscribe,
+                &[member("bob@example.com", json!({}))]
+            ),
             vec![Outcome::Removed]
         );
         assert!(ss.stoplist().contains("bob@example.com"));
         assert!(!ss.group_members(&group).contains_key("bob@example.com"));
-        let again = provider
-            .upsert(&mut http, &bound, &[member("bob@example.com", json!({}))])
-            .unwrap();
-        assert!(matches!(
-            again[0],
-            Outcome::Refused {
-                status: ConsentStatus::Cleaned,
-                ..
-            }
-        ));
+        let again = s.upsert(&[member("bob@example.com", json!({}))]);
+        assert_eq!(refusal_status(&again[0]), Some(ConsentStatus::Cleaned));
 
         assert_eq!(
-            provider
-                .remove(
-                    &mut http,
-                    &bound,
-                    LeaveAction::Delete,
-                    &[member("cid@example.com", json!({}))]
-                )
-                .unwrap(),
+            s.remove(LeaveAction::Delete, &[member("cid@example.com", json!({}))]),
             vec![Outcome::Removed]
         );
         assert!(ss.member("cid@example.com").is_none());
 
-        assert!(matches!(
-            provider.remove(
-                &mut http,
-                &bound,
-                LeaveAction::Archive,
-                &[member("dan@example.com", json!({}))]
-            ),
-            Err(ProviderError::Binding(_))
-        ));
+        assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
+        test_support::assert_unoffered_leaves_are_refused(
+            &SPEC,
+            &mut s.provider,
+            &mut s.http,
+            &s.binding,
+        );
         assert!(ss.locked_additions().is_empty());
     }
 
+    /// The suite's consent scenario refuses an unsubscribed address; here a stop-listed one.
     #[test]
-    fn unsubscribed_and_stop_listed_addresses_are_refused_and_never_added() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
-        let group = bound.list_id.clone().unwrap();
+    fn stop_listed_addresses_are_refused_and_never_added() {
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
+        let group = s.binding.list_id.clone().unwrap();
         let ss = emulator.sendsay();
-        ss.set_status("u@example.com", "unsubscribed");
         ss.set_status("b@example.com", "bounced");
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[
-                    member("u@example.com", json!({})),
-                    member("b@example.com", json!({})),
-                    member("ok@example.com", json!({})),
-                ],
-            )
-            .unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            }
-        ));
-        assert!(matches!(
-            outcomes[1],
-            Outcome::Refused {
-                status: ConsentStatus::Cleaned,
-                ..
-            }
-        ));
-        assert!(is_member(&outcomes[2]));
+        let outcomes = s.upsert(&[
+            member("b@example.com", json!({})),
+            member("ok@example.com", json!({})),
+        ]);
+        assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Cleaned));
+        assert!(is_member(&outcomes[1]));
         assert!(ss.locked_additions().is_empty());
         assert_eq!(emulator.list_members("sendsay", &group).len(), 1);
     }
@@ -940,23 +840,15 @@ mod fake {
     /// take and a field it does not have, each only for its member.
     #[test]
     fn per_item_errors_fail_or_retry_only_their_member() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
         let ss = emulator.sendsay();
         ss.reject_address("busy@example.com", "error/internal", "try again");
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[
-                    member("busy@example.com", json!({})),
-                    member("odd@example.c0m", json!({})),
-                    member("ok@example.com", json!({"nosuch.q": 1})),
-                    member("fine@example.com", json!({})),
-                ],
-            )
-            .unwrap();
+        let outcomes = s.upsert(&[
+            member("busy@example.com", json!({})),
+            member("odd@example.c0m", json!({})),
+            member("ok@example.com", json!({"nosuch.q": 1})),
+            member("fine@example.com", json!({})),
+        ]);
         assert!(matches!(&outcomes[0], Outcome::Retry { .. }));
         assert!(matches!(&outcomes[1], Outcome::Failed { .. }));
         assert!(
@@ -1005,23 +897,15 @@ mod fake {
 
     #[test]
     fn the_account_member_limit_fails_new_members_only() {
-        let emulator = Emulator::start();
-        let mut http = http();
-        let (mut provider, bound) = prepared(&emulator, &mut http);
+        let (emulator, mut s) = Bound::new::<SendsayFake>();
         emulator.sendsay().set_member_limit(1);
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &bound,
-                &[
-                    member("ann@example.com", json!({})),
-                    member("bob@example.com", json!({})),
-                ],
-            )
-            .unwrap();
+        let outcomes = s.upsert(&[
+            member("ann@example.com", json!({})),
+            member("bob@example.com", json!({})),
+        ]);
         assert!(is_member(&outcomes[0]));
         assert!(matches!(&outcomes[1], Outcome::Failed { message } if message.contains("limit")));
-        let checked = provider.check(&mut http).unwrap();
+        let checked = s.provider.check(&mut s.http).unwrap();
         assert_eq!(checked["members_left"], 0);
     }
 

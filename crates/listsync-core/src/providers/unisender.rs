@@ -666,12 +666,12 @@ impl Provider for Unisender {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::providers::test_support::refusal_status;
 
     #[test]
     fn settings_and_field_names_are_checked() {
-        let config = |language: &str| Config {
-            settings: serde_json::from_value(json!({"language": language})).unwrap(),
-            secrets: Map::new(),
+        let config = |language: &str| {
+            crate::providers::test_support::config(json!({"language": language}), json!({}))
         };
         assert!(validate(&config("ru")).is_ok());
         assert!(validate(&config("english")).is_err());
@@ -718,41 +718,40 @@ mod unit {
 
     #[test]
     fn consent_states_refuse() {
-        assert!(matches!(
-            refusal("unsubscribed", "available", None),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("active", "available", Some("unsubscribed")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Unsubscribed,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("blocked", "available", None),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Complained,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("active", "unreachable", Some("active")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Bounced,
-                ..
-            })
-        ));
-        assert!(matches!(
-            refusal("inactive", "available", Some("active")),
-            Some(Outcome::Refused {
-                status: ConsentStatus::Cleaned,
-                ..
-            })
-        ));
+        for (status, availability, list_status, consent) in [
+            (
+                "unsubscribed",
+                "available",
+                None,
+                ConsentStatus::Unsubscribed,
+            ),
+            (
+                "active",
+                "available",
+                Some("unsubscribed"),
+                ConsentStatus::Unsubscribed,
+            ),
+            ("blocked", "available", None, ConsentStatus::Complained),
+            (
+                "active",
+                "unreachable",
+                Some("active"),
+                ConsentStatus::Bounced,
+            ),
+            (
+                "inactive",
+                "available",
+                Some("active"),
+                ConsentStatus::Cleaned,
+            ),
+        ] {
+            let outcome = refusal(status, availability, list_status);
+            assert_eq!(
+                outcome.as_ref().and_then(refusal_status),
+                Some(consent),
+                "{status}, {availability}, {list_status:?}"
+            );
+        }
         assert!(refusal("new", "available", Some("active")).is_none());
         assert_eq!(member_status("activation_requested"), MemberStatus::Pending);
         assert_eq!(member_status("active"), MemberStatus::Subscribed);
@@ -775,28 +774,16 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
+    use crate::providers::test_support::{connected, refusal_status};
     use listsync_emulator::Emulator;
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
 
-    fn http() -> Http {
-        Http::local(Duration::from_secs(5))
-    }
-
     fn provider(emulator: &Emulator, key: &str) -> Box<dyn Provider> {
-        connect(&Config {
-            settings: serde_json::from_value(json!({"base_url": emulator.base_url("unisender")}))
-                .unwrap(),
-            secrets: serde_json::from_value(json!({"api_key": key})).unwrap(),
-        })
-    }
-
-    fn setup() -> (Emulator, Http, Box<dyn Provider>) {
-        let emulator = Emulator::start();
-        emulator.unisender().set_api_key(KEY);
-        emulator.unisender().add_field("score", "number");
-        let provider = provider(&emulator, KEY);
-        (emulator, http(), provider)
+        connect(&test_support::config(
+            json!({"base_url": emulator.base_url("unisender")}),
+            json!({"api_key": key}),
+        ))
     }
 
     fn binding(status: MemberStatus) -> Binding {
@@ -834,7 +821,7 @@ mod fake {
 
     #[test]
     fn prepare_creates_the_list_once_and_checks_fields() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let first = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let again = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert_eq!(
@@ -865,7 +852,7 @@ mod fake {
 
     #[test]
     fn upsert_imports_members_with_fields_and_tags_then_updates() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let outcomes = provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -903,7 +890,7 @@ mod fake {
 
     #[test]
     fn the_api_key_travels_in_the_body_never_in_the_url() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -919,7 +906,7 @@ mod fake {
 
     #[test]
     fn double_opt_in_subscribes_new_members_with_a_confirmation() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let subscribed = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(
@@ -981,7 +968,7 @@ mod fake {
     #[test]
     fn every_consent_state_is_never_overridden() {
         for pending in [MemberStatus::Subscribed, MemberStatus::Pending] {
-            let (emulator, mut http, mut provider) = setup();
+            let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
             let binding = prepared(&mut http, &mut provider, pending);
             let list = binding.list_id.clone().unwrap();
             let addresses = [
@@ -1000,21 +987,18 @@ mod fake {
             assert!(us.set_availability("bnc@example.com", "unreachable"));
             assert!(us.set_status("off@example.com", "inactive"));
             let outcomes = provider.upsert(&mut http, &binding, &first).unwrap();
-            let refused: Vec<ConsentStatus> = outcomes
-                .iter()
-                .map(|o| match o {
-                    Outcome::Refused { status, .. } => *status,
-                    other => panic!("{other:?}"),
-                })
-                .collect();
+            let statuses: Vec<Option<ConsentStatus>> =
+                outcomes.iter().map(refusal_status).collect();
             assert_eq!(
-                refused,
-                vec![
+                statuses,
+                [
                     ConsentStatus::Unsubscribed,
                     ConsentStatus::Complained,
                     ConsentStatus::Bounced,
                     ConsentStatus::Cleaned
                 ]
+                .map(Some),
+                "{pending:?}"
             );
             assert!(us.resubscribed().is_empty());
             assert_eq!(us.contact("blk@example.com").unwrap().status, "blocked");
@@ -1026,7 +1010,7 @@ mod fake {
     /// address on the double opt-in path, which subscribes instead of importing.
     #[test]
     fn per_item_errors_do_not_fail_the_batch() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         emulator
             .unisender()
@@ -1060,7 +1044,7 @@ mod fake {
             LeaveAction::Unsubscribe,
             LeaveAction::Delete,
         ] {
-            let (emulator, mut http, mut provider) = setup();
+            let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
             let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
             provider
                 .upsert(&mut http, &binding, &ann_and_bob())
@@ -1092,23 +1076,20 @@ mod fake {
 
     #[test]
     fn archive_is_refused() {
-        let (_emulator, mut http, mut provider) = setup();
+        let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
-        assert!(matches!(
-            provider.remove(
-                &mut http,
-                &binding,
-                LeaveAction::Archive,
-                &[gone("ann@example.com")]
-            ),
-            Err(ProviderError::Binding(_))
-        ));
+        test_support::assert_unoffered_leaves_are_refused(
+            &SPEC,
+            &mut provider,
+            &mut http,
+            &binding,
+        );
     }
 
     #[test]
     fn erase_deletes_contacts_in_chunks_of_500() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         provider
             .upsert(&mut http, &binding, &ann_and_bob())
@@ -1134,7 +1115,7 @@ mod fake {
 
     #[test]
     fn check_counts_the_lists() {
-        let (_emulator, mut http, mut provider) = setup();
+        let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
         assert_eq!(provider.check(&mut http).unwrap()["lists"], 0);
     }
 
@@ -1142,7 +1123,7 @@ mod fake {
     /// the minute it counts calls over.
     #[test]
     fn the_call_limit_is_transient() {
-        let (emulator, mut http, mut provider) = setup();
+        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
         let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
         let batch = ann_and_bob();
 

@@ -8,7 +8,7 @@
 
 use super::*;
 use crate::providers::contract::{Prism, assert_all_valid};
-use crate::providers::test_support::known_member as member;
+use crate::providers::test_support::{config, known_member as member, remote_id};
 use listsync_emulator::{Emulator, Fault};
 
 /// A request's kind: its path with the resource ids replaced as the description names them.
@@ -29,32 +29,16 @@ fn kind(method: &str, path: &str) -> String {
     format!("{method} {}", segments.join("/"))
 }
 
-fn id(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Member {
-            remote_id: Some(id),
-            ..
-        } => id.clone(),
-        other => panic!("not a member: {other:?}"),
-    }
-}
-
 #[test]
 fn every_request_validates_against_the_official_spec() {
     let emulator = Emulator::start();
     let gc = emulator.google_contacts();
     gc.reject_address("bad@example.com", "Invalid email address.");
     let mut http = Http::local(Duration::from_secs(10));
-    let config = Config {
-        settings: serde_json::from_value(
-            json!({"base_url": emulator.base_url("google_contacts")}),
-        )
-        .unwrap(),
-        secrets: serde_json::from_value(
-            json!({"client_id": "id.apps.googleusercontent.com", "client_secret": "s", "refresh_token": "1//r"}),
-        )
-        .unwrap(),
-    };
+    let config = config(
+        json!({"base_url": emulator.base_url("google_contacts")}),
+        json!({"client_id": "id.apps.googleusercontent.com", "client_secret": "s", "refresh_token": "1//r"}),
+    );
     let mut provider = connect(&config);
     provider.check(&mut http).expect("check");
     let mut binding = Binding {
@@ -92,8 +76,8 @@ fn every_request_validates_against_the_official_spec() {
             ],
         )
         .expect("upsert");
-    let (ann, bob) = (id(&outcomes[0]), id(&outcomes[1]));
-    assert_eq!(id(&outcomes[3]), carol);
+    let (ann, bob) = (remote_id(&outcomes[0]), remote_id(&outcomes[1]));
+    assert_eq!(remote_id(&outcomes[3]), carol);
     // A stale etag: the batch update fails, then one by one with a fresh read.
     gc.touch_after_next_read(&ann);
     provider

@@ -1,13 +1,10 @@
 use super::*;
 
 fn config(settings: Value) -> Config {
-    Config {
-        settings: serde_json::from_value(settings).unwrap(),
-        secrets: serde_json::from_value(
-            json!({"client_id": "id", "client_secret": "secret", "refresh_token": "refresh"}),
-        )
-        .unwrap(),
-    }
+    crate::providers::test_support::config(
+        settings,
+        json!({"client_id": "id", "client_secret": "secret", "refresh_token": "refresh"}),
+    )
 }
 
 fn values(pairs: &[(&str, Value)]) -> Vec<(Field, Option<String>)> {
