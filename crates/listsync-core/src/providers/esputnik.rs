@@ -939,7 +939,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{connected, http, refusal_status};
+    use crate::providers::test_support::{Bound, connected, http, refusal_status};
     use listsync_emulator::esputnik::Esputnik as Account;
     use listsync_emulator::{Emulator, Fault};
 
@@ -962,20 +962,9 @@ mod fake {
         test_support::member(address, json!({"firstName": name, "town": "Kyiv"}))
     }
 
-    fn prepared(provider: &mut Box<dyn Provider>, http: &mut Http) -> Binding {
-        let mut b = binding();
-        provider.prepare(http, &mut b).expect("prepare");
-        b
-    }
-
     /// Upserts and returns the members with the contact ids the import reported.
-    fn delivered(
-        provider: &mut Box<dyn Provider>,
-        http: &mut Http,
-        b: &Binding,
-        members: &[Member],
-    ) -> Vec<Member> {
-        let outcomes = provider.upsert(http, b, members).unwrap();
+    fn delivered(s: &mut Bound, members: &[Member]) -> Vec<Member> {
+        let outcomes = s.upsert(members);
         members
             .iter()
             .zip(outcomes)
@@ -993,43 +982,47 @@ mod fake {
 
     #[test]
     fn the_segment_comes_with_the_first_import_and_is_found_by_name_later() {
-        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
+        let (emulator, mut s) = Bound::new::<EsputnikBrand>();
         let es = emulator.esputnik();
-        let b = prepared(&mut provider, &mut http);
-        assert_eq!(b.list_id.as_deref(), Some("vip (crm)"), "no segment yet");
-        assert!(es.groups().is_empty());
-        delivered(
-            &mut provider,
-            &mut http,
-            &b,
-            &[member("ann@example.com", "Ann")],
+        assert_eq!(
+            s.binding.list_id.as_deref(),
+            Some("vip (crm)"),
+            "no segment yet"
         );
+        assert!(es.groups().is_empty());
+        delivered(&mut s, &[member("ann@example.com", "Ann")]);
         let id = es.group_id("vip (crm)").expect("created by the import");
         assert_eq!(emulator.list_members("esputnik", "vip (crm)").len(), 1);
 
-        let again = prepared(&mut provider, &mut http);
+        let mut again = binding();
+        s.provider
+            .prepare(&mut s.http, &mut again)
+            .expect("a resync");
         assert_eq!(again.list_id, Some(id.to_string()), "a resync finds its id");
         let mut given = binding();
         given.list_id = Some(id.to_string());
-        provider
-            .prepare(&mut http, &mut given)
+        s.provider
+            .prepare(&mut s.http, &mut given)
             .expect("an existing id");
         assert_eq!(given.remote["group_name"], "vip (crm)");
 
         given.list_id = Some("424242".into());
-        let e = provider.prepare(&mut http, &mut given).unwrap_err();
+        let e = s.provider.prepare(&mut s.http, &mut given).unwrap_err();
         assert!(
             matches!(&e, ProviderError::Binding(m) if m.contains("424242")),
             "{e:?}"
         );
         let dynamic = es.create_group("dynamic", false);
         given.list_id = Some(dynamic.to_string());
-        let e = provider.prepare(&mut http, &mut given).unwrap_err();
+        let e = s.provider.prepare(&mut s.http, &mut given).unwrap_err();
         assert!(
             matches!(&e, ProviderError::Binding(m) if m.contains("not static")),
             "{e:?}"
         );
-        assert_eq!(provider.check(&mut http).unwrap()["provider"], "eSputnik");
+        assert_eq!(
+            s.provider.check(&mut s.http).unwrap()["provider"],
+            "eSputnik"
+        );
     }
 
     #[test]
@@ -1042,10 +1035,15 @@ mod fake {
         b.fields.push("Birthday".into());
         provider.prepare(&mut http, &mut b).unwrap();
         assert_eq!(b.remote["custom_fields"]["Birthday"]["id"], birthday);
+        let mut s = Bound {
+            provider,
+            http,
+            binding: b,
+        };
         let mut ann = member("ann@example.com", "Ann");
         ann.fields
             .insert("Birthday".into(), json!("1990-07-14T00:00:00"));
-        let sent = delivered(&mut provider, &mut http, &b, &[ann.clone()]);
+        let sent = delivered(&mut s, &[ann.clone()]);
         let contact = es.contact("ann@example.com").unwrap();
         assert_eq!(sent[0].remote_id, Some(contact.id.to_string()));
         assert_eq!(contact.fields["firstName"], "Ann");
@@ -1054,7 +1052,7 @@ mod fake {
 
         ann.fields.insert("firstName".into(), json!("Anna"));
         ann.fields.insert("town".into(), Value::Null);
-        delivered(&mut provider, &mut http, &b, &[ann]);
+        delivered(&mut s, &[ann]);
         let listed = emulator.list_members("esputnik", "vip (crm)");
         assert_eq!(listed["ann@example.com"]["firstName"], "Anna");
         assert!(
@@ -1064,7 +1062,7 @@ mod fake {
 
         let mut unknown = binding();
         unknown.fields.push("Shoe size".into());
-        let e = provider.prepare(&mut http, &mut unknown).unwrap_err();
+        let e = s.provider.prepare(&mut s.http, &mut unknown).unwrap_err();
         assert!(
             matches!(&e, ProviderError::Binding(m) if m.contains("Shoe size") && m.contains("Loyalty")),
             "{e:?}"
@@ -1073,33 +1071,20 @@ mod fake {
 
     #[test]
     fn slow_and_failed_imports() {
-        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
+        let (emulator, mut s) = Bound::new::<EsputnikBrand>();
         let es = emulator.esputnik();
-        let b = prepared(&mut provider, &mut http);
         es.set_import_polls(2);
-        let sent = delivered(
-            &mut provider,
-            &mut http,
-            &b,
-            &[member("a@example.com", "A")],
-        );
+        let sent = delivered(&mut s, &[member("a@example.com", "A")]);
         assert!(sent[0].remote_id.is_some(), "finished within the polls");
         es.set_import_polls(50);
-        let sent = delivered(
-            &mut provider,
-            &mut http,
-            &b,
-            &[member("s@example.com", "S")],
-        );
+        let sent = delivered(&mut s, &[member("s@example.com", "S")]);
         assert_eq!(
             sent[0].remote_id, None,
             "still running: delivered, id unknown"
         );
         es.set_import_polls(0);
         es.fail_next_import("storage unavailable");
-        let outcomes = provider
-            .upsert(&mut http, &b, &[member("f@example.com", "F")])
-            .unwrap();
+        let outcomes = s.upsert(&[member("f@example.com", "F")]);
         assert!(
             matches!(&outcomes[0], Outcome::Retry { message, .. } if message.contains("storage unavailable")),
             "{outcomes:?}"
@@ -1110,15 +1095,14 @@ mod fake {
     /// states are refused per contact too.
     #[test]
     fn bounced_and_complained_contacts_are_refused() {
-        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
+        let (emulator, mut s) = Bound::new::<EsputnikBrand>();
         let es = emulator.esputnik();
-        let b = prepared(&mut provider, &mut http);
         let people = ["b@example.com", "c@example.com", "ok@example.com"];
         let members: Vec<Member> = people.iter().map(|a| member(a, "P")).collect();
-        delivered(&mut provider, &mut http, &b, &members);
+        delivered(&mut s, &members);
         es.set_status("b@example.com", "bounced");
         es.set_status("c@example.com", "complained");
-        let outcomes = provider.upsert(&mut http, &b, &members).unwrap();
+        let outcomes = s.upsert(&members);
         assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Bounced));
         assert_eq!(
             refusal_status(&outcomes[1]),
@@ -1130,9 +1114,8 @@ mod fake {
     /// Erasure is the suite's.
     #[test]
     fn every_on_leave() {
-        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
+        let (emulator, mut s) = Bound::new::<EsputnikBrand>();
         let es = emulator.esputnik();
-        let b = prepared(&mut provider, &mut http);
         let everyone: Vec<Member> = [
             "r@example.com",
             "u@example.com",
@@ -1143,34 +1126,30 @@ mod fake {
         .iter()
         .map(|a| member(a, "X"))
         .collect();
-        let mut sent = delivered(&mut provider, &mut http, &b, &everyone);
+        let mut sent = delivered(&mut s, &everyone);
         // A contact whose id was never recorded is found by its address.
         sent[0].remote_id = None;
         let group = es.group_id("vip (crm)").unwrap();
-        let leave = |provider: &mut Box<dyn Provider>, http: &mut Http, action, m: &Member| {
+        let leave = |s: &mut Bound, action, m: &Member| {
             assert_eq!(
-                provider
-                    .remove(http, &b, action, std::slice::from_ref(m))
-                    .unwrap(),
+                s.remove(action, std::slice::from_ref(m)),
                 vec![Outcome::Removed]
             );
         };
-        leave(&mut provider, &mut http, LeaveAction::Remove, &sent[0]);
+        leave(&mut s, LeaveAction::Remove, &sent[0]);
         assert!(!es.group_members(group).contains_key("r@example.com"));
         assert!(es.contact("r@example.com").is_some(), "the contact stays");
-        leave(&mut provider, &mut http, LeaveAction::Unsubscribe, &sent[1]);
+        leave(&mut s, LeaveAction::Unsubscribe, &sent[1]);
         assert!(es.unsubscribed().contains("u@example.com"));
         assert!(!es.group_members(group).contains_key("u@example.com"));
-        leave(&mut provider, &mut http, LeaveAction::Delete, &sent[2]);
+        leave(&mut s, LeaveAction::Delete, &sent[2]);
         assert!(es.contact("d@example.com").unwrap().deleted);
 
         // Leaving again, or leaving without ever having been there, detaches nobody: an
         // empty detach would have emptied the segment.
         let strangers = [member("never@example.com", "N"), sent[0].clone()];
         assert_eq!(
-            provider
-                .remove(&mut http, &b, LeaveAction::Remove, &strangers)
-                .unwrap(),
+            s.remove(LeaveAction::Remove, &strangers),
             vec![Outcome::Removed; 2]
         );
         assert!(
@@ -1187,28 +1166,15 @@ mod fake {
         );
 
         // A deleted contact comes back when it returns to the filter.
-        let back = delivered(
-            &mut provider,
-            &mut http,
-            &b,
-            &[member("d@example.com", "Back")],
-        );
+        let back = delivered(&mut s, &[member("d@example.com", "Back")]);
         assert_eq!(back[0].remote_id, sent[2].remote_id);
         assert!(!es.contact("d@example.com").unwrap().deleted);
     }
 
     #[test]
     fn removing_before_the_segment_exists_calls_nothing_destructive() {
-        let (emulator, mut provider, mut http) = connected::<EsputnikBrand>();
-        let b = prepared(&mut provider, &mut http);
-        let outcomes = provider
-            .remove(
-                &mut http,
-                &b,
-                LeaveAction::Remove,
-                &[member("a@example.com", "A")],
-            )
-            .unwrap();
+        let (emulator, mut s) = Bound::new::<EsputnikBrand>();
+        let outcomes = s.remove(LeaveAction::Remove, &[member("a@example.com", "A")]);
         assert_eq!(outcomes, vec![Outcome::Removed]);
         assert!(
             emulator
@@ -1297,6 +1263,11 @@ mod fake {
         let mut b = binding();
         b.new_member_status = MemberStatus::Pending;
         provider.prepare(&mut http, &mut b).unwrap();
+        let mut s = Bound {
+            provider,
+            http,
+            binding: b,
+        };
         let faults = emulator.faults("esputnik");
 
         // A subscription went through, then the import failed: only the import is retried.
@@ -1305,9 +1276,7 @@ mod fake {
             ..member("known@example.com", "K")
         };
         faults.push(Fault::status(503).on_path("/api/v1/contacts"));
-        let outcomes = provider
-            .upsert(&mut http, &b, &[member("new@example.com", "N"), known])
-            .unwrap();
+        let outcomes = s.upsert(&[member("new@example.com", "N"), known]);
         assert!(matches!(
             outcomes[0],
             Outcome::Member {
@@ -1319,11 +1288,9 @@ mod fake {
         assert_eq!(es.subscriptions().len(), 1);
 
         // An import whose status cannot be read was still accepted.
-        b.new_member_status = MemberStatus::Subscribed;
+        s.binding.new_member_status = MemberStatus::Subscribed;
         faults.push(Fault::status(500).on_path("/importstatus"));
-        let outcomes = provider
-            .upsert(&mut http, &b, &[member("s@example.com", "S")])
-            .unwrap();
+        let outcomes = s.upsert(&[member("s@example.com", "S")]);
         assert_eq!(
             outcomes,
             vec![Outcome::Member {
@@ -1333,15 +1300,11 @@ mod fake {
         );
 
         // A cut-off answer to a detach is not taken for success.
-        let sent = delivered(
-            &mut provider,
-            &mut http,
-            &b,
-            &[member("d@example.com", "D")],
-        );
+        let sent = delivered(&mut s, &[member("d@example.com", "D")]);
         faults.push(Fault::MalformedJson.on_path("/detach"));
-        let e = provider
-            .remove(&mut http, &b, LeaveAction::Remove, &sent)
+        let e = s
+            .provider
+            .remove(&mut s.http, &s.binding, LeaveAction::Remove, &sent)
             .unwrap_err();
         assert!(matches!(e, ProviderError::Transient { .. }), "{e:?}");
         assert!(
