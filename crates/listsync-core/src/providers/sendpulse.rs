@@ -959,7 +959,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{connected, refusal_status};
+    use crate::providers::test_support::{Bound, connected, refusal_status};
     use listsync_emulator::Emulator;
 
     fn config(emulator: &Emulator, settings: Value, secrets: Value) -> Config {
@@ -1026,12 +1026,10 @@ mod fake {
         provider
             .prepare(&mut http, &mut given)
             .expect("an existing id");
-        check_works(&mut provider, &mut http);
-    }
-
-    fn check_works(provider: &mut Box<dyn Provider>, http: &mut Http) {
-        let checked = provider.check(http).expect("check");
-        assert_eq!(checked["mailing_lists"], 1);
+        assert_eq!(
+            provider.check(&mut http).expect("check")["mailing_lists"],
+            1
+        );
     }
 
     #[test]
@@ -1139,16 +1137,16 @@ mod fake {
     /// among them, are refused too.
     #[test]
     fn consent_states_are_refused_and_never_overridden() {
-        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
+        let (emulator, mut s) = Bound::new::<SendPulseFake>();
         let sp = emulator.sendpulse();
-        let b = prepared(&mut provider, &mut http);
+        let book = book(&s.binding);
         let people = ["b@example.com", "c@example.com", "k@example.com"];
         let members: Vec<Member> = people.iter().map(|a| member(a, "X")).collect();
-        provider.upsert(&mut http, &b, &members).unwrap();
+        s.upsert(&members);
         for (address, status) in people.iter().zip(["bounced", "complained", "blacklisted"]) {
-            assert!(sp.set_status(book(&b), address, status));
+            assert!(sp.set_status(book, address, status));
         }
-        let outcomes = provider.upsert(&mut http, &b, &members).unwrap();
+        let outcomes = s.upsert(&members);
         let statuses: Vec<Option<ConsentStatus>> = outcomes.iter().map(refusal_status).collect();
         assert_eq!(
             statuses,
@@ -1158,13 +1156,10 @@ mod fake {
                 Some(ConsentStatus::Unsubscribed)
             ]
         );
-        assert_eq!(
-            sp.member(book(&b), "b@example.com").unwrap().status,
-            "bounced"
-        );
+        assert_eq!(sp.member(book, "b@example.com").unwrap().status, "bounced");
         assert!(
             emulator
-                .list_members("sendpulse", b.list_id.as_deref().unwrap())
+                .list_members("sendpulse", &book.to_string())
                 .is_empty()
         );
     }
@@ -1172,10 +1167,9 @@ mod fake {
     /// Erasure is the suite's.
     #[test]
     fn every_on_leave() {
-        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
+        let (emulator, mut s) = Bound::new::<SendPulseFake>();
         let sp = emulator.sendpulse();
-        let b = prepared(&mut provider, &mut http);
-        let book = book(&b);
+        let book = book(&s.binding);
         let everyone: Vec<Member> = [
             "r@example.com",
             "u@example.com",
@@ -1185,62 +1179,46 @@ mod fake {
         .iter()
         .map(|a| member(a, "X"))
         .collect();
-        provider.upsert(&mut http, &b, &everyone).unwrap();
+        s.upsert(&everyone);
         let other = sp.create_book("other");
         let mut in_other = binding();
         in_other.list_id = Some(other.to_string());
-        provider.prepare(&mut http, &mut in_other).unwrap();
-        provider
-            .upsert(&mut http, &in_other, &everyone[2..3])
+        s.provider.prepare(&mut s.http, &mut in_other).unwrap();
+        s.provider
+            .upsert(&mut s.http, &in_other, &everyone[2..3])
             .unwrap();
 
-        let leave = |provider: &mut Box<dyn Provider>, http: &mut Http, action, i: usize| {
-            let outcomes = provider.remove(http, &b, action, &everyone[i..=i]).unwrap();
-            assert_eq!(outcomes, vec![Outcome::Removed]);
+        let leave = |s: &mut Bound, action, i: usize| {
+            assert_eq!(s.remove(action, &everyone[i..=i]), vec![Outcome::Removed]);
         };
-        leave(&mut provider, &mut http, LeaveAction::Remove, 0);
+        leave(&mut s, LeaveAction::Remove, 0);
         assert!(sp.member(book, "r@example.com").is_none());
-        leave(&mut provider, &mut http, LeaveAction::Unsubscribe, 1);
+        leave(&mut s, LeaveAction::Unsubscribe, 1);
         assert_eq!(
             sp.member(book, "u@example.com").unwrap().status,
             "unsubscribed"
         );
-        leave(&mut provider, &mut http, LeaveAction::Delete, 2);
+        leave(&mut s, LeaveAction::Delete, 2);
         assert!(
             sp.member(other, "d@example.com").is_none(),
             "deleted from every list"
         );
         // Leaving twice is still "removed".
-        assert_eq!(
-            provider
-                .remove(&mut http, &b, LeaveAction::Remove, &everyone[0..1])
-                .unwrap(),
-            vec![Outcome::Removed]
-        );
-        assert_eq!(
-            provider
-                .remove(&mut http, &b, LeaveAction::Unsubscribe, &everyone[1..2])
-                .unwrap(),
-            vec![Outcome::Removed]
-        );
+        leave(&mut s, LeaveAction::Remove, 0);
+        leave(&mut s, LeaveAction::Unsubscribe, 1);
         let listed = emulator.list_members("sendpulse", &book.to_string());
         assert_eq!(listed.keys().collect::<Vec<_>>(), vec!["k@example.com"]);
     }
 
     #[test]
     fn tokens_are_cached_renewed_before_expiry_and_after_a_401() {
-        let (emulator, mut provider, mut http) = connected::<SendPulseFake>();
+        let (emulator, mut s) = Bound::new::<SendPulseFake>();
         let sp = emulator.sendpulse();
-        let b = prepared(&mut provider, &mut http);
-        provider
-            .upsert(&mut http, &b, &[member("a@example.com", "A")])
-            .unwrap();
+        s.upsert(&[member("a@example.com", "A")]);
         assert_eq!(sp.tokens_issued(), 1, "one token serves many calls");
 
         sp.expire_tokens();
-        provider
-            .upsert(&mut http, &b, &[member("a@example.com", "B")])
-            .unwrap();
+        s.upsert(&[member("a@example.com", "B")]);
         assert_eq!(
             sp.tokens_issued(),
             2,
@@ -1249,11 +1227,11 @@ mod fake {
 
         sp.set_token_lifetime(Duration::from_secs(2));
         sp.expire_tokens();
-        provider.check(&mut http).unwrap();
+        s.provider.check(&mut s.http).unwrap();
         assert_eq!(sp.tokens_issued(), 3);
         std::thread::sleep(Duration::from_millis(1100));
         emulator.clear_requests("sendpulse");
-        provider.check(&mut http).unwrap();
+        s.provider.check(&mut s.http).unwrap();
         assert_eq!(sp.tokens_issued(), 4, "renewed before it expired");
         assert!(
             emulator
