@@ -774,7 +774,7 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{connected, refusal_status};
+    use crate::providers::test_support::{Bound, connected, is_subscribed, refusal_status};
     use listsync_emulator::Emulator;
 
     const KEY: &str = "6cknyh3pzk9d1dgj";
@@ -852,36 +852,18 @@ mod fake {
 
     #[test]
     fn upsert_imports_members_with_fields_and_tags_then_updates() {
-        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
-        let outcomes = provider
-            .upsert(&mut http, &binding, &ann_and_bob())
-            .unwrap();
-        assert!(
-            outcomes.iter().all(|o| matches!(
-                o,
-                Outcome::Member {
-                    status: MemberStatus::Subscribed,
-                    ..
-                }
-            )),
-            "{outcomes:?}"
-        );
-        let list = binding.list_id.as_deref().unwrap();
-        let members = emulator.list_members("unisender", list);
+        let (emulator, mut s) = Bound::new::<UnisenderFake>();
+        let outcomes = s.upsert(&ann_and_bob());
+        assert!(outcomes.iter().all(is_subscribed), "{outcomes:?}");
+        let list = s.binding.list_id.clone().unwrap();
+        let members = emulator.list_members("unisender", &list);
         assert_eq!(members.len(), 2);
         assert_eq!(members["ann@example.com"]["Name"], "Ann");
         assert_eq!(members["ann@example.com"]["score"], "10");
         let ann = emulator.unisender().contact("ann@example.com").unwrap();
         assert!(ann.tags.contains("crm"));
 
-        provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[member("ann@example.com", "Anne", 11)],
-            )
-            .unwrap();
+        s.upsert(&[member("ann@example.com", "Anne", 11)]);
         let ann = emulator.unisender().contact("ann@example.com").unwrap();
         assert_eq!(ann.fields["Name"], "Anne");
         assert_eq!(ann.fields["score"], "11");
@@ -890,11 +872,8 @@ mod fake {
 
     #[test]
     fn the_api_key_travels_in_the_body_never_in_the_url() {
-        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
-        provider
-            .upsert(&mut http, &binding, &ann_and_bob())
-            .unwrap();
+        let (emulator, mut s) = Bound::new::<UnisenderFake>();
+        s.upsert(&ann_and_bob());
         let requests = emulator.requests("unisender");
         assert!(!requests.is_empty());
         for request in requests {
@@ -1010,28 +989,18 @@ mod fake {
     /// address on the double opt-in path, which subscribes instead of importing.
     #[test]
     fn per_item_errors_do_not_fail_the_batch() {
-        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
+        let (emulator, mut s) = Bound::new::<UnisenderFake>();
         emulator
             .unisender()
             .reject_address("trap@example.com", "Spam trap address");
         let mut bad_score = member("eve@example.com", "Eve", 0);
         bad_score.fields.insert("score".into(), json!("lots"));
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[member("ann@example.com", "Ann", 2), bad_score],
-            )
-            .unwrap();
+        let outcomes = s.upsert(&[member("ann@example.com", "Ann", 2), bad_score]);
         assert!(matches!(outcomes[0], Outcome::Member { .. }));
         assert!(matches!(&outcomes[1], Outcome::Failed { message } if message.contains("score")));
 
-        let mut pending = binding.clone();
-        pending.new_member_status = MemberStatus::Pending;
-        let outcomes = provider
-            .upsert(&mut http, &pending, &[member("trap@example.com", "T", 1)])
-            .unwrap();
+        s.binding.new_member_status = MemberStatus::Pending;
+        let outcomes = s.upsert(&[member("trap@example.com", "T", 1)]);
         assert!(
             matches!(&outcomes[0], Outcome::Failed { message } if message.contains("Spam trap"))
         );
@@ -1044,18 +1013,13 @@ mod fake {
             LeaveAction::Unsubscribe,
             LeaveAction::Delete,
         ] {
-            let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-            let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
-            provider
-                .upsert(&mut http, &binding, &ann_and_bob())
-                .unwrap();
+            let (emulator, mut s) = Bound::new::<UnisenderFake>();
+            s.upsert(&ann_and_bob());
             let leaving = [gone("ann@example.com"), gone("zed@example.com")];
-            let outcomes = provider
-                .remove(&mut http, &binding, action, &leaving)
-                .unwrap();
+            let outcomes = s.remove(action, &leaving);
             assert_eq!(outcomes, vec![Outcome::Removed; 2], "{action:?}");
             let us = emulator.unisender();
-            let list = binding.list_id.as_deref().unwrap();
+            let list = s.binding.list_id.as_deref().unwrap();
             let members = emulator.list_members("unisender", list);
             match action {
                 LeaveAction::Remove => {
@@ -1076,29 +1040,25 @@ mod fake {
 
     #[test]
     fn archive_is_refused() {
-        let (_emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
+        let (_emulator, mut s) = Bound::new::<UnisenderFake>();
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
         test_support::assert_unoffered_leaves_are_refused(
             &SPEC,
-            &mut provider,
-            &mut http,
-            &binding,
+            &mut s.provider,
+            &mut s.http,
+            &s.binding,
         );
     }
 
     #[test]
     fn erase_deletes_contacts_in_chunks_of_500() {
-        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
-        provider
-            .upsert(&mut http, &binding, &ann_and_bob())
-            .unwrap();
+        let (emulator, mut s) = Bound::new::<UnisenderFake>();
+        s.upsert(&ann_and_bob());
         let mut erasing: Vec<Member> = (0..600)
             .map(|i| gone(&format!("u{i}@example.com")))
             .collect();
         erasing.push(gone("ann@example.com"));
-        let outcomes = provider.erase(&mut http, &binding, &erasing).unwrap();
+        let outcomes = s.provider.erase(&mut s.http, &s.binding, &erasing).unwrap();
         assert_eq!(outcomes.len(), 601);
         assert!(outcomes.iter().all(|o| *o == Outcome::Removed));
         assert_eq!(emulator.unisender().deleted(), vec!["ann@example.com"]);
@@ -1123,13 +1083,12 @@ mod fake {
     /// the minute it counts calls over.
     #[test]
     fn the_call_limit_is_transient() {
-        let (emulator, mut provider, mut http) = connected::<UnisenderFake>();
-        let binding = prepared(&mut http, &mut provider, MemberStatus::Subscribed);
+        let (emulator, mut s) = Bound::new::<UnisenderFake>();
         let batch = ann_and_bob();
 
         emulator.unisender().set_call_limit(Some(1));
-        provider.check(&mut http).unwrap();
-        match provider.upsert(&mut http, &binding, &batch) {
+        s.provider.check(&mut s.http).unwrap();
+        match s.provider.upsert(&mut s.http, &s.binding, &batch) {
             Err(ProviderError::Transient {
                 message,
                 retry_after,
@@ -1140,7 +1099,7 @@ mod fake {
             other => panic!("{other:?}"),
         }
         emulator.unisender().set_call_limit(None);
-        assert!(provider.upsert(&mut http, &binding, &batch).is_ok());
+        s.upsert(&batch);
     }
 
     struct UnisenderFake;
