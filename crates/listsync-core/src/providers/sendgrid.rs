@@ -1585,14 +1585,7 @@ mod fake {
     #[test]
     fn erasure_is_requested_for_unknown_addresses_too() {
         let (emulator, mut s) = Bound::new::<SendGridFake>();
-        let outcomes = s
-            .provider
-            .erase(
-                &mut s.http,
-                &s.binding,
-                &[member("ghost@example.com", json!({}))],
-            )
-            .unwrap();
+        let outcomes = s.erase(&[member("ghost@example.com", json!({}))]);
         assert_eq!(outcomes, vec![Outcome::Removed]);
         assert_eq!(emulator.sendgrid().erased(), vec!["ghost@example.com"]);
     }

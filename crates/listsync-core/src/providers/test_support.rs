@@ -56,6 +56,12 @@ impl Bound {
             .remove(&mut self.http, &self.binding, action, members)
             .expect("remove")
     }
+
+    pub fn erase(&mut self, members: &[Member]) -> Vec<Outcome> {
+        self.provider
+            .erase(&mut self.http, &self.binding, members)
+            .expect("erase")
+    }
 }
 
 /// Whether `outcome` is a member who joined (or stayed) subscribed.

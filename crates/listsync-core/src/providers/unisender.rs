@@ -1058,7 +1058,7 @@ mod fake {
             .map(|i| gone(&format!("u{i}@example.com")))
             .collect();
         erasing.push(gone("ann@example.com"));
-        let outcomes = s.provider.erase(&mut s.http, &s.binding, &erasing).unwrap();
+        let outcomes = s.erase(&erasing);
         assert_eq!(outcomes.len(), 601);
         assert!(outcomes.iter().all(|o| *o == Outcome::Removed));
         assert_eq!(emulator.unisender().deleted(), vec!["ann@example.com"]);
