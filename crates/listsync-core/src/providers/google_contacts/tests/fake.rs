@@ -1,7 +1,7 @@
 use super::*;
 use crate::providers::conformance::{Erasure, Fake, WRONG_SECRET, conformance_suite};
 use crate::providers::test_support;
-use crate::providers::test_support::{Bound, http, known_member as member, remote_id};
+use crate::providers::test_support::{Bound, connected, known_member as member, remote_id};
 use listsync_emulator::{Emulator, Fault};
 
 fn provider(emulator: &Emulator) -> Box<dyn Provider> {
@@ -41,10 +41,8 @@ fn person(emulator: &Emulator, rn: &str) -> Value {
 
 #[test]
 fn groups_are_created_reused_and_checked() {
-    let emulator = Emulator::start();
+    let (emulator, mut provider, mut http) = connected::<GoogleContactsFake>();
     let gc = emulator.google_contacts();
-    let mut provider = provider(&emulator);
-    let mut http = http();
     let mut first = binding(&["crm"]);
     provider.prepare(&mut http, &mut first).unwrap();
     let group = first.list_id.clone().unwrap();
@@ -230,15 +228,8 @@ fn an_existing_contact_joins_instead_of_being_duplicated() {
     assert_eq!(remote_id(&outcomes[0]), existing);
     assert_eq!(remote_id(&outcomes[1]), later);
     assert_eq!(gc.people_with_email("carol@example.com").len(), 1);
-    let carol = person(&emulator, &existing);
-    let numbers: Vec<&str> = carol["phoneNumbers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["value"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        numbers,
+        numbers(&person(&emulator, &existing)),
         ["+44 20 7946 0000", "+1 555 0123"],
         "the user's number stays"
     );
@@ -310,13 +301,7 @@ fn a_contact_deleted_at_google_is_created_again() {
     let (emulator, mut s) = Bound::new::<GoogleContactsFake>();
     let ann = remote_id(&s.upsert(&[member("ann@example.com", json!({}), None)])[0]);
     assert!(emulator.google_contacts().person(&ann).is_some());
-    s.provider
-        .erase(
-            &mut s.http,
-            &s.binding,
-            &[member("ann@example.com", json!({}), Some(&ann))],
-        )
-        .unwrap();
+    s.erase(&[member("ann@example.com", json!({}), Some(&ann))]);
     let again = remote_id(
         &s.upsert(&[member(
             "ann@example.com",
@@ -577,14 +562,7 @@ fn erasing_a_phone_member_deletes_the_contacts_known_by_the_number() {
                "phoneNumbers": [{"value": "+49 30 1234567"}]}),
         &[],
     );
-    let outcomes = s
-        .provider
-        .erase(
-            &mut s.http,
-            &s.binding,
-            &[member(PIA, json!({}), Some(&ours))],
-        )
-        .unwrap();
+    let outcomes = s.erase(&[member(PIA, json!({}), Some(&ours))]);
     assert_eq!(outcomes, [Outcome::Removed]);
     assert!(gc.person(&ours).is_none());
     assert!(gc.person(&copy).is_none());
@@ -603,14 +581,7 @@ fn erase_deletes_every_contact_holding_the_address() {
         json!({"emailAddresses": [{"value": "ANN@example.com"}]}),
         &[],
     );
-    let outcomes = s
-        .provider
-        .erase(
-            &mut s.http,
-            &s.binding,
-            &[member("ann@example.com", json!({}), Some(&ours))],
-        )
-        .unwrap();
+    let outcomes = s.erase(&[member("ann@example.com", json!({}), Some(&ours))]);
     assert_eq!(outcomes, [Outcome::Removed]);
     assert!(gc.people_with_email("ann@example.com").is_empty());
     // A contact gone meanwhile makes Google refuse the batch: one by one then.
@@ -618,14 +589,7 @@ fn erase_deletes_every_contact_holding_the_address() {
     emulator
         .faults("google_contacts")
         .push(Fault::status(404).on_path("batchDeleteContacts"));
-    let outcomes = s
-        .provider
-        .erase(
-            &mut s.http,
-            &s.binding,
-            &[member("bob@example.com", json!({}), Some(&bob))],
-        )
-        .unwrap();
+    let outcomes = s.erase(&[member("bob@example.com", json!({}), Some(&bob))]);
     assert_eq!(outcomes, [Outcome::Removed]);
     assert!(gc.person(&bob).is_none());
 }
@@ -704,40 +668,25 @@ fn tokens_are_cached_renewed_and_refreshed_on_401() {
 /// client secret, and the API refusing a fresh token (401 twice) or the scope (403).
 #[test]
 fn refused_credentials_are_authentication_failures() {
-    let emulator = Emulator::start();
-    let mut provider = provider(&emulator);
-    let mut http = http();
-    emulator
-        .google_contacts()
-        .set_credentials("client", "secret", "another refresh token");
+    let (emulator, mut provider, mut http) = connected::<GoogleContactsFake>();
+    let gc = emulator.google_contacts();
+    gc.set_credentials("client", "secret", "another refresh token");
     match provider.check(&mut http) {
         Err(ProviderError::Auth(message)) => {
             assert!(message.contains("invalid_grant"), "{message}");
         }
         other => panic!("{other:?}"),
     }
-    emulator
-        .google_contacts()
-        .set_credentials("client", "other secret", "refresh");
-    assert!(matches!(
-        provider.check(&mut http),
-        Err(ProviderError::Auth(_))
-    ));
-    emulator
-        .google_contacts()
-        .set_credentials("client", "secret", "refresh");
+    let mut refused = || matches!(provider.check(&mut http), Err(ProviderError::Auth(_)));
+    gc.set_credentials("client", "other secret", "refresh");
+    assert!(refused(), "a wrong client secret");
+    gc.set_credentials("client", "secret", "refresh");
     let faults = emulator.faults("google_contacts");
     faults.push(Fault::status(401).on_path("/v1/"));
     faults.push(Fault::status(401).on_path("/v1/"));
-    assert!(matches!(
-        provider.check(&mut http),
-        Err(ProviderError::Auth(_))
-    ));
+    assert!(refused(), "a fresh token refused too");
     faults.push(Fault::status(403).on_path("/v1/"));
-    assert!(matches!(
-        provider.check(&mut http),
-        Err(ProviderError::Auth(_))
-    ));
+    assert!(refused(), "the scope refused");
 }
 
 /// What the delivery engine does, in small: level-based changes of a pool of addresses (a
@@ -853,9 +802,7 @@ fn random_changes_under_faults_converge() {
 /// the suite's).
 #[test]
 fn a_token_endpoint_outage_is_transient() {
-    let emulator = Emulator::start();
-    let mut provider = provider(&emulator);
-    let mut http = http();
+    let (emulator, mut provider, mut http) = connected::<GoogleContactsFake>();
     provider.check(&mut http).expect("a token is cached");
     // The cached token must go for the token endpoint to be asked.
     emulator.google_contacts().expire_access_tokens();
