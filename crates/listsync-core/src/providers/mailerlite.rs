@@ -713,7 +713,9 @@ mod fake {
     use super::*;
     use crate::providers::conformance::{Consent, Erasure, Fake, WRONG_SECRET, conformance_suite};
     use crate::providers::test_support;
-    use crate::providers::test_support::{http, refusal_status, remote_id};
+    use crate::providers::test_support::{
+        Bound, connected, is_subscribed, refusal_status, remote_id,
+    };
     use listsync_emulator::Emulator;
 
     const TOKEN: &str = "ml-token";
@@ -723,13 +725,6 @@ mod fake {
             json!({"base_url": emulator.base_url("mailerlite")}),
             json!({"api_key": token}),
         ))
-    }
-
-    fn setup() -> (Emulator, Http, Box<dyn Provider>) {
-        let emulator = Emulator::start();
-        emulator.mailerlite().set_api_key(TOKEN);
-        let provider = provider(&emulator, TOKEN);
-        (emulator, http(), provider)
     }
 
     fn binding(status: MemberStatus) -> Binding {
@@ -748,31 +743,18 @@ mod fake {
     }
 
     /// A prepared binding with `ann` and `bob` upserted; returns their outcomes.
-    fn prepared(
-        emulator: &Emulator,
-        http: &mut Http,
-        provider: &mut Box<dyn Provider>,
-    ) -> (Binding, Vec<Outcome>) {
-        emulator.mailerlite().add_field("score", "number");
-        let mut binding = binding(MemberStatus::Subscribed);
-        provider.prepare(http, &mut binding).expect("prepare");
-        let outcomes = provider
-            .upsert(
-                http,
-                &binding,
-                &[
-                    member("ann@example.com", "Ann", 10),
-                    member("bob@example.com", "Bob", 20),
-                ],
-            )
-            .expect("upsert");
-        (binding, outcomes)
+    fn prepared() -> (Emulator, Bound, Vec<Outcome>) {
+        let (emulator, mut s) = Bound::new::<MailerLiteFake>();
+        let outcomes = s.upsert(&[
+            member("ann@example.com", "Ann", 10),
+            member("bob@example.com", "Bob", 20),
+        ]);
+        (emulator, s, outcomes)
     }
 
     #[test]
     fn prepare_creates_the_group_once_and_checks_fields() {
-        let (emulator, mut http, mut provider) = setup();
-        emulator.mailerlite().add_field("score", "number");
+        let (emulator, mut provider, mut http) = connected::<MailerLiteFake>();
         let mut first = binding(MemberStatus::Subscribed);
         provider.prepare(&mut http, &mut first).unwrap();
         let mut again = binding(MemberStatus::Subscribed);
@@ -804,31 +786,18 @@ mod fake {
 
     #[test]
     fn upsert_adds_to_the_group_with_typed_fields_then_updates() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
-        assert!(
-            outcomes.iter().all(|o| matches!(
-                o,
-                Outcome::Member {
-                    status: MemberStatus::Subscribed,
-                    remote_id: Some(_)
-                }
-            )),
-            "{outcomes:?}"
-        );
-        let group = binding.list_id.clone().unwrap();
+        let (emulator, mut s, outcomes) = prepared();
+        // remote_id panics unless the member joined subscribed with an id.
+        for outcome in &outcomes {
+            remote_id(outcome);
+        }
+        let group = s.binding.list_id.clone().unwrap();
         let members = emulator.list_members("mailerlite", &group);
         assert_eq!(members.len(), 2);
         assert_eq!(members["ann@example.com"]["name"], "Ann");
         assert_eq!(members["ann@example.com"]["score"], json!(10.0));
 
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[member("ann@example.com", "Anne", 11)],
-            )
-            .unwrap();
+        let outcomes = s.upsert(&[member("ann@example.com", "Anne", 11)]);
         assert!(matches!(outcomes[0], Outcome::Member { .. }));
         let ann = emulator.mailerlite().subscriber("ann@example.com").unwrap();
         assert_eq!(ann.fields["name"], "Anne");
@@ -838,26 +807,13 @@ mod fake {
 
     #[test]
     fn pending_binding_uses_unconfirmed_for_new_subscribers_only() {
-        let (emulator, mut http, mut provider) = setup();
-        let (mut binding, _) = prepared(&emulator, &mut http, &mut provider);
-        binding.new_member_status = MemberStatus::Pending;
-        let outcomes = provider
-            .upsert(
-                &mut http,
-                &binding,
-                &[
-                    member("ann@example.com", "Ann", 10),
-                    member("cid@example.com", "Cid", 30),
-                ],
-            )
-            .unwrap();
-        assert!(matches!(
-            outcomes[0],
-            Outcome::Member {
-                status: MemberStatus::Subscribed,
-                ..
-            }
-        ));
+        let (emulator, mut s, _) = prepared();
+        s.binding.new_member_status = MemberStatus::Pending;
+        let outcomes = s.upsert(&[
+            member("ann@example.com", "Ann", 10),
+            member("cid@example.com", "Cid", 30),
+        ]);
+        assert!(is_subscribed(&outcomes[0]));
         assert!(matches!(
             outcomes[1],
             Outcome::Member {
@@ -878,28 +834,27 @@ mod fake {
     /// and a junk address is not added to a group it was never in.
     #[test]
     fn bounced_and_junk_subscribers_are_refused() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
+        let (emulator, mut s, _) = prepared();
         let ml = emulator.mailerlite();
         let outside = ml.create_group("elsewhere");
         assert!(ml.set_status("bob@example.com", "bounced"));
-        let outcomes = provider
-            .upsert(&mut http, &binding, &[member("bob@example.com", "Bob", 2)])
-            .unwrap();
+        let outcomes = s.upsert(&[member("bob@example.com", "Bob", 2)]);
         assert_eq!(refusal_status(&outcomes[0]), Some(ConsentStatus::Bounced));
 
         let mut spam = member("spam@example.com", "S", 0);
         spam.fields.clear();
-        let mut other = binding.clone();
+        let mut other = s.binding.clone();
         other.list_id = Some(outside.clone());
-        provider.upsert(&mut http, &other, &[spam.clone()]).unwrap();
+        s.provider
+            .upsert(&mut s.http, &other, &[spam.clone()])
+            .unwrap();
         assert!(ml.set_status("spam@example.com", "junk"));
-        let outcomes = provider.upsert(&mut http, &binding, &[spam]).unwrap();
+        let outcomes = s.upsert(&[spam]);
         assert_eq!(
             refusal_status(&outcomes[0]),
             Some(ConsentStatus::Complained)
         );
-        let group = binding.list_id.as_deref().unwrap();
+        let group = s.binding.list_id.as_deref().unwrap();
         assert!(!ml.group_members(group).contains_key("spam@example.com"));
         assert!(ml.resubscribed().is_empty());
     }
@@ -911,19 +866,16 @@ mod fake {
             LeaveAction::Unsubscribe,
             LeaveAction::Delete,
         ] {
-            let (emulator, mut http, mut provider) = setup();
-            let (binding, outcomes) = prepared(&emulator, &mut http, &mut provider);
+            let (emulator, mut s, outcomes) = prepared();
             // Ann with the recorded id, Bob looked up by address, Zed unknown to MailerLite.
             let leaving = [
                 gone("ann@example.com", Some(remote_id(&outcomes[0]))),
                 gone("bob@example.com", None),
                 gone("zed@example.com", None),
             ];
-            let outcomes = provider
-                .remove(&mut http, &binding, action, &leaving)
-                .unwrap();
+            let outcomes = s.remove(action, &leaving);
             assert_eq!(outcomes, vec![Outcome::Removed; 3], "{action:?}");
-            let group = binding.list_id.as_deref().unwrap();
+            let group = s.binding.list_id.as_deref().unwrap();
             assert!(emulator.list_members("mailerlite", group).is_empty());
             let ml = emulator.mailerlite();
             match action {
@@ -944,52 +896,46 @@ mod fake {
 
     #[test]
     fn archive_is_refused() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
+        let (_emulator, mut s, _) = prepared();
         assert!(!SPEC.capabilities.on_leave.contains(&"archive"));
         test_support::assert_unoffered_leaves_are_refused(
             &SPEC,
-            &mut provider,
-            &mut http,
-            &binding,
+            &mut s.provider,
+            &mut s.http,
+            &s.binding,
         );
     }
 
     #[test]
     fn large_batches_are_split_to_fifty_requests() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
+        let (emulator, mut s, _) = prepared();
         let many: Vec<Member> = (0..120)
             .map(|i| member(&format!("u{i}@example.com"), "U", i))
             .collect();
-        let outcomes = provider.upsert(&mut http, &binding, &many).unwrap();
+        let outcomes = s.upsert(&many);
         assert!(outcomes.iter().all(|o| matches!(o, Outcome::Member { .. })));
-        let group = binding.list_id.as_deref().unwrap();
-        assert_eq!(emulator.list_members("mailerlite", group).len(), 122);
+        let group = s.binding.list_id.clone().unwrap();
+        assert_eq!(emulator.list_members("mailerlite", &group).len(), 122);
         let leaving: Vec<Member> = many.iter().map(|m| gone(&m.address, None)).collect();
-        let outcomes = provider
-            .remove(&mut http, &binding, LeaveAction::Unsubscribe, &leaving)
-            .unwrap();
-        assert_eq!(outcomes.len(), 120);
-        assert!(outcomes.iter().all(|o| *o == Outcome::Removed));
-        assert_eq!(emulator.list_members("mailerlite", group).len(), 2);
+        let outcomes = s.remove(LeaveAction::Unsubscribe, &leaving);
+        assert_eq!(outcomes, vec![Outcome::Removed; 120]);
+        assert_eq!(emulator.list_members("mailerlite", &group).len(), 2);
     }
 
     #[test]
     fn check_counts_the_subscribers() {
-        let (_emulator, mut http, mut provider) = setup();
+        let (_emulator, mut provider, mut http) = connected::<MailerLiteFake>();
         assert_eq!(provider.check(&mut http).unwrap()["subscribers"], 0);
     }
 
     /// MailerLite's import limit, apart from the request rate, defers the batch with a delay.
     #[test]
     fn the_import_limit_is_transient() {
-        let (emulator, mut http, mut provider) = setup();
-        let (binding, _) = prepared(&emulator, &mut http, &mut provider);
+        let (emulator, mut s, _) = prepared();
         emulator.mailerlite().set_import_limit(Some(1));
         let fresh = |i: usize| [member(&format!("new{i}@example.com"), "N", 1)];
-        provider.upsert(&mut http, &binding, &fresh(1)).unwrap();
-        match provider.upsert(&mut http, &binding, &fresh(2)) {
+        s.upsert(&fresh(1));
+        match s.provider.upsert(&mut s.http, &s.binding, &fresh(2)) {
             Err(ProviderError::Transient {
                 message,
                 retry_after: Some(_),
