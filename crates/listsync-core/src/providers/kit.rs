@@ -7,6 +7,16 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+/// The strings of a JSON array; a missing or non-array value has none, and non-string items
+/// are skipped.
+pub fn strings(array: &Value) -> impl Iterator<Item = &str> {
+    array
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
 /// The id `prepare` stored for the binding's list; `list` names the provider's kind of list
 /// in the error (a delivery can reach a binding whose `prepare` has not run yet).
 pub fn list_id<'a>(binding: &'a Binding, list: &str) -> Result<&'a str> {

@@ -184,12 +184,7 @@ impl Mailchimp {
         let mut failed = HashMap::new();
         for error in answer["errors"].as_array().into_iter().flatten() {
             let message = error["error"].as_str().unwrap_or("rejected").to_string();
-            for address in error["email_addresses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-            {
+            for address in kit::strings(&error["email_addresses"]) {
                 failed.insert(address.to_lowercase(), message.clone());
             }
         }

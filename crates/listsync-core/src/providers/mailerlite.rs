@@ -414,12 +414,7 @@ fn describe(body: &Value) -> String {
         other => other.to_string(),
     };
     for (field, messages) in body["errors"].as_object().into_iter().flatten() {
-        let messages: Vec<&str> = messages
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let messages: Vec<&str> = kit::strings(messages).collect();
         text.push_str(&format!(" [{field}: {}]", messages.join(" ")));
     }
     text

@@ -380,15 +380,14 @@ impl Fields {
                 ))
             })
             .collect();
-        let reserved = binding
-            .remote
-            .get("reserved_fields")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
+        let reserved = kit::strings(
+            binding
+                .remote
+                .get("reserved_fields")
+                .unwrap_or(&Value::Null),
+        )
+        .map(str::to_string)
+        .collect();
         Fields { custom, reserved }
     }
 
@@ -620,11 +619,7 @@ impl SendGrid {
                 let body = response.json()?;
                 for (email, entry) in body["result"].as_object().into_iter().flatten() {
                     if let Some(id) = entry["contact"]["id"].as_str() {
-                        let list_ids = entry["contact"]["list_ids"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
+                        let list_ids = kit::strings(&entry["contact"]["list_ids"])
                             .map(str::to_string)
                             .collect();
                         search.found.insert(

@@ -455,11 +455,7 @@ impl Provider for Sendsay {
         );
         let mut read = self.batch(http, "read consent", reads)?.into_iter();
         let stopped: HashSet<String> = match read.next() {
-            Some(Ok(answer)) => answer["list"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            Some(Ok(answer)) => kit::strings(&answer["list"])
                 .map(str::to_lowercase)
                 .collect(),
             Some(Err(error)) => return Err(error.into_error()),
