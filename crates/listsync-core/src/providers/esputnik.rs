@@ -15,7 +15,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use base64::Engine;
@@ -174,10 +174,8 @@ fn refusal(error: &str) -> Outcome {
 
 /// An additional field's value as eSputnik stores it: text, with dates as `YYYY-MM-DD`.
 fn field_value(value: &Value, kind: Option<&str>) -> String {
-    let text = match value {
-        Value::Null => return String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return String::new();
     };
     match kind {
         Some("DATE") if text.len() >= 10 && text.as_bytes()[4] == b'-' => text[..10].to_string(),
@@ -194,11 +192,6 @@ fn field_value(value: &Value, kind: Option<&str>) -> String {
 
 /// The import's view of one member: channels, standard fields and additional fields.
 fn contact(member: &Member, custom: &Map<String, Value>) -> Value {
-    let text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    };
     let mut channels = vec![json!({"type": "email", "value": member.address})];
     let mut contact = Map::new();
     let mut address = Map::new();
@@ -209,7 +202,7 @@ fn contact(member: &Member, custom: &Map<String, Value>) -> Value {
             fields.push(json!({"id": field["id"], "value": field_value(value, kind)}));
             continue;
         }
-        let Some(value) = text(value).filter(|v| !v.is_empty()) else {
+        let Some(value) = kit::text(value).filter(|v| !v.is_empty()) else {
             // Left out: a listed standard field without data is cleared by the import.
             continue;
         };
@@ -379,7 +372,7 @@ impl Esputnik {
                 let additional = known
                     .iter()
                     .filter_map(|(names, _)| names.last().map(String::as_str));
-                return Err(super::kit::unknown_field(
+                return Err(kit::unknown_field(
                     self.brand,
                     name,
                     STANDARD_FIELDS.into_iter().chain(additional),

@@ -121,6 +121,16 @@ pub fn unknown_field<'a>(
     ))
 }
 
+/// A mapped field's value as the text providers store: a string as it is, a number or boolean
+/// as written in JSON; `None` for NULL.
+pub fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// A member's mapped fields, each converted as the provider's type for it asks; `types` maps
 /// field names to those types, as `prepare` kept them.
 pub fn typed_fields(

@@ -293,10 +293,8 @@ fn problem(response: &Response) -> String {
 /// Values as Mailchimp's merge field types want them: numbers for `number`, `MM/DD` for
 /// `birthday`, `YYYY-MM-DD` for `date`, text otherwise.
 fn merge_value(value: &Value, kind: Option<&str>) -> Value {
-    let text = match value {
-        Value::Null => return Value::String(String::new()),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return Value::String(String::new());
     };
     match kind {
         Some("number") => text

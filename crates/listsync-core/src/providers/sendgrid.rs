@@ -401,7 +401,7 @@ impl Fields {
                 let value = custom_value(value, kind).map_err(|e| format!("field {name}: {e}"))?;
                 custom.insert(id.clone(), value);
             } else if self.reserved.contains(name) {
-                contact.insert(name.clone(), json!(text(value)));
+                contact.insert(name.clone(), json!(kit::text(value).unwrap_or_default()));
             } else {
                 return Err(format!(
                     "field {name} is not known to the binding's SendGrid field map (run resync)"
@@ -415,19 +415,11 @@ impl Fields {
     }
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Values as SendGrid's field types want them, all as strings like the spec's examples
 /// (`"w33": "42"`): a plain decimal for `Number`, `MM/DD/YYYY` for `Date`; an empty string
 /// clears a field of any type.
 fn custom_value(value: &Value, kind: &str) -> std::result::Result<Value, String> {
-    let text = text(value);
+    let text = kit::text(value).unwrap_or_default();
     if text.trim().is_empty() {
         return Ok(json!(""));
     }

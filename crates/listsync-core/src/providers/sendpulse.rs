@@ -312,10 +312,8 @@ fn classify(explain: &str) -> BookState {
 /// Variable values as SendPulse's variable types want them: numbers for `number`,
 /// `YYYY-MM-DD` for `date`, text otherwise (an empty text clears a variable).
 fn variable_value(value: &Value, kind: Option<&str>) -> Value {
-    let text = match value {
-        Value::Null => return Value::String(String::new()),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return Value::String(String::new());
     };
     match kind {
         Some("number") => {
