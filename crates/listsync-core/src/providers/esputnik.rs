@@ -452,9 +452,7 @@ impl Esputnik {
             let response = self.send(http, operation, request)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                _ => Outcome::Failed {
-                    message: http_words(&response),
-                },
+                _ => Outcome::failed(http_words(&response)),
             });
         }
         Ok(outcomes)
@@ -599,9 +597,7 @@ impl Esputnik {
                 });
             }
             _ => {
-                return Ok(Outcome::Failed {
-                    message: http_words(&response),
-                });
+                return Ok(Outcome::failed(http_words(&response)));
             }
         }
         let answer = response.json()?;

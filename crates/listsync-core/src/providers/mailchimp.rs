@@ -426,7 +426,7 @@ impl Provider for Mailchimp {
             if let Some(field) = error["field_message"].as_str().filter(|f| !f.is_empty()) {
                 message = format!("{message} ({field})");
             }
-            by_address.insert(address.to_lowercase(), Outcome::Failed { message });
+            by_address.insert(address.to_lowercase(), Outcome::failed(message));
         }
 
         let tagged: Vec<&str> = members

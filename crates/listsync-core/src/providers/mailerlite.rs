@@ -433,7 +433,7 @@ fn item_failure(answer: &SubAnswer) -> Outcome {
     let message = format!("HTTP {}: {}", answer.code, describe(&answer.body));
     match answer.code {
         0 | 408 | 425 | 429 | 500..=599 => Outcome::retry(message),
-        _ => Outcome::Failed { message },
+        _ => Outcome::failed(message),
     }
 }
 

@@ -215,7 +215,6 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// SendGrid's words: `errors[].message`, prefixed by the field when there is one.
 /// A deletion SendGrid queued answers with a JSON object naming the job (whose id the
 /// official description types sometimes as a string, sometimes as an object). A success whose
 /// body is not one (cut short on the way) does not show that anything was queued: recording the
@@ -235,6 +234,7 @@ fn unconfirmed(response: &Response, missing: &str) -> ProviderError {
     ))
 }
 
+/// SendGrid's words: `errors[].message`, prefixed by the field when there is one.
 fn describe(response: &Response) -> String {
     let messages: Vec<String> = error_items(response)
         .into_iter()
@@ -757,7 +757,7 @@ impl SendGrid {
                     }
                     if refused.is_empty() || !general.is_empty() {
                         let message = format!("HTTP 400: {}", describe(&response));
-                        settle(outcomes, &contacts, Outcome::Failed { message });
+                        settle(outcomes, &contacts, Outcome::failed(message));
                         return Ok(());
                     }
                     // SendGrid refuses the whole request for one bad contact: the others
@@ -765,7 +765,7 @@ impl SendGrid {
                     let mut kept = Vec::with_capacity(contacts.len());
                     for (position, (index, contact)) in contacts.into_iter().enumerate() {
                         match refused.remove(&position) {
-                            Some(message) => outcomes[index] = Some(Outcome::Failed { message }),
+                            Some(message) => outcomes[index] = Some(Outcome::failed(message)),
                             None => kept.push((index, contact)),
                         }
                     }
@@ -773,7 +773,7 @@ impl SendGrid {
                 }
                 _ => {
                     let message = format!("HTTP {}: {}", response.status, describe(&response));
-                    settle(outcomes, &contacts, Outcome::Failed { message });
+                    settle(outcomes, &contacts, Outcome::failed(message));
                     return Ok(());
                 }
             }
@@ -785,7 +785,7 @@ impl SendGrid {
         }
         let every = match state {
             Job::Completed => Outcome::member(MemberStatus::Subscribed, None),
-            Job::Failed(message) => Outcome::Failed { message },
+            Job::Failed(message) => Outcome::failed(message),
             Job::Pending => Outcome::Retry {
                 message: format!("SendGrid's import job {job} is still pending"),
                 retry_after: Some(PENDING_RETRY),
@@ -804,11 +804,9 @@ impl SendGrid {
                             Some(found) if found.list_ids.iter().any(|l| l == list) => {
                                 Outcome::member(MemberStatus::Subscribed, Some(found.id.clone()))
                             }
-                            _ => Outcome::Failed {
-                                message: format!(
-                                    "SendGrid's import job {job} reported errors and this contact is not in the list (see the job's errors file in SendGrid)"
-                                ),
-                            },
+                            _ => Outcome::failed(format!(
+                                "SendGrid's import job {job} reported errors and this contact is not in the list (see the job's errors file in SendGrid)"
+                            )),
                         });
                     }
                 }
@@ -1066,7 +1064,7 @@ impl Provider for SendGrid {
             }
             match fields.contact(member) {
                 Ok(contact) => contacts.push((index, contact)),
-                Err(message) => outcomes[index] = Some(Outcome::Failed { message }),
+                Err(message) => outcomes[index] = Some(Outcome::failed(message)),
             }
         }
         for request in upsert_requests(contacts, UPSERT_BYTES) {

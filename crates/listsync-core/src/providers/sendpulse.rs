@@ -682,7 +682,7 @@ impl SendPulse {
             .iter()
             .map(|m| {
                 if let Some(message) = errors.remove(m.address.as_str()) {
-                    return Outcome::Failed { message };
+                    return Outcome::failed(message);
                 }
                 match states.get(&m.address) {
                     Some(BookState::Absent) | None => Outcome::member(binding.new_member_status, None),
