@@ -262,6 +262,10 @@ impl Sendsay {
         operation: &str,
         actions: Vec<Value>,
     ) -> Result<Vec<std::result::Result<Value, ApiError>>> {
+        // Nothing to do needs no call (when every member was refused or is absent, say).
+        if actions.is_empty() {
+            return Ok(Vec::new());
+        }
         let count = actions.len();
         let answer = self.call(
             http,
@@ -328,12 +332,7 @@ impl Sendsay {
                 })
             })
             .collect();
-        let mut written = if writes.is_empty() {
-            Vec::new()
-        } else {
-            self.batch(http, "remove from group", writes)?
-        }
-        .into_iter();
+        let mut written = self.batch(http, "remove from group", writes)?.into_iter();
         Ok(existing
             .into_iter()
             .map(|exists| match exists.then(|| written.next()).flatten() {
@@ -506,12 +505,7 @@ impl Provider for Sendsay {
                 })
             })
             .collect();
-        let mut written = if writes.is_empty() {
-            Vec::new()
-        } else {
-            self.batch(http, "upsert members", writes)?
-        }
-        .into_iter();
+        let mut written = self.batch(http, "upsert members", writes)?.into_iter();
         for outcome in refused {
             outcomes.push(match outcome {
                 Some(refusal) => refusal,
