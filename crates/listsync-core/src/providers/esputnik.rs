@@ -128,14 +128,6 @@ fn one_or_many(value: &Value) -> Vec<&Value> {
     }
 }
 
-fn as_id(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// The body of a detach call, or `None` when there is nobody to detach: eSputnik reads a
 /// detach without ids as "remove every contact from the segment".
 fn detach_body(contact_ids: &[i64]) -> Option<Value> {
@@ -318,14 +310,14 @@ impl Esputnik {
         let found = self.find_group(http, Some(name), |g| g["name"].as_str() == Some(name))?;
         match found {
             Some(group) if !is_static(&group) => Err(not_static(&group)),
-            Some(group) => Ok(as_id(&group["id"])),
+            Some(group) => Ok(kit::numeric(&group["id"])),
             None => Ok(None),
         }
     }
 
     /// The segment a binding detaches from, if it exists yet.
     fn group_id(&mut self, http: &mut Http, binding: &Binding) -> Result<Option<i64>> {
-        if let Some(id) = binding.remote.get("group_id").and_then(as_id) {
+        if let Some(id) = binding.remote.get("group_id").and_then(kit::numeric) {
             return Ok(Some(id));
         }
         if let Some(id) = binding.list_id.as_deref().and_then(|l| l.parse().ok()) {
@@ -399,7 +391,7 @@ impl Esputnik {
                 one_or_many(&found)
                     .into_iter()
                     .find(|c| email_of(c).as_deref() == Some(address.as_str()))
-                    .and_then(|c| as_id(&c["id"])),
+                    .and_then(|c| kit::numeric(&c["id"])),
             );
         }
         Ok(ids)
@@ -552,7 +544,7 @@ impl Esputnik {
                         .filter_map(|m| {
                             Some((
                                 m["dedupeValue"].as_str()?.to_lowercase(),
-                                as_id(&m["contactId"])?,
+                                kit::numeric(&m["contactId"])?,
                             ))
                         })
                         .collect();
@@ -601,7 +593,7 @@ impl Esputnik {
             }
         }
         let answer = response.json()?;
-        let remote_id = as_id(&answer["id"]).map(|id| id.to_string());
+        let remote_id = kit::numeric::<i64>(&answer["id"]).map(|id| id.to_string());
         Ok(match answer["emailStatus"].as_str() {
             Some("BLACKLISTED") => Outcome::Refused {
                 status: ConsentStatus::Unsubscribed,
@@ -669,7 +661,7 @@ impl Provider for Esputnik {
         let (list_id, name) = match wanted.trim().parse::<i64>() {
             Ok(id) => {
                 let group = self
-                    .find_group(http, None, |g| as_id(&g["id"]) == Some(id))?
+                    .find_group(http, None, |g| kit::numeric(&g["id"]) == Some(id))?
                     .ok_or_else(|| {
                         ProviderError::Binding(format!(
                             "segment {id} does not exist at {}",

@@ -131,6 +131,15 @@ pub fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// A number that APIs write as a JSON number or as a numeric string, depending on the endpoint.
+pub fn numeric<T: FromStr>(value: &Value) -> Option<T> {
+    match value {
+        Value::Number(n) => n.to_string().parse().ok(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// A member's mapped fields, each converted as the provider's type for it asks; `types` maps
 /// field names to those types, as `prepare` kept them.
 pub fn typed_fields(

@@ -237,11 +237,7 @@ fn message_of(body: &Value, response: &Response) -> String {
 }
 
 fn code_of(body: &Value) -> Option<i64> {
-    match &body["error_code"] {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    kit::numeric(&body["error_code"])
 }
 
 fn describe(response: &Response) -> String {
@@ -254,11 +250,7 @@ fn describe(response: &Response) -> String {
 
 /// Ids arrive as numbers or as numeric strings, depending on the endpoint.
 fn as_id(value: &Value) -> Option<u64> {
-    match value {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    kit::numeric(value)
 }
 
 /// What the book holds for an address before an upsert.
