@@ -15,7 +15,7 @@
 
 use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, MemberStatus, Need,
-    Outcome, Provider, Spec,
+    Outcome, Provider, Spec, kit,
 };
 use crate::http::{Http, Method, ProviderError, Request, Response, Result, percent_encode};
 use base64::Engine;
@@ -128,14 +128,6 @@ fn one_or_many(value: &Value) -> Vec<&Value> {
     }
 }
 
-fn as_id(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// The body of a detach call, or `None` when there is nobody to detach: eSputnik reads a
 /// detach without ids as "remove every contact from the segment".
 fn detach_body(contact_ids: &[i64]) -> Option<Value> {
@@ -174,10 +166,8 @@ fn refusal(error: &str) -> Outcome {
 
 /// An additional field's value as eSputnik stores it: text, with dates as `YYYY-MM-DD`.
 fn field_value(value: &Value, kind: Option<&str>) -> String {
-    let text = match value {
-        Value::Null => return String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return String::new();
     };
     match kind {
         Some("DATE") if text.len() >= 10 && text.as_bytes()[4] == b'-' => text[..10].to_string(),
@@ -194,11 +184,6 @@ fn field_value(value: &Value, kind: Option<&str>) -> String {
 
 /// The import's view of one member: channels, standard fields and additional fields.
 fn contact(member: &Member, custom: &Map<String, Value>) -> Value {
-    let text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    };
     let mut channels = vec![json!({"type": "email", "value": member.address})];
     let mut contact = Map::new();
     let mut address = Map::new();
@@ -209,7 +194,7 @@ fn contact(member: &Member, custom: &Map<String, Value>) -> Value {
             fields.push(json!({"id": field["id"], "value": field_value(value, kind)}));
             continue;
         }
-        let Some(value) = text(value).filter(|v| !v.is_empty()) else {
+        let Some(value) = kit::text(value).filter(|v| !v.is_empty()) else {
             // Left out: a listed standard field without data is cleared by the import.
             continue;
         };
@@ -325,14 +310,14 @@ impl Esputnik {
         let found = self.find_group(http, Some(name), |g| g["name"].as_str() == Some(name))?;
         match found {
             Some(group) if !is_static(&group) => Err(not_static(&group)),
-            Some(group) => Ok(as_id(&group["id"])),
+            Some(group) => Ok(kit::numeric(&group["id"])),
             None => Ok(None),
         }
     }
 
     /// The segment a binding detaches from, if it exists yet.
     fn group_id(&mut self, http: &mut Http, binding: &Binding) -> Result<Option<i64>> {
-        if let Some(id) = binding.remote.get("group_id").and_then(as_id) {
+        if let Some(id) = binding.remote.get("group_id").and_then(kit::numeric) {
             return Ok(Some(id));
         }
         if let Some(id) = binding.list_id.as_deref().and_then(|l| l.parse().ok()) {
@@ -379,7 +364,7 @@ impl Esputnik {
                 let additional = known
                     .iter()
                     .filter_map(|(names, _)| names.last().map(String::as_str));
-                return Err(super::kit::unknown_field(
+                return Err(kit::unknown_field(
                     self.brand,
                     name,
                     STANDARD_FIELDS.into_iter().chain(additional),
@@ -406,7 +391,7 @@ impl Esputnik {
                 one_or_many(&found)
                     .into_iter()
                     .find(|c| email_of(c).as_deref() == Some(address.as_str()))
-                    .and_then(|c| as_id(&c["id"])),
+                    .and_then(|c| kit::numeric(&c["id"])),
             );
         }
         Ok(ids)
@@ -459,9 +444,7 @@ impl Esputnik {
             let response = self.send(http, operation, request)?;
             outcomes.push(match response.status {
                 200..=299 | 404 => Outcome::Removed,
-                _ => Outcome::Failed {
-                    message: http_words(&response),
-                },
+                _ => Outcome::failed(http_words(&response)),
             });
         }
         Ok(outcomes)
@@ -561,7 +544,7 @@ impl Esputnik {
                         .filter_map(|m| {
                             Some((
                                 m["dedupeValue"].as_str()?.to_lowercase(),
-                                as_id(&m["contactId"])?,
+                                kit::numeric(&m["contactId"])?,
                             ))
                         })
                         .collect();
@@ -606,13 +589,11 @@ impl Esputnik {
                 });
             }
             _ => {
-                return Ok(Outcome::Failed {
-                    message: http_words(&response),
-                });
+                return Ok(Outcome::failed(http_words(&response)));
             }
         }
         let answer = response.json()?;
-        let remote_id = as_id(&answer["id"]).map(|id| id.to_string());
+        let remote_id = kit::numeric::<i64>(&answer["id"]).map(|id| id.to_string());
         Ok(match answer["emailStatus"].as_str() {
             Some("BLACKLISTED") => Outcome::Refused {
                 status: ConsentStatus::Unsubscribed,
@@ -680,7 +661,7 @@ impl Provider for Esputnik {
         let (list_id, name) = match wanted.trim().parse::<i64>() {
             Ok(id) => {
                 let group = self
-                    .find_group(http, None, |g| as_id(&g["id"]) == Some(id))?
+                    .find_group(http, None, |g| kit::numeric(&g["id"]) == Some(id))?
                     .ok_or_else(|| {
                         ProviderError::Binding(format!(
                             "segment {id} does not exist at {}",

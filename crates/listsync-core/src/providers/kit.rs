@@ -7,6 +7,16 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+/// The strings of a JSON array; a missing or non-array value has none, and non-string items
+/// are skipped.
+pub fn strings(array: &Value) -> impl Iterator<Item = &str> {
+    array
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
 /// The id `prepare` stored for the binding's list; `list` names the provider's kind of list
 /// in the error (a delivery can reach a binding whose `prepare` has not run yet).
 pub fn list_id<'a>(binding: &'a Binding, list: &str) -> Result<&'a str> {
@@ -109,6 +119,25 @@ pub fn unknown_field<'a>(
     ProviderError::Binding(format!(
         "field {field} does not exist at {provider} (fields: {known})"
     ))
+}
+
+/// A mapped field's value as the text providers store: a string as it is, a number or boolean
+/// as written in JSON; `None` for NULL.
+pub fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// A number that APIs write as a JSON number or as a numeric string, depending on the endpoint.
+pub fn numeric<T: FromStr>(value: &Value) -> Option<T> {
+    match value {
+        Value::Number(n) => n.to_string().parse().ok(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 /// A member's mapped fields, each converted as the provider's type for it asks; `types` maps

@@ -184,12 +184,7 @@ impl Mailchimp {
         let mut failed = HashMap::new();
         for error in answer["errors"].as_array().into_iter().flatten() {
             let message = error["error"].as_str().unwrap_or("rejected").to_string();
-            for address in error["email_addresses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-            {
+            for address in kit::strings(&error["email_addresses"]) {
                 failed.insert(address.to_lowercase(), message.clone());
             }
         }
@@ -298,10 +293,8 @@ fn problem(response: &Response) -> String {
 /// Values as Mailchimp's merge field types want them: numbers for `number`, `MM/DD` for
 /// `birthday`, `YYYY-MM-DD` for `date`, text otherwise.
 fn merge_value(value: &Value, kind: Option<&str>) -> Value {
-    let text = match value {
-        Value::Null => return Value::String(String::new()),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return Value::String(String::new());
     };
     match kind {
         Some("number") => text
@@ -433,7 +426,7 @@ impl Provider for Mailchimp {
             if let Some(field) = error["field_message"].as_str().filter(|f| !f.is_empty()) {
                 message = format!("{message} ({field})");
             }
-            by_address.insert(address.to_lowercase(), Outcome::Failed { message });
+            by_address.insert(address.to_lowercase(), Outcome::failed(message));
         }
 
         let tagged: Vec<&str> = members

@@ -414,12 +414,7 @@ fn describe(body: &Value) -> String {
         other => other.to_string(),
     };
     for (field, messages) in body["errors"].as_object().into_iter().flatten() {
-        let messages: Vec<&str> = messages
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let messages: Vec<&str> = kit::strings(messages).collect();
         text.push_str(&format!(" [{field}: {}]", messages.join(" ")));
     }
     text
@@ -438,7 +433,7 @@ fn item_failure(answer: &SubAnswer) -> Outcome {
     let message = format!("HTTP {}: {}", answer.code, describe(&answer.body));
     match answer.code {
         0 | 408 | 425 | 429 | 500..=599 => Outcome::retry(message),
-        _ => Outcome::Failed { message },
+        _ => Outcome::failed(message),
     }
 }
 

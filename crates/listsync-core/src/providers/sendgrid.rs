@@ -215,7 +215,6 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// SendGrid's words: `errors[].message`, prefixed by the field when there is one.
 /// A deletion SendGrid queued answers with a JSON object naming the job (whose id the
 /// official description types sometimes as a string, sometimes as an object). A success whose
 /// body is not one (cut short on the way) does not show that anything was queued: recording the
@@ -235,6 +234,7 @@ fn unconfirmed(response: &Response, missing: &str) -> ProviderError {
     ))
 }
 
+/// SendGrid's words: `errors[].message`, prefixed by the field when there is one.
 fn describe(response: &Response) -> String {
     let messages: Vec<String> = error_items(response)
         .into_iter()
@@ -380,15 +380,14 @@ impl Fields {
                 ))
             })
             .collect();
-        let reserved = binding
-            .remote
-            .get("reserved_fields")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect();
+        let reserved = kit::strings(
+            binding
+                .remote
+                .get("reserved_fields")
+                .unwrap_or(&Value::Null),
+        )
+        .map(str::to_string)
+        .collect();
         Fields { custom, reserved }
     }
 
@@ -402,7 +401,7 @@ impl Fields {
                 let value = custom_value(value, kind).map_err(|e| format!("field {name}: {e}"))?;
                 custom.insert(id.clone(), value);
             } else if self.reserved.contains(name) {
-                contact.insert(name.clone(), json!(text(value)));
+                contact.insert(name.clone(), json!(kit::text(value).unwrap_or_default()));
             } else {
                 return Err(format!(
                     "field {name} is not known to the binding's SendGrid field map (run resync)"
@@ -416,19 +415,11 @@ impl Fields {
     }
 }
 
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Values as SendGrid's field types want them, all as strings like the spec's examples
 /// (`"w33": "42"`): a plain decimal for `Number`, `MM/DD/YYYY` for `Date`; an empty string
 /// clears a field of any type.
 fn custom_value(value: &Value, kind: &str) -> std::result::Result<Value, String> {
-    let text = text(value);
+    let text = kit::text(value).unwrap_or_default();
     if text.trim().is_empty() {
         return Ok(json!(""));
     }
@@ -620,11 +611,7 @@ impl SendGrid {
                 let body = response.json()?;
                 for (email, entry) in body["result"].as_object().into_iter().flatten() {
                     if let Some(id) = entry["contact"]["id"].as_str() {
-                        let list_ids = entry["contact"]["list_ids"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
+                        let list_ids = kit::strings(&entry["contact"]["list_ids"])
                             .map(str::to_string)
                             .collect();
                         search.found.insert(
@@ -770,7 +757,7 @@ impl SendGrid {
                     }
                     if refused.is_empty() || !general.is_empty() {
                         let message = format!("HTTP 400: {}", describe(&response));
-                        settle(outcomes, &contacts, Outcome::Failed { message });
+                        settle(outcomes, &contacts, Outcome::failed(message));
                         return Ok(());
                     }
                     // SendGrid refuses the whole request for one bad contact: the others
@@ -778,7 +765,7 @@ impl SendGrid {
                     let mut kept = Vec::with_capacity(contacts.len());
                     for (position, (index, contact)) in contacts.into_iter().enumerate() {
                         match refused.remove(&position) {
-                            Some(message) => outcomes[index] = Some(Outcome::Failed { message }),
+                            Some(message) => outcomes[index] = Some(Outcome::failed(message)),
                             None => kept.push((index, contact)),
                         }
                     }
@@ -786,7 +773,7 @@ impl SendGrid {
                 }
                 _ => {
                     let message = format!("HTTP {}: {}", response.status, describe(&response));
-                    settle(outcomes, &contacts, Outcome::Failed { message });
+                    settle(outcomes, &contacts, Outcome::failed(message));
                     return Ok(());
                 }
             }
@@ -798,7 +785,7 @@ impl SendGrid {
         }
         let every = match state {
             Job::Completed => Outcome::member(MemberStatus::Subscribed, None),
-            Job::Failed(message) => Outcome::Failed { message },
+            Job::Failed(message) => Outcome::failed(message),
             Job::Pending => Outcome::Retry {
                 message: format!("SendGrid's import job {job} is still pending"),
                 retry_after: Some(PENDING_RETRY),
@@ -817,11 +804,9 @@ impl SendGrid {
                             Some(found) if found.list_ids.iter().any(|l| l == list) => {
                                 Outcome::member(MemberStatus::Subscribed, Some(found.id.clone()))
                             }
-                            _ => Outcome::Failed {
-                                message: format!(
-                                    "SendGrid's import job {job} reported errors and this contact is not in the list (see the job's errors file in SendGrid)"
-                                ),
-                            },
+                            _ => Outcome::failed(format!(
+                                "SendGrid's import job {job} reported errors and this contact is not in the list (see the job's errors file in SendGrid)"
+                            )),
                         });
                     }
                 }
@@ -1079,7 +1064,7 @@ impl Provider for SendGrid {
             }
             match fields.contact(member) {
                 Ok(contact) => contacts.push((index, contact)),
-                Err(message) => outcomes[index] = Some(Outcome::Failed { message }),
+                Err(message) => outcomes[index] = Some(Outcome::failed(message)),
             }
         }
         for request in upsert_requests(contacts, UPSERT_BYTES) {

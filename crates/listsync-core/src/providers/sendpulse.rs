@@ -237,11 +237,7 @@ fn message_of(body: &Value, response: &Response) -> String {
 }
 
 fn code_of(body: &Value) -> Option<i64> {
-    match &body["error_code"] {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    kit::numeric(&body["error_code"])
 }
 
 fn describe(response: &Response) -> String {
@@ -254,11 +250,7 @@ fn describe(response: &Response) -> String {
 
 /// Ids arrive as numbers or as numeric strings, depending on the endpoint.
 fn as_id(value: &Value) -> Option<u64> {
-    match value {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    kit::numeric(value)
 }
 
 /// What the book holds for an address before an upsert.
@@ -312,10 +304,8 @@ fn classify(explain: &str) -> BookState {
 /// Variable values as SendPulse's variable types want them: numbers for `number`,
 /// `YYYY-MM-DD` for `date`, text otherwise (an empty text clears a variable).
 fn variable_value(value: &Value, kind: Option<&str>) -> Value {
-    let text = match value {
-        Value::Null => return Value::String(String::new()),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    let Some(text) = kit::text(value) else {
+        return Value::String(String::new());
     };
     match kind {
         Some("number") => {
@@ -684,7 +674,7 @@ impl SendPulse {
             .iter()
             .map(|m| {
                 if let Some(message) = errors.remove(m.address.as_str()) {
-                    return Outcome::Failed { message };
+                    return Outcome::failed(message);
                 }
                 match states.get(&m.address) {
                     Some(BookState::Absent) | None => Outcome::member(binding.new_member_status, None),

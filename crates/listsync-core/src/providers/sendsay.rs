@@ -262,6 +262,10 @@ impl Sendsay {
         operation: &str,
         actions: Vec<Value>,
     ) -> Result<Vec<std::result::Result<Value, ApiError>>> {
+        // Nothing to do needs no call (when every member was refused or is absent, say).
+        if actions.is_empty() {
+            return Ok(Vec::new());
+        }
         let count = actions.len();
         let answer = self.call(
             http,
@@ -328,12 +332,7 @@ impl Sendsay {
                 })
             })
             .collect();
-        let mut written = if writes.is_empty() {
-            Vec::new()
-        } else {
-            self.batch(http, "remove from group", writes)?
-        }
-        .into_iter();
+        let mut written = self.batch(http, "remove from group", writes)?.into_iter();
         Ok(existing
             .into_iter()
             .map(|exists| match exists.then(|| written.next()).flatten() {
@@ -360,8 +359,9 @@ impl Sendsay {
     }
 }
 
-fn group_id(group: &Value) -> Option<String> {
-    match &group["id"] {
+/// A group's or member's `id`, which Sendsay writes as a string or a number.
+fn id_of(object: &Value) -> Option<String> {
+    match &object["id"] {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
@@ -374,7 +374,7 @@ impl kit::ListDirectory for Sendsay {
 
     fn list_by_id(&mut self, http: &mut Http, id: &str) -> Result<Option<String>> {
         let groups = self.groups(http)?;
-        let Some(group) = groups.iter().find(|g| group_id(g).as_deref() == Some(id)) else {
+        let Some(group) = groups.iter().find(|g| id_of(g).as_deref() == Some(id)) else {
             return Ok(None);
         };
         if group["type"].as_str().is_some_and(|t| t != "list") {
@@ -393,7 +393,7 @@ impl kit::ListDirectory for Sendsay {
             .find(|g| {
                 g["name"].as_str() == Some(name) && g["type"].as_str().is_none_or(|t| t == "list")
             })
-            .and_then(group_id))
+            .and_then(id_of))
     }
 
     fn create_list(&mut self, http: &mut Http, name: &str) -> Result<String> {
@@ -402,7 +402,7 @@ impl kit::ListDirectory for Sendsay {
             "create group",
             &json!({"action": "group.create", "name": name, "type": "list", "addr_type": "email"}),
         )?;
-        group_id(&created).ok_or_else(|| {
+        id_of(&created).ok_or_else(|| {
             ProviderError::Rejected(format!("Sendsay returned no id for group \"{name}\""))
         })
     }
@@ -455,11 +455,7 @@ impl Provider for Sendsay {
         );
         let mut read = self.batch(http, "read consent", reads)?.into_iter();
         let stopped: HashSet<String> = match read.next() {
-            Some(Ok(answer)) => answer["list"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            Some(Ok(answer)) => kit::strings(&answer["list"])
                 .map(str::to_lowercase)
                 .collect(),
             Some(Err(error)) => return Err(error.into_error()),
@@ -509,30 +505,19 @@ impl Provider for Sendsay {
                 })
             })
             .collect();
-        let mut written = if writes.is_empty() {
-            Vec::new()
-        } else {
-            self.batch(http, "upsert members", writes)?
-        }
-        .into_iter();
+        let mut written = self.batch(http, "upsert members", writes)?.into_iter();
         for outcome in refused {
             outcomes.push(match outcome {
                 Some(refusal) => refusal,
                 None => match written.next() {
                     Some(Ok(answer)) => {
                         let member = &member_object(&answer)["member"];
-                        Outcome::Member {
-                            status: if present(&member["lockconfirm"]) {
-                                MemberStatus::Pending
-                            } else {
-                                MemberStatus::Subscribed
-                            },
-                            remote_id: match &member["id"] {
-                                Value::Number(n) => Some(n.to_string()),
-                                Value::String(s) => Some(s.clone()),
-                                _ => None,
-                            },
-                        }
+                        let status = if present(&member["lockconfirm"]) {
+                            MemberStatus::Pending
+                        } else {
+                            MemberStatus::Subscribed
+                        };
+                        Outcome::member(status, id_of(member))
                     }
                     Some(Err(error)) => error.outcome(),
                     None => Outcome::retry("Sendsay did not report this member"),

@@ -10,7 +10,7 @@ use super::{
     Binding, Capabilities, Config, ConsentStatus, LeaveAction, Limits, Member, Need, Outcome,
     Provider, Spec,
 };
-use crate::http::{Http, Method, ProviderError, Request, Response, Result, transient};
+use crate::http::{Http, Method, Request, Response, Result, transient};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
@@ -123,14 +123,7 @@ impl Webhook {
             );
         request.body = Some(body);
         let response = http.send(operation, request)?;
-        response.check_common(|r| r.text_excerpt())?;
-        if !response.is_success() {
-            return Err(ProviderError::Rejected(format!(
-                "HTTP {}: {}",
-                response.status,
-                response.text_excerpt()
-            )));
-        }
+        response.check(Response::text_excerpt)?;
         Ok(response)
     }
 
@@ -277,6 +270,7 @@ impl Provider for Webhook {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::http::ProviderError;
     use crate::providers::test_support::refusal_status;
 
     #[test]

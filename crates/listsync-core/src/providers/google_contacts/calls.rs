@@ -331,13 +331,7 @@ impl GoogleContacts {
                 Err(e) => return Err(e.rejected()),
             };
             let listed = |key: &str| -> Vec<String> {
-                answer[key]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
+                kit::strings(&answer[key]).map(str::to_string).collect()
             };
             missing.extend(listed("notFoundResourceNames"));
             kept.extend(listed("canNotRemoveLastContactGroupResourceNames"));

@@ -5,7 +5,7 @@
 use super::directory::entry_values_of;
 use super::{Field, WRITTEN_FIELDS, parse_field};
 use crate::address::phone_identity;
-use crate::providers::Member;
+use crate::providers::{Member, kit};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeSet;
 
@@ -17,12 +17,7 @@ pub(super) fn wanted(member: &Member) -> std::result::Result<Vec<(Field, Option<
         .map(|(name, value)| {
             let field = parse_field(name)
                 .ok_or_else(|| format!("\"{name}\" is not a Google Contacts field"))?;
-            let text = match value {
-                Value::Null => None,
-                Value::String(s) => Some(s.clone()),
-                other => Some(other.to_string()),
-            };
-            Ok((field, text.filter(|t| !t.trim().is_empty())))
+            Ok((field, kit::text(value).filter(|t| !t.trim().is_empty())))
         })
         .collect()
 }

@@ -26,7 +26,7 @@ impl GoogleContacts {
             match wanted(member) {
                 Ok(v) => values.push(v),
                 Err(message) => {
-                    outcomes[i] = Some(Outcome::Failed { message });
+                    outcomes[i] = Some(Outcome::failed(message));
                     values.push(Vec::new());
                 }
             }
@@ -88,7 +88,7 @@ impl GoogleContacts {
                 }
                 None => match merge(Map::new(), &members[i].address, &values[i]) {
                     Ok(fields) => creates.push((i, fields)),
-                    Err(message) => outcomes[i] = Some(Outcome::Failed { message }),
+                    Err(message) => outcomes[i] = Some(Outcome::failed(message)),
                 },
             }
         }
@@ -314,7 +314,7 @@ impl GoogleContacts {
                         match plan(&update.person, &update.members) {
                             Ok((_, c)) if c.is_empty() => break Ok(update.person.clone()),
                             Ok((f, c)) => (fields, changed) = (f, c),
-                            Err(message) => break Err(Outcome::Failed { message }),
+                            Err(message) => break Err(Outcome::failed(message)),
                         }
                     }
                     Err(e) if e.is_stale_etag() => break Err(Outcome::retry(e.to_string())),
