@@ -1,7 +1,11 @@
 # pg_listsync: `make demo` shows it working, `make test` runs every test, `make bench` measures.
 # Each target installs what it needs first (scripts/setup.sh, idempotent).
 
-PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+# The PostgreSQL major to build and test against: 15 (Debian's, the default), 16, 17 or 18.
+PG ?= 15
+export PG
+PG_CONFIG ?= $(shell scripts/pg-config $(PG))
+export PG_CONFIG
 TEST_PGDATA ?= $(CURDIR)/target/test-pgdata
 
 .PHONY: setup demo test lint bench install install-release
@@ -9,7 +13,7 @@ TEST_PGDATA ?= $(CURDIR)/target/test-pgdata
 setup:
 	@scripts/setup.sh
 
-# Builds and installs the extension (release) into the system PostgreSQL 15.
+# Builds and installs the extension (release) into PostgreSQL $(PG).
 install-release: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
 
@@ -20,14 +24,14 @@ demo: install-release
 	cargo build --release -p listsync-emulator
 	scripts/demo.sh
 
-# Every test: lint, pure unit tests and in-database tests (cargo pgrx test), integration tests
-# against clusters with the worker running, Prism contract tests.
+# Every test, on PostgreSQL $(PG): lint, pure unit tests and in-database tests (cargo pgrx test),
+# integration tests against clusters with the worker running, Prism contract tests.
 test: setup lint
 	scripts/test.sh
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --features "pg15 pg_test" -- -D warnings
+	cargo clippy --workspace --all-targets --no-default-features --features "pg$(PG) pg_test" -- -D warnings
 
 bench: install-release
 	cargo build --release -p listsync-emulator

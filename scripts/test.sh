@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test of pg_listsync (after scripts/setup.sh):
+# Runs every test of pg_listsync on PostgreSQL $PG (default 15), after scripts/setup.sh:
 #  - the core crate's tests (pure logic, every provider against its fake and Prism; no PostgreSQL);
 #  - unit tests and in-database #[pg_test]s, then the integration tests in tests/ (scratch
 #    clusters with the worker running, the provider emulator, faults, crashes, the randomized
 #    convergence workload), then Prism contract tests — all through `cargo pgrx test`, which
-#    first installs the extension into the system PostgreSQL 15;
+#    first installs the extension into that PostgreSQL;
 #  - the provider emulator's own tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+major=${PG:-15}
 # Outside the checkout: PostgreSQL runs as the postgres user, which must reach the directory.
-pgdata=/tmp/listsync-pgrx-test
+pgdata=/tmp/listsync-pgrx-test-$major
 mkdir -p "$pgdata"
 runas=()
 if [ "$(id -u)" = 0 ]; then
@@ -18,10 +19,13 @@ if [ "$(id -u)" = 0 ]; then
     runas=(--runas postgres)
 fi
 
+# The integration tests start their clusters with this installation's programs.
+PG_CONFIG=$(scripts/pg-config "$major")
+export PG_CONFIG
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 status=0
 cargo test -p listsync-core || status=$?
-cargo pgrx test pg15 "${runas[@]}" --pgdata "$pgdata" || status=$?
+cargo pgrx test "pg$major" "${runas[@]}" --pgdata "$pgdata" || status=$?
 cargo test -p listsync-emulator || status=$?
 if [ "$status" = 0 ]; then echo "make test: all tests passed"; else echo "make test: FAILED"; fi
 exit "$status"

@@ -21,7 +21,7 @@ use crate::filter::view::ViewRule;
 use crate::names::{filter_view, view_oid};
 use crate::privilege::AsExtension;
 use pgrx::prelude::*;
-use pgrx::{PgRelation, pg_sys};
+use pgrx::{PgRelation, PgTupleDesc, pg_sys};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
@@ -522,18 +522,19 @@ fn build(relid: pg_sys::Oid, relation: pg_sys::Relation) -> crate::error::Result
         let (read, conversion) = unsafe {
             let bound_relation = PgRelation::open(bound);
             let descriptor = bound_relation.rd_att;
+            // Not reference-counted by us: the relation holds it.
+            let columns = PgTupleDesc::from_pg_unchecked(descriptor);
             let read = read
                 .into_iter()
                 .map(|attnum| {
                     // Column numbers come from the views' rules: user columns, numbered from 1.
-                    let index = usize::try_from(attnum)
+                    let attribute = usize::try_from(attnum)
                         .ok()
                         .and_then(|n| n.checked_sub(1))
-                        .filter(|&i| i < usize::try_from((*descriptor).natts).unwrap_or(0))
+                        .and_then(|index| columns.get(index))
                         .ok_or_else(|| {
                             Error::internal(format!("column {attnum} is not a column of the table"))
                         })?;
-                    let attribute = &*(*descriptor).attrs.as_ptr().add(index);
                     Ok(ColumnState {
                         attnum,
                         len: attribute.attlen,

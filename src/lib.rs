@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 pub mod address;
 pub mod capture;
 pub mod catalog;
+pub mod catalog_version;
 pub mod delivery;
 pub mod error;
 pub mod filter;

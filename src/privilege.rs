@@ -153,9 +153,12 @@ pub fn with_fixed_search_path<T>(body: impl FnOnce() -> T) -> T {
 pub struct AsExtension;
 
 impl AsExtension {
-    /// Runs `body` with the extension's rights.
+    /// Runs `body` with the extension's rights, on a catalog of this library's version.
     pub fn run<T>(body: impl FnOnce() -> T) -> T {
         let _switched = Switched::to(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), 0, true);
+        if let Err(e) = crate::catalog_version::require_current() {
+            e.raise();
+        }
         body()
     }
 }

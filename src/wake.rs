@@ -114,7 +114,20 @@ fn set_latch(procno: i32) {
     }
 }
 
-/// Registers the calling database worker; returns whether it got a slot.
+/// This process's index in `ProcGlobal->allProcs`.
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+fn my_proc_number() -> i32 {
+    // SAFETY: MyProc is this backend's own PGPROC, set before any extension code runs.
+    unsafe { (*pg_sys::MyProc).pgprocno }
+}
+
+/// This process's index in `ProcGlobal->allProcs` (PostgreSQL 17 moved it out of PGPROC).
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn my_proc_number() -> i32 {
+    // SAFETY: MyProcNumber is set when the backend gets its PGPROC, before extension code runs.
+    unsafe { pg_sys::MyProcNumber }
+}
+
 /// Registers the calling database worker. Returns `Registration::Duplicate` when another live
 /// worker already serves the database (a restarted launcher does not know its predecessor's
 /// workers), `Unregistered` when shared memory has no room (the worker then works by polling).
@@ -123,13 +136,8 @@ pub fn register_worker() -> Registration {
         return Registration::Unregistered;
     }
     // SAFETY: reading the worker's own backend globals.
-    let (database, pid, procno) = unsafe {
-        (
-            pg_sys::MyDatabaseId.to_u32(),
-            pg_sys::MyProcPid,
-            (*pg_sys::MyProc).pgprocno,
-        )
-    };
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    let procno = my_proc_number();
     let mut registry = REGISTRY.exclusive();
     if registry
         .slots

@@ -6,7 +6,8 @@
 //! for). A database worker sleeps on its latch, which committing writers set (`wake`), with
 //! `listsync.poll_interval` as a safety net, and runs delivery cycles until nothing is due.
 
-use crate::delivery::{Engine, extension_installed};
+use crate::catalog_version::{self, Catalog};
+use crate::delivery::Engine;
 use crate::guc;
 use crate::wake;
 use pgrx::bgworkers::{
@@ -210,6 +211,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         Err(e) => error!("pg_listsync worker: {e}"),
     };
     let mut next_housekeeping = Instant::now();
+    let mut catalog = Catalog::Current;
     // SAFETY: a memory context of our own for everything one iteration allocates outside a
     // transaction, reset after each iteration (between transactions CurrentMemoryContext is
     // TopMemoryContext, where anything left would leak for the life of the worker).
@@ -234,7 +236,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         let previous = unsafe { pg_sys::MemoryContextSwitchTo(iteration) };
         let busy = guarded(
             "delivery",
-            AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping)),
+            AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping, &mut catalog)),
         )
         .unwrap_or(false);
         // SAFETY: `previous` was current before the iteration and outlives it; nothing the
@@ -321,12 +323,28 @@ fn plan_for_keyed_lookups() {
     }
 }
 
-/// One pass: if the extension is installed, record the deliveries that finished and hand out
-/// new ones to idle connections while work is due (bounded, so that signals and housekeeping
-/// get their turn). Never waits for a delivery in flight. Returns whether more work may be
-/// waiting right now.
-fn run_iteration(engine: &mut Engine, next_housekeeping: &mut Instant) -> bool {
-    if !BackgroundWorker::transaction(extension_installed) {
+/// One pass: if the extension is installed at this library's version, record the deliveries
+/// that finished and hand out new ones to idle connections while work is due (bounded, so that
+/// signals and housekeeping get their turn). Never waits for a delivery in flight. Returns
+/// whether more work may be waiting right now. `catalog` is what the last pass found.
+fn run_iteration(
+    engine: &mut Engine,
+    next_housekeeping: &mut Instant,
+    catalog: &mut Catalog,
+) -> bool {
+    let found = BackgroundWorker::transaction(catalog_version::installed);
+    if let Catalog::Other(version) = &found
+        && *catalog != found
+    {
+        // Said once per change, not every poll: the worker waits for the update and goes on.
+        let mismatch = BackgroundWorker::transaction(|| catalog_version::mismatch(version));
+        mismatch
+            .in_object("pg_listsync worker")
+            .report()
+            .report(PgLogLevel::WARNING);
+    }
+    *catalog = found;
+    if *catalog != Catalog::Current {
         // Whatever comes back has nowhere to go (and must not keep the worker awake).
         engine.collect();
         return false;

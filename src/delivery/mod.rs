@@ -639,8 +639,3 @@ pub fn mark_membership_drift(binding: i64) -> Result<i64> {
     )?
     .unwrap_or(0))
 }
-
-pub fn extension_installed() -> bool {
-    // SAFETY: get_extension_oid with missing_ok = true returns InvalidOid when not installed.
-    unsafe { pg_sys::get_extension_oid(c"pg_listsync".as_ptr(), true) != pg_sys::InvalidOid }
-}

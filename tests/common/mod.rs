@@ -1,8 +1,10 @@
-//! Integration-test harness: a scratch PostgreSQL 15 cluster per test with pg_listsync preloaded
+//! Integration-test harness: a scratch PostgreSQL cluster per test with pg_listsync preloaded
 //! and its worker running, the provider emulator in-process, and small helpers.
 //!
 //! The extension must be installed (`cargo pgrx test` installs it before these tests run;
 //! `make install` otherwise). As root, PostgreSQL runs as the `postgres` user through sudo.
+//! The PostgreSQL is the one `PG_CONFIG` names (scripts/test.sh sets it for `make test PG=N`),
+//! else Debian's 15; it must be the major the crate was built for.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use postgres::{Client, NoTls};
@@ -13,7 +15,46 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)] // not every test binary injects faults
 pub use listsync_emulator::{Emulator, Fault};
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The major this build of the extension targets (`cargo pgrx test pgNN` selects the feature).
+const MAJOR: &str = if cfg!(feature = "pg16") {
+    "16"
+} else if cfg!(feature = "pg17") {
+    "17"
+} else if cfg!(feature = "pg18") {
+    "18"
+} else {
+    "15"
+};
+
+/// Directories of the PostgreSQL installation under test, from its pg_config.
+struct Installation {
+    bindir: PathBuf,
+    sharedir: PathBuf,
+}
+
+fn installation() -> &'static Installation {
+    static INSTALLATION: std::sync::OnceLock<Installation> = std::sync::OnceLock::new();
+    INSTALLATION.get_or_init(|| {
+        let pg_config = std::env::var("PG_CONFIG")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string());
+        let ask = |option: &str| {
+            let output = check(
+                Command::new(&pg_config).arg(option).output(),
+                &format!("{pg_config} {option}"),
+            );
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        };
+        let version = ask("--version");
+        assert!(
+            version.starts_with(&format!("PostgreSQL {MAJOR}.")),
+            "{pg_config} is {version}, but these tests were built for PostgreSQL {MAJOR}: set PG_CONFIG"
+        );
+        Installation {
+            bindir: ask("--bindir").into(),
+            sharedir: ask("--sharedir").into(),
+        }
+    })
+}
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -22,10 +63,10 @@ fn is_root() -> bool {
 
 /// Runs a PostgreSQL program as the user that owns the cluster.
 fn pg_command(program: &str) -> Command {
-    let path = format!("{BIN}/{program}");
+    let path = installation().bindir.join(program);
     if is_root() {
         let mut command = Command::new("sudo");
-        command.args(["-u", "postgres", "--", &path]);
+        command.args(["-u", "postgres", "--"]).arg(&path);
         command
     } else {
         Command::new(path)
@@ -55,7 +96,10 @@ impl Cluster {
     /// `crm` created and the extension installed in it.
     pub fn start(name: &str, settings: &[&str]) -> Cluster {
         assert!(
-            Path::new("/usr/share/postgresql/15/extension/pg_listsync.control").exists(),
+            installation()
+                .sharedir
+                .join("extension/pg_listsync.control")
+                .exists(),
             "pg_listsync is not installed: run `make install` (or `cargo pgrx test`, which installs it first)"
         );
         // Under the system temp directory, not the checkout: the postgres user must be able to
@@ -235,6 +279,11 @@ impl Cluster {
 
     pub fn bin(program: &str) -> Command {
         pg_command(program)
+    }
+
+    /// The installation's share directory (extension scripts live in its `extension/`).
+    pub fn sharedir() -> &'static Path {
+        &installation().sharedir
     }
 }
 
