@@ -6,9 +6,8 @@ PG ?= 15
 export PG
 PG_CONFIG ?= $(shell scripts/pg-config $(PG))
 export PG_CONFIG
-TEST_PGDATA ?= $(CURDIR)/target/test-pgdata
 
-.PHONY: setup demo test lint bench install install-release
+.PHONY: setup demo test lint bench install install-release package
 
 setup:
 	@scripts/setup.sh
@@ -28,6 +27,11 @@ demo: install-release
 # integration tests against clusters with the worker running, Prism contract tests.
 test: setup lint
 	scripts/test.sh
+
+# Debian packages (postgresql-NN-pg-listsync) for PostgreSQL 15-18 in target/package/;
+# MAJORS="17" builds one.
+package: setup
+	scripts/package.sh
 
 lint:
 	cargo fmt --all --check

@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=$("${PG_CONFIG:-$(scripts/pg-config "${PG:-15}")}" --bindir)
 PORT=${BENCH_PORT:-55432}
 DIR=${BENCH_DIR:-/tmp/listsync-bench}
 DATA=$DIR/data

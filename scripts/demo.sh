@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PORT=55499
 EMULATOR_PORT=18080
 DIR=/tmp/listsync-demo
-BIN=/usr/lib/postgresql/15/bin
+BIN=$("${PG_CONFIG:-$(scripts/pg-config "${PG:-15}")}" --bindir)
 EMULATOR="http://127.0.0.1:$EMULATOR_PORT"
 
 as_postgres() { if [ "$(id -u)" = 0 ]; then sudo -u postgres -- "$@"; else "$@"; fi; }

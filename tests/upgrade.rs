@@ -1,157 +1,342 @@
-//! `ALTER EXTENSION pg_listsync UPDATE` from 0.1.0: the upgraded schema is the one a fresh
-//! install creates, object for object, and what was recorded under 0.1.0 survives it.
+//! An in-place upgrade from release 0.1.0, the way a DBA does it: the 0.1.0 library and catalog
+//! deliver a list; the new library replaces the old one (nothing updated yet: it says so and
+//! waits); `ALTER EXTENSION pg_listsync UPDATE`; delivery goes on with nothing sent again and
+//! nothing lost; and the updated catalog is the one a fresh install creates (pg_dump).
 //!
-//! `fixtures/pg_listsync--0.1.0.sql` is the install script of release 0.1.0 (tag v0.1.0, as
-//! `cargo pgrx schema` generated it). Every C function it names still exists in the current
-//! library, so it installs as is.
+//! Release 0.1.0 is built from its commit (tag v0.1.0) into `target/release-0.1.0` the first
+//! time; it was released for PostgreSQL 15 only, so this test runs on 15.
+#![cfg(feature = "pg15")]
 
 mod common;
 
 use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
-/// Every object of the extension, described in one line each: columns, constraints, indexes,
-/// view and function definitions, policies, row-level security, privileges, and which tables
-/// pg_dump keeps. Two installs with the same lines have the same schema.
-const DESCRIBE: &str = r#"
-WITH members AS (
-    SELECT d.classid, d.objid FROM pg_catalog.pg_depend d
-      JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-     WHERE d.refclassid = 'pg_catalog.pg_extension'::regclass AND e.extname = 'pg_listsync' AND d.deptype = 'e'
-       -- `cargo pgrx test` installs a build whose test functions (schema tests) join the extension
-       AND pg_catalog.pg_describe_object(d.classid, d.objid, 0) !~ '^(schema tests$|function tests\.)')
-SELECT line FROM (
-    SELECT pg_catalog.pg_describe_object(m.classid, m.objid, 0) AS line FROM members m
-    UNION ALL
-    SELECT format('%s.%s %s %s default %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-                  CASE WHEN a.attnotnull THEN 'not null' ELSE 'null' END,
-                  pg_catalog.pg_get_expr(ad.adbin, ad.adrelid))
-      FROM members m JOIN pg_catalog.pg_class c ON m.classid = 'pg_catalog.pg_class'::regclass AND c.oid = m.objid
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-      LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
-    UNION ALL
-    SELECT format('%s %s rls=%s acl=%s', c.relname, c.relkind, c.relrowsecurity, c.relacl)
-      FROM members m JOIN pg_catalog.pg_class c ON m.classid = 'pg_catalog.pg_class'::regclass AND c.oid = m.objid
-    UNION ALL
-    SELECT format('%s constraint %s', co.conrelid::regclass, pg_catalog.pg_get_constraintdef(co.oid))
-      FROM pg_catalog.pg_constraint co JOIN members m ON m.classid = 'pg_catalog.pg_class'::regclass AND m.objid = co.conrelid
-    UNION ALL
-    SELECT pg_catalog.pg_get_indexdef(i.indexrelid)
-      FROM pg_catalog.pg_index i JOIN members m ON m.classid = 'pg_catalog.pg_class'::regclass AND m.objid = i.indrelid
-    UNION ALL
-    SELECT format('view %s: %s', c.relname, pg_catalog.pg_get_viewdef(c.oid))
-      FROM members m JOIN pg_catalog.pg_class c ON m.classid = 'pg_catalog.pg_class'::regclass AND c.oid = m.objid
-     WHERE c.relkind = 'v'
-    UNION ALL
-    SELECT format('function %s', pg_catalog.pg_get_functiondef(p.oid))
-      FROM members m JOIN pg_catalog.pg_proc p ON m.classid = 'pg_catalog.pg_proc'::regclass AND p.oid = m.objid
-    UNION ALL
-    SELECT format('policy %s on %s: %s', po.polname, po.polrelid::regclass, pg_catalog.pg_get_expr(po.polqual, po.polrelid))
-      FROM pg_catalog.pg_policy po JOIN members m ON m.classid = 'pg_catalog.pg_class'::regclass AND m.objid = po.polrelid
-    UNION ALL
-    SELECT format('dumped %s', x::regclass) FROM pg_catalog.pg_extension e, unnest(e.extconfig) x
-     WHERE e.extname = 'pg_listsync'
-) described
-ORDER BY line
-"#;
+const RELEASE_0_1_0: &str = "ffede9ba8358768d395d1a4485933228c8dd1027";
+const T: Duration = Duration::from_secs(60);
 
-fn describe(db: &mut postgres::Client) -> Vec<String> {
-    db.query(DESCRIBE, &[])
-        .expect("describe the extension")
-        .iter()
-        .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
+fn run(command: &mut Command, what: &str) {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The 0.1.0 library and install script, built from the release commit with its own lock file.
+struct Release {
+    library: PathBuf,
+    install_script: PathBuf,
+}
+
+fn build_release_0_1_0() -> Release {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = checkout.join("target/release-0.1.0");
+    let source = work.join("source");
+    if !source.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(&source).unwrap();
+        let archive = work.join("source.tar");
+        run(
+            Command::new("git")
+                .arg("-C")
+                .arg(checkout)
+                .args(["archive", "--output"])
+                .arg(&archive)
+                .arg(RELEASE_0_1_0),
+            "git archive of release 0.1.0 (the checkout needs its history)",
+        );
+        run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&archive)
+                .arg("-C")
+                .arg(&source),
+            "unpack release 0.1.0",
+        );
+    }
+    let package = work.join("package");
+    run(
+        Command::new("cargo")
+            .args([
+                "pgrx",
+                "package",
+                "--debug",
+                "--no-default-features",
+                "--features",
+                "pg15",
+            ])
+            .arg("--pg-config")
+            .arg(Cluster::pg_config())
+            .arg("--out-dir")
+            .arg(&package)
+            .current_dir(&source)
+            .env("CARGO_TARGET_DIR", work.join("target")),
+        "build release 0.1.0",
+    );
+    let inside = |dir: &Path| package.join(dir.strip_prefix("/").unwrap());
+    Release {
+        library: inside(Cluster::pkglibdir()).join("pg_listsync.so"),
+        install_script: inside(&Cluster::sharedir().join("extension"))
+            .join("pg_listsync--0.1.0.sql"),
+    }
+}
+
+/// Puts a library in place of the installed one the way a package manager does (a new file
+/// renamed over the old: running processes keep what they mapped), and puts the current build
+/// back when dropped.
+struct InstalledLibrary {
+    current: PathBuf,
+}
+
+impl InstalledLibrary {
+    fn replace_with(library: &Path) -> InstalledLibrary {
+        let current = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release-0.1.0/current.so");
+        std::fs::copy(Self::installed(), &current).expect("keep the current library");
+        Self::install(library);
+        InstalledLibrary { current }
+    }
+
+    fn installed() -> PathBuf {
+        Cluster::pkglibdir().join("pg_listsync.so")
+    }
+
+    fn install(library: &Path) {
+        let incoming = Cluster::pkglibdir().join("pg_listsync.so.incoming");
+        std::fs::copy(library, &incoming).expect("copy the library (run as root, as CI does)");
+        std::fs::rename(&incoming, Self::installed()).expect("install the library");
+    }
+}
+
+impl Drop for InstalledLibrary {
+    fn drop(&mut self) {
+        Self::install(&self.current);
+    }
+}
+
+/// The schema of a database as pg_dump sees it in binary-upgrade mode (the only mode that dumps
+/// an extension's member objects), without what legitimately differs between two databases:
+/// object ids, the dump's session key and comments. The configuration tables pg_dump keeps are
+/// compared separately: `extconfig` lists them by oid in the order they were registered.
+fn dumped_schema(cluster: &Cluster, database: &str) -> Vec<String> {
+    let output = Cluster::bin("pg_dump")
+        .args([
+            "--schema-only",
+            "--binary-upgrade",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .args(["-p", &cluster.port.to_string(), database])
+        .output()
+        .expect("pg_dump");
+    assert!(
+        output.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| {
+            !(line.is_empty()
+                || line.starts_with("--")
+                || line.starts_with("\\restrict")
+                || line.starts_with("\\unrestrict")
+                || line.contains("binary_upgrade_set_next_")
+                || line.contains("binary_upgrade_create_empty_extension"))
+        })
+        .map(str::to_string)
         .collect()
 }
 
-fn install_release_script() {
-    let sharedir = Cluster::bin("pg_config")
-        .arg("--sharedir")
-        .output()
-        .expect("pg_config");
-    let sharedir = String::from_utf8_lossy(&sharedir.stdout).trim().to_string();
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/pg_listsync--0.1.0.sql");
-    std::fs::copy(
-        &fixture,
-        format!("{sharedir}/extension/pg_listsync--0.1.0.sql"),
+fn kept_tables(db: &mut postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT format('%s %s', c::regclass, w) FROM pg_catalog.pg_extension e,
+                unnest(e.extconfig, e.extcondition) AS t(c, w)
+          WHERE e.extname = 'pg_listsync' ORDER BY 1",
+        &[],
     )
-    .expect("install the 0.1.0 script next to the current one (run as root, as CI does)");
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+fn sql_state(error: &postgres::Error) -> String {
+    error
+        .code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes that name one of `addresses`, by email or by Mailchimp's subscriber hash.
+fn requests_naming(emulator: &Emulator, addresses: &[&str]) -> Vec<String> {
+    let hashes: Vec<String> = addresses
+        .iter()
+        .map(|a| listsync_emulator::mailchimp::subscriber_hash(a))
+        .collect();
+    emulator
+        .requests("mailchimp")
+        .iter()
+        .filter(|r| r.method != "GET")
+        .filter(|r| {
+            addresses.iter().any(|a| r.body.contains(a))
+                || hashes.iter().any(|h| r.path.contains(h.as_str()))
+        })
+        .map(|r| format!("{} {} {}", r.method, r.path, r.body))
+        .collect()
 }
 
 #[test]
-fn updating_from_0_1_0_gives_the_fresh_schema_and_keeps_the_data() {
-    install_release_script();
-    let cluster = Cluster::start("upgrade", &[]);
-    let mut fresh = cluster.connect();
-    cluster
-        .connect_to("postgres")
-        .batch_execute("CREATE DATABASE upgraded")
+fn updating_from_0_1_0_in_place_keeps_delivering_and_gives_the_fresh_schema() {
+    let release = build_release_0_1_0();
+    std::fs::copy(
+        &release.install_script,
+        Cluster::sharedir().join("extension/pg_listsync--0.1.0.sql"),
+    )
+    .expect("install the 0.1.0 script next to the current ones");
+    let old_library = InstalledLibrary::replace_with(&release.library);
+
+    let emulator = Emulator::start();
+    let cluster = Cluster::start_without_extension("upgrade", &[]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION pg_listsync VERSION '0.1.0'")
         .unwrap();
-    let mut db = cluster.connect_to("upgraded");
+    db.batch_execute(CONTACTS).unwrap();
+    mailchimp_connection(&mut db, &emulator);
+    // The binding belongs to a CRM role, as in production.
     db.batch_execute(
-        "CREATE EXTENSION pg_listsync VERSION '0.1.0';
-         CREATE ROLE listsync_upgrade_crm;
-         CREATE TABLE contacts (id int PRIMARY KEY, email text, city text);
+        "CREATE ROLE listsync_upgrade_crm;
          GRANT SELECT, TRIGGER ON contacts TO listsync_upgrade_crm;
-         -- What 0.1.0 recorded: a connection, a binding owned by a CRM role with a delivered
-         -- member and a pending change.
-         INSERT INTO listsync.connections (name, provider, settings)
-              VALUES ('hook', 'webhook', '{\"url\": \"https://hooks.example/x\"}');
-         INSERT INTO listsync.connection_secrets (connection_id, secrets)
-              SELECT id, '{\"signing_secret\": \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"}' FROM listsync.connections;
-         INSERT INTO listsync.bindings (filter_name, connection_id, source, list_id, owner, state)
-              SELECT 'old', id, 'contacts', 'list-1', 'listsync_upgrade_crm', 'paused' FROM listsync.connections;
-         INSERT INTO listsync.members (binding_id, address, status)
-              SELECT id, 'kept@example.com', 'subscribed' FROM listsync.bindings;
-         INSERT INTO listsync.outbox (binding_id, address)
-              SELECT id, 'pending@example.com' FROM listsync.bindings;",
+         INSERT INTO contacts (email, first_name, city) VALUES
+             ('ann@example.com', 'Ann', 'Moscow'), ('bob@example.com', 'Bob', 'Moscow');
+         SET ROLE listsync_upgrade_crm;
+         SELECT listsync.create_filter('moscow', 'contacts', $$ city = 'Moscow' $$);",
     )
     .unwrap();
-    let before = describe(&mut db);
-    db.batch_execute("ALTER EXTENSION pg_listsync UPDATE TO '0.2.0'")
+    let binding: i64 = scalar(
+        &mut db,
+        r#"SELECT listsync.bind_filter_to_list('moscow', 'mc', fields => '{"FNAME": "first_name"}')"#,
+    );
+    db.batch_execute("RESET ROLE").unwrap();
+    let list = wait_synced(&mut db, binding, T);
+    assert_eq!(
+        emulator
+            .list_members("mailchimp", &list)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["ann@example.com", "bob@example.com"],
+        "0.1.0 delivered the list"
+    );
+
+    // Changes the 0.1.0 worker cannot deliver (the provider is down) wait in the outbox.
+    emulator.faults("mailchimp").set_down(true);
+    db.batch_execute(
+        "INSERT INTO contacts (email, first_name, city) VALUES ('cat@example.com', 'Cat', 'Moscow');
+         UPDATE contacts SET city = 'Paris' WHERE email = 'bob@example.com';",
+    )
+    .unwrap();
+    assert_eq!(status(&mut db, binding)["pending"], 2);
+    cluster.stop();
+
+    // The package of the new version is installed: the library changes, the catalog does not.
+    drop(old_library);
+    cluster.start_again();
+    let mut db = cluster.connect();
+    let refused = db
+        .batch_execute("SELECT listsync.create_filter('later', 'contacts', $$ true $$)")
+        .expect_err("the new library refuses to work on the 0.1.0 catalog");
+    assert_eq!(sql_state(&refused), "55000", "{refused}");
+    let message = refused.as_db_error().unwrap();
+    assert!(
+        message
+            .message()
+            .contains("holds the catalog of version 0.1.0")
+            && message
+                .hint()
+                .unwrap_or_default()
+                .contains("ALTER EXTENSION pg_listsync UPDATE"),
+        "{message:?}"
+    );
+    wait_for("the worker to say why it waits", T, || {
+        cluster
+            .log()
+            .contains("pg_listsync worker: the pg_listsync library is version")
+    });
+
+    emulator.faults("mailchimp").set_down(false);
+    emulator.clear_requests("mailchimp");
+    db.batch_execute("ALTER EXTENSION pg_listsync UPDATE")
         .unwrap();
     assert_eq!(
         scalar::<String>(
             &mut db,
             "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_listsync'"
         ),
-        "0.2.0"
+        env!("CARGO_PKG_VERSION")
     );
-    let (upgraded, wanted) = (describe(&mut db), describe(&mut fresh));
-    let missing: Vec<&String> = wanted.iter().filter(|l| !upgraded.contains(l)).collect();
-    let extra: Vec<&String> = upgraded.iter().filter(|l| !wanted.contains(l)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "the upgraded schema differs from a fresh install:\nmissing: {missing:#?}\nextra: {extra:#?}"
+    // A write after the update is captured by the new library.
+    db.batch_execute("INSERT INTO contacts (email, first_name, city) VALUES ('dan@example.com', 'Dan', 'Moscow')")
+        .unwrap();
+    db.batch_execute("SELECT listsync.wake()").unwrap();
+    wait_synced(&mut db, binding, T);
+    assert_eq!(
+        emulator
+            .list_members("mailchimp", &list)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["ann@example.com", "cat@example.com", "dan@example.com"],
+        "what waited in the outbox was delivered, and what came after"
     );
-    assert_ne!(before, upgraded, "the update changed something");
-
+    assert_eq!(
+        requests_naming(&emulator, &["ann@example.com"]),
+        Vec::<String>::new(),
+        "a member delivered by 0.1.0 is not sent again"
+    );
     assert_eq!(
         scalar::<i64>(
             &mut db,
-            "SELECT count(*) FROM listsync.members WHERE address = 'kept@example.com'"
+            &format!(
+                "SELECT count(*) FROM listsync.members WHERE binding_id = {binding} AND status = 'subscribed'"
+            )
         ),
-        1
+        3
     );
-    assert_eq!(
-        scalar::<i64>(
-            &mut db,
-            "SELECT count(*) FROM listsync.outbox WHERE address = 'pending@example.com'"
-        ),
-        1
-    );
-    // The binding's owner keeps the use of its connection, and binds again under 0.2.0 rules.
+    // The binding's owner keeps the use of its connection and binds again under the new rules.
     db.batch_execute(
         "SET ROLE listsync_upgrade_crm;
-         SELECT listsync.create_filter('moscow', 'contacts', $$ city = 'Moscow' $$);
-         SELECT listsync.bind_filter_to_list('moscow', 'hook');
+         SELECT listsync.create_filter('paris', 'contacts', $$ city = 'Paris' $$);
+         SELECT listsync.bind_filter_to_list('paris', 'mc', list => 'a1');
          RESET ROLE;",
     )
     .unwrap();
-    assert_eq!(
-        scalar::<i64>(
-            &mut db,
-            "SELECT count(*) FROM listsync.bindings WHERE owner = 'listsync_upgrade_crm'::regrole"
-        ),
-        2
+
+    // The updated catalog is a fresh install's, object for object.
+    cluster
+        .connect_to("postgres")
+        .batch_execute("CREATE DATABASE updated; CREATE DATABASE fresh")
+        .unwrap();
+    let mut updated = cluster.connect_to("updated");
+    updated
+        .batch_execute(
+            "CREATE EXTENSION pg_listsync VERSION '0.1.0'; ALTER EXTENSION pg_listsync UPDATE",
+        )
+        .unwrap();
+    let mut fresh = cluster.connect_to("fresh");
+    fresh.batch_execute("CREATE EXTENSION pg_listsync").unwrap();
+    let (was, wanted) = (
+        dumped_schema(&cluster, "updated"),
+        dumped_schema(&cluster, "fresh"),
     );
+    let missing: Vec<&String> = wanted.iter().filter(|l| !was.contains(l)).collect();
+    let extra: Vec<&String> = was.iter().filter(|l| !wanted.contains(l)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "the updated schema differs from a fresh install:\nmissing: {missing:#?}\nextra: {extra:#?}"
+    );
+    assert_eq!(kept_tables(&mut updated), kept_tables(&mut fresh));
 }

@@ -28,8 +28,10 @@ const MAJOR: &str = if cfg!(feature = "pg16") {
 
 /// Directories of the PostgreSQL installation under test, from its pg_config.
 struct Installation {
+    pg_config: PathBuf,
     bindir: PathBuf,
     sharedir: PathBuf,
+    pkglibdir: PathBuf,
 }
 
 fn installation() -> &'static Installation {
@@ -52,6 +54,8 @@ fn installation() -> &'static Installation {
         Installation {
             bindir: ask("--bindir").into(),
             sharedir: ask("--sharedir").into(),
+            pkglibdir: ask("--pkglibdir").into(),
+            pg_config: pg_config.into(),
         }
     })
 }
@@ -95,6 +99,16 @@ impl Cluster {
     /// A new cluster with `listsync.database = 'crm'`, the given extra settings, database
     /// `crm` created and the extension installed in it.
     pub fn start(name: &str, settings: &[&str]) -> Cluster {
+        let cluster = Cluster::start_without_extension(name, settings);
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION pg_listsync")
+            .expect("create extension");
+        cluster
+    }
+
+    /// As [`Cluster::start`], leaving `CREATE EXTENSION` to the test.
+    pub fn start_without_extension(name: &str, settings: &[&str]) -> Cluster {
         assert!(
             installation()
                 .sharedir
@@ -170,10 +184,15 @@ impl Cluster {
             .batch_execute("CREATE DATABASE crm")
             .expect("create database crm");
         cluster
-            .connect()
-            .batch_execute("CREATE EXTENSION pg_listsync")
-            .expect("create extension");
-        cluster
+    }
+
+    /// Stops the cluster cleanly; `start_again` brings it back.
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"]);
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start", "-w", "-t", "60"]);
     }
 
     fn pg_ctl(&self, args: &[&str]) {
@@ -227,7 +246,7 @@ impl Cluster {
     /// Stops the postmaster the hard way (as a power cut would) and starts it again.
     pub fn crash_and_restart(&self) {
         self.pg_ctl(&["stop", "-m", "immediate"]);
-        self.pg_ctl(&["start", "-w", "-t", "60"]);
+        self.start_again();
     }
 
     pub fn restart(&self) {
@@ -284,6 +303,15 @@ impl Cluster {
     /// The installation's share directory (extension scripts live in its `extension/`).
     pub fn sharedir() -> &'static Path {
         &installation().sharedir
+    }
+
+    /// Where the installation loads extension libraries from.
+    pub fn pkglibdir() -> &'static Path {
+        &installation().pkglibdir
+    }
+
+    pub fn pg_config() -> &'static Path {
+        &installation().pg_config
     }
 }
 
