@@ -18,8 +18,10 @@ for major in ${MAJORS:-15 16 17 18}; do
     pg_config=$(scripts/pg-config "$major")
     tree=$out/pg$major/tree
     rm -rf "$out/pg$major" "$out/postgresql-$major-pg-listsync_"*.deb
+    mkdir -p "$out/pg$major"
     cargo pgrx package ${profile[@]+"${profile[@]}"} --pg-config "$pg_config" \
-        --no-default-features --features "pg$major" --out-dir "$tree" >/dev/null
+        --no-default-features --features "pg$major" --out-dir "$tree" >"$out/pg$major/build.log" 2>&1 ||
+        { cat "$out/pg$major/build.log" >&2; exit 1; }
 
     # cargo pgrx lays files out under this build's own pg_config paths; a package puts them
     # where the distribution's PostgreSQL of that major has them.
