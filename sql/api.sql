@@ -56,6 +56,23 @@ SELECT id, name, provider, settings, state, state_reason, throttled_until, owner
 
 GRANT SELECT ON listsync.status, listsync.dead_letters, listsync.deliveries, listsync.connection_list TO PUBLIC;
 
+-- The database workers running now, from the launcher's shared registry (empty without the
+-- preload). For whoever administers pg_listsync: last_error carries provider text.
+CREATE VIEW listsync.workers AS
+SELECT d.datname                                              AS database,
+       w.pid,
+       pg_catalog.to_timestamp(w.started_at_ms / 1000.0)                      AS started_at,
+       pg_catalog.to_timestamp(nullif(w.last_cycle_at_ms, 0) / 1000.0)        AS last_cycle_at,
+       w.cycles,
+       pg_catalog.to_timestamp(nullif(w.last_error_at_ms, 0) / 1000.0)        AS last_error_at,
+       w.last_error
+  FROM listsync.worker_registry() w
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+REVOKE ALL ON listsync.workers FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION listsync.worker_registry() FROM PUBLIC;
+GRANT SELECT ON listsync.workers TO listsync_admin;
+GRANT EXECUTE ON FUNCTION listsync.worker_registry() TO listsync_admin;
+
 -- Filters and bindings are readable by every role, each role seeing its own rows (all of them
 -- to listsync_admin): a binding's errors carry provider text. The extension's own code runs as
 -- the superuser owning these tables, which row-level security does not restrict.
@@ -98,3 +115,6 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER listsync_sql_drop ON sql_drop EXECUTE FUNCTION listsync._on_sql_drop();
+
+-- Says at once (a WARNING with the fix) when nothing recorded here would ever be delivered.
+SELECT listsync.check_setup();

@@ -4,6 +4,7 @@
 --   * Functions an administrator allowed in filters (listsync.allow_function).
 --   * Operational views and the filters/bindings tables show a role its own rows.
 --   * A member's status is one the engine records: 'refused' was allowed but never written.
+--   * listsync.workers (the running workers) and listsync.check_setup().
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -105,3 +106,28 @@ CREATE FUNCTION listsync.grant_usage("connection" text, "role" text) RETURNS voi
 LANGUAGE c AS 'MODULE_PATHNAME', 'grant_usage_wrapper';
 CREATE FUNCTION listsync.revoke_usage("connection" text, "role" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_usage_wrapper';
+CREATE FUNCTION listsync.check_setup() RETURNS boolean STRICT
+LANGUAGE c AS 'MODULE_PATHNAME', 'check_setup_wrapper';
+CREATE FUNCTION listsync.worker_registry() RETURNS TABLE (
+    database oid, pid integer, started_at_ms bigint, last_cycle_at_ms bigint, cycles bigint,
+    last_error_at_ms bigint, last_error text) STRICT
+LANGUAGE c AS 'MODULE_PATHNAME', 'worker_registry_wrapper';
+
+-- The database workers running now, from the launcher's shared registry (empty without the
+-- preload). For whoever administers pg_listsync: last_error carries provider text.
+CREATE VIEW listsync.workers AS
+SELECT d.datname                                              AS database,
+       w.pid,
+       pg_catalog.to_timestamp(w.started_at_ms / 1000.0)                      AS started_at,
+       pg_catalog.to_timestamp(nullif(w.last_cycle_at_ms, 0) / 1000.0)        AS last_cycle_at,
+       w.cycles,
+       pg_catalog.to_timestamp(nullif(w.last_error_at_ms, 0) / 1000.0)        AS last_error_at,
+       w.last_error
+  FROM listsync.worker_registry() w
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+REVOKE ALL ON listsync.workers FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION listsync.worker_registry() FROM PUBLIC;
+GRANT SELECT ON listsync.workers TO listsync_admin;
+GRANT EXECUTE ON FUNCTION listsync.worker_registry() TO listsync_admin;
+
+SELECT listsync.check_setup();

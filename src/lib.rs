@@ -21,6 +21,7 @@ pub mod names;
 pub mod outbox;
 pub mod privilege;
 pub mod query;
+pub mod serving;
 pub mod sql_types;
 pub mod wake;
 pub mod worker;

@@ -20,6 +20,50 @@ pub struct WorkerSlot {
     /// The launcher does not start a worker for this database before this time (ms since the
     /// epoch): set while a DROP/RENAME DATABASE waits for the database to be free.
     pub suspended_until_ms: i64,
+    pub activity: Activity,
+}
+
+/// What the worker in a slot has done, for `listsync.workers` (times in ms since the epoch).
+#[derive(Copy, Clone)]
+pub struct Activity {
+    pub started_at_ms: i64,
+    pub last_cycle_at_ms: i64,
+    pub cycles: i64,
+    pub last_error_at_ms: i64,
+    last_error: [u8; LAST_ERROR_BYTES],
+    last_error_len: usize,
+}
+
+const LAST_ERROR_BYTES: usize = 256;
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            started_at_ms: 0,
+            last_cycle_at_ms: 0,
+            cycles: 0,
+            last_error_at_ms: 0,
+            last_error: [0; LAST_ERROR_BYTES],
+            last_error_len: 0,
+        }
+    }
+}
+
+impl Activity {
+    pub fn last_error(&self) -> Option<String> {
+        (self.last_error_len > 0)
+            .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+    }
+
+    fn set_last_error(&mut self, message: &str) {
+        // Cut at a character boundary: the slot is fixed-size shared memory.
+        let mut len = message.len().min(LAST_ERROR_BYTES);
+        while !message.is_char_boundary(len) {
+            len -= 1;
+        }
+        self.last_error[..len].copy_from_slice(&message.as_bytes()[..len]);
+        self.last_error_len = len;
+    }
 }
 
 #[derive(Copy, Clone, Default)]
@@ -160,6 +204,10 @@ pub fn register_worker() -> Registration {
         procno,
         exit_requested: false,
         suspended_until_ms: 0,
+        activity: Activity {
+            started_at_ms: now_ms(),
+            ..Activity::default()
+        },
     };
     drop(registry);
     // SAFETY: registers a callback run when this process exits (FATAL or normal exit).
@@ -172,6 +220,39 @@ pub enum Registration {
     Registered,
     Unregistered,
     Duplicate,
+}
+
+/// Counts a cycle of the calling worker, and the error it ended with, if any.
+pub fn record_cycle(error: Option<&str>) {
+    if !preloaded() {
+        return;
+    }
+    // SAFETY: MyProcPid is a backend global.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let now = now_ms();
+    let mut registry = REGISTRY.exclusive();
+    if let Some(slot) = registry.slots.iter_mut().find(|s| s.pid == pid) {
+        slot.activity.cycles += 1;
+        slot.activity.last_cycle_at_ms = now;
+        if let Some(message) = error {
+            slot.activity.last_error_at_ms = now;
+            slot.activity.set_last_error(message);
+        }
+    }
+}
+
+/// The live workers: (database oid, pid, activity).
+pub fn workers() -> Vec<(u32, i32, Activity)> {
+    if !preloaded() {
+        return Vec::new();
+    }
+    REGISTRY
+        .share()
+        .slots
+        .iter()
+        .filter(|s| s.pid != 0)
+        .map(|s| (s.database, s.pid, s.activity))
+        .collect()
 }
 
 /// Whether a live worker already serves `database`.
@@ -193,6 +274,7 @@ unsafe extern "C-unwind" fn unregister_worker(_code: i32, _arg: pg_sys::Datum) {
         slot.pid = 0;
         slot.procno = 0;
         slot.exit_requested = false;
+        slot.activity = Activity::default();
         if slot.suspended_until_ms == 0 {
             slot.database = 0;
         }

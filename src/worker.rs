@@ -234,11 +234,12 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         }
         // SAFETY: switching to and resetting our own context around the iteration.
         let previous = unsafe { pg_sys::MemoryContextSwitchTo(iteration) };
-        let busy = guarded(
+        let outcome = guarded(
             "delivery",
             AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping, &mut catalog)),
-        )
-        .unwrap_or(false);
+        );
+        wake::record_cycle(outcome.as_ref().err().map(String::as_str));
+        let busy = outcome.unwrap_or(false);
         // SAFETY: `previous` was current before the iteration and outlives it; nothing the
         // iteration allocated in `iteration` is used after the reset.
         unsafe {
@@ -255,7 +256,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
     log!("pg_listsync worker for database \"{database}\" stopping");
     let finished = engine.collect_in_flight(SHUTDOWN_GRACE);
     if !finished.is_empty() {
-        guarded(
+        let _ = guarded(
             "delivery",
             AssertUnwindSafe(|| {
                 BackgroundWorker::transaction(AssertUnwindSafe(|| {
@@ -406,9 +407,9 @@ fn guard_result<T>(result: crate::error::Result<T>) -> Option<T> {
 }
 
 /// Runs `body`; an ERROR inside is logged as a WARNING, its transaction aborted, and the worker
-/// goes on (a restart would only repeat it).
-fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
-    PgTryBuilder::new(|| Some(body()))
+/// goes on (a restart would only repeat it). Returns the error's message.
+fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    PgTryBuilder::new(|| Ok(body()))
         .catch_others(|caught| {
             let message = match &caught {
                 pg_sys::panic::CaughtError::PostgresError(r)
@@ -427,7 +428,7 @@ fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> 
             }
             // Do not spin on a persistent error.
             std::thread::sleep(Duration::from_secs(1));
-            None
+            Err(message)
         })
         .execute()
 }

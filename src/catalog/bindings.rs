@@ -45,7 +45,9 @@ fn bind_filter_to_list(
         new_member_status,
         backfill,
     };
-    bind_impl(request).or_raise()
+    let id = bind_impl(request).or_raise();
+    crate::serving::warn_if_unserved("bind_filter_to_list");
+    id
 }
 
 struct BindRequest<'a> {

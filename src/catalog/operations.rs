@@ -1,4 +1,5 @@
-//! Operations: dead letters back to the outbox, and waking the worker.
+//! Operations: dead letters back to the outbox, waking the worker, and whether a worker serves
+//! this database at all.
 
 use super::rows::*;
 use super::*;
@@ -37,5 +38,48 @@ fn retry_dead_letters_impl(binding: Option<i64>) -> Result<i64> {
 /// Wakes the worker now (after PREPARE TRANSACTION / COMMIT PREPARED, which do not).
 #[pg_extern]
 fn wake() {
+    crate::serving::warn_if_unserved("wake");
     crate::wake::wake_now();
+}
+
+/// Whether what this database records is delivered: false, with a WARNING saying why and what
+/// to change, when the library is not preloaded or the database is not in listsync.database.
+/// CREATE EXTENSION runs it.
+#[pg_extern]
+fn check_setup() -> bool {
+    crate::serving::warn_if_unserved("pg_listsync setup");
+    crate::serving::unserved().is_none()
+}
+
+/// The launcher's shared registry of running database workers; `listsync.workers` reads it.
+// pgrx reads the column names from this signature: a type alias would lose them.
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn worker_registry() -> TableIterator<
+    'static,
+    (
+        name!(database, pg_sys::Oid),
+        name!(pid, i32),
+        name!(started_at_ms, i64),
+        name!(last_cycle_at_ms, i64),
+        name!(cycles, i64),
+        name!(last_error_at_ms, i64),
+        name!(last_error, Option<String>),
+    ),
+> {
+    TableIterator::new(
+        crate::wake::workers()
+            .into_iter()
+            .map(|(database, pid, a)| {
+                (
+                    pg_sys::Oid::from(database),
+                    pid,
+                    a.started_at_ms,
+                    a.last_cycle_at_ms,
+                    a.cycles,
+                    a.last_error_at_ms,
+                    a.last_error(),
+                )
+            }),
+    )
 }

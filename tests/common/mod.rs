@@ -209,13 +209,42 @@ impl Cluster {
     }
 
     pub fn connect_to(&self, database: &str) -> Client {
+        self.connect_with(database, |_| {})
+    }
+
+    /// A connection whose WARNINGs and NOTICEs land in the returned list, as
+    /// "SEVERITY: message (HINT: hint)".
+    pub fn connect_hearing_notices(&self, database: &str) -> (Client, Notices) {
+        let notices = Notices::default();
+        let heard = notices.clone();
+        let client = self.connect_with(database, move |notice| {
+            let hint = notice
+                .hint()
+                .map(|h| format!(" (HINT: {h})"))
+                .unwrap_or_default();
+            heard.0.lock().unwrap().push(format!(
+                "{}: {}{hint}",
+                notice.severity(),
+                notice.message()
+            ));
+        });
+        (client, notices)
+    }
+
+    fn connect_with(
+        &self,
+        database: &str,
+        on_notice: impl Fn(postgres::error::DbError) + Send + Sync + Clone + 'static,
+    ) -> Client {
         let url = format!(
             "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=10",
             self.port
         );
         let mut last = None;
         for _ in 0..100 {
-            match Client::connect(&url, NoTls) {
+            let mut config: postgres::Config = url.parse().expect("connection string");
+            config.notice_callback(on_notice.clone());
+            match config.connect(NoTls) {
                 Ok(client) => return client,
                 Err(e) => last = Some(e),
             }
@@ -312,6 +341,17 @@ impl Cluster {
 
     pub fn pg_config() -> &'static Path {
         &installation().pg_config
+    }
+}
+
+/// What a connection heard (see [`Cluster::connect_hearing_notices`]).
+#[derive(Clone, Default)]
+pub struct Notices(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Notices {
+    /// Everything heard since the last call.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap())
     }
 }
 
