@@ -57,13 +57,17 @@ impl Served {
             .is_some_and(|w| matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)))
     }
 
-    /// A worker that ran for a while and stopped starts again at once; one that keeps failing
-    /// backs off, up to a minute.
-    fn worker_stopped(&mut self, now: Instant) {
+    /// A worker that ran for a while and stopped, or that left because it was asked to (DROP or
+    /// RENAME DATABASE), starts again at once; one that keeps failing backs off, up to a minute.
+    fn worker_stopped(&mut self, now: Instant, asked_to_leave: bool) {
         let ran_long = self
             .started
             .is_some_and(|t| now.duration_since(t) > Duration::from_secs(60));
-        self.failures = if ran_long { 0 } else { self.failures + 1 };
+        self.failures = if ran_long || asked_to_leave {
+            0
+        } else {
+            self.failures + 1
+        };
         let delay = if self.failures == 0 {
             Duration::ZERO
         } else {
@@ -105,7 +109,10 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
                 continue;
             }
             if state.worker.is_some() {
-                state.worker_stopped(now);
+                // The database is gone or held for DROP/RENAME: the worker left on request.
+                let asked_to_leave = database_oid(&database)
+                    .is_none_or(|oid| wake::suspended(oid, wake::now_ms()));
+                state.worker_stopped(now, asked_to_leave);
             }
             if state.not_before.is_some_and(|t| t > now) {
                 continue;
@@ -431,4 +438,37 @@ fn guarded<T>(what: &str, body: impl FnOnce() -> T + std::panic::UnwindSafe) -> 
             Err(message)
         })
         .execute()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn stopped_after(state: &mut Served, ran: Duration, asked_to_leave: bool) -> Duration {
+        let now = Instant::now() + Duration::from_secs(3600);
+        state.started = Some(now - ran);
+        state.worker_stopped(now, asked_to_leave);
+        state.not_before.unwrap().duration_since(now)
+    }
+
+    #[test]
+    fn quick_failures_back_off_up_to_a_minute() {
+        let mut state = Served::default();
+        let delays: Vec<u64> = (0..8)
+            .map(|_| stopped_after(&mut state, Duration::from_secs(1), false).as_secs())
+            .collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(stopped_after(&mut state, Duration::from_secs(61), false), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_worker_asked_to_leave_is_no_failure() {
+        let mut state = Served::default();
+        for _ in 0..5 {
+            stopped_after(&mut state, Duration::from_secs(1), false);
+        }
+        // DROP DATABASE then CREATE DATABASE of the same name: the new worker is not held back.
+        assert_eq!(stopped_after(&mut state, Duration::from_secs(1), true), Duration::ZERO);
+        assert_eq!(state.failures, 0);
+    }
 }
