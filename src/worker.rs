@@ -110,8 +110,8 @@ pub extern "C-unwind" fn listsync_launcher_main(_arg: pg_sys::Datum) {
             }
             if state.worker.is_some() {
                 // The database is gone or held for DROP/RENAME: the worker left on request.
-                let asked_to_leave = database_oid(&database)
-                    .is_none_or(|oid| wake::suspended(oid, wake::now_ms()));
+                let asked_to_leave =
+                    database_oid(&database).is_none_or(|oid| wake::suspended(oid, wake::now_ms()));
                 state.worker_stopped(now, asked_to_leave);
             }
             if state.not_before.is_some_and(|t| t > now) {
@@ -458,7 +458,10 @@ mod unit {
             .map(|_| stopped_after(&mut state, Duration::from_secs(1), false).as_secs())
             .collect();
         assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(stopped_after(&mut state, Duration::from_secs(61), false), Duration::ZERO);
+        assert_eq!(
+            stopped_after(&mut state, Duration::from_secs(61), false),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -468,7 +471,10 @@ mod unit {
             stopped_after(&mut state, Duration::from_secs(1), false);
         }
         // DROP DATABASE then CREATE DATABASE of the same name: the new worker is not held back.
-        assert_eq!(stopped_after(&mut state, Duration::from_secs(1), true), Duration::ZERO);
+        assert_eq!(
+            stopped_after(&mut state, Duration::from_secs(1), true),
+            Duration::ZERO
+        );
         assert_eq!(state.failures, 0);
     }
 }

@@ -92,11 +92,15 @@ fn a_database_outside_listsync_database_is_told_how_to_add_it() {
     ));
     assert!(!scalar::<bool>(&mut sales, "SELECT listsync.check_setup()"));
 
-    // The served database hears nothing.
+    // The served database is not warned.
     let (mut crm, crm_notices) = cluster.connect_hearing_notices("crm");
     assert!(scalar::<bool>(&mut crm, "SELECT listsync.check_setup()"));
     bind_a_filter(&mut crm);
-    assert_eq!(crm_notices.take(), Vec::<String>::new());
+    let heard = crm_notices.take();
+    assert!(
+        !heard.iter().any(|n| n.starts_with("WARNING")),
+        "{heard:#?}"
+    );
 
     // Following the hint (as psql runs it, one statement at a time) is enough: the launcher
     // starts a worker for the database.

@@ -182,9 +182,19 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         grant_view_to(&binding_view(id), owner)?;
         triggers::sync_triggers(filter.source)?;
         if r.backfill {
-            mark_binding_dirty(id, owner)?;
+            let marked = mark_binding_dirty(id, owner)?;
+            notice!(
+                "binding {id}: filter \"{}\" bound to connection \"{}\"; {marked} matching addresses marked for the backfill",
+                r.filter,
+                r.connection
+            );
         } else {
             mark_skipped_recount(id)?;
+            notice!(
+                "binding {id}: filter \"{}\" bound to connection \"{}\" without a backfill; rows matching now are sent when they next change",
+                r.filter,
+                r.connection
+            );
         }
         crate::wake::request_wake();
         Ok(id)
@@ -250,6 +260,15 @@ fn set_binding_state(id: i64, state: &str) -> Result<()> {
             // SAFETY: queues a relcache invalidation of the table, delivered at commit.
             unsafe { pg_sys::CacheInvalidateRelcacheByRelid(source) };
         }
+        if state == "active" {
+            notice!(
+                "binding {id} is active: what was recorded while it was paused is delivered now"
+            );
+        } else {
+            notice!(
+                "binding {id} is paused: changes are still recorded, and delivered on resume_binding"
+            );
+        }
         Ok(())
     })
 }
@@ -264,10 +283,20 @@ fn unbind_impl(id: i64) -> Result<()> {
     let binding = owned_binding(id)?;
     AsExtension::run(|| {
         Spi::run(&format!("DROP VIEW IF EXISTS {}", binding_view(id)))?;
-        Spi::run_with_args(
-            "DELETE FROM listsync.outbox WHERE binding_id = $1",
+        let members = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM listsync.members WHERE binding_id = $1",
             &[id.into()],
-        )?;
+        )?
+        .unwrap_or(0);
+        let pending = Spi::get_one_with_args::<i64>(
+            "WITH dropped AS (DELETE FROM listsync.outbox WHERE binding_id = $1 RETURNING 1)
+             SELECT count(*) FROM dropped",
+            &[id.into()],
+        )?
+        .unwrap_or(0);
+        notice!(
+            "binding {id} unbound: {members} recorded members forgotten and {pending} pending changes dropped; nothing is removed at the provider"
+        );
         Spi::run_with_args("DELETE FROM listsync.bindings WHERE id = $1", &[id.into()])?;
         if let Some(source) = binding.source {
             triggers::sync_triggers(source)?;
@@ -306,6 +335,7 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
             )?;
         }
         let marked = mark_binding_dirty(id, binding.owner)?;
+        notice!("binding {id}: {marked} addresses marked to be compared with the provider");
         crate::wake::request_wake();
         Ok(marked)
     })

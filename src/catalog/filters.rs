@@ -263,7 +263,10 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
             let owner = load_binding(binding)?.owner;
             crate::filter::revalidate::check_binding(binding, owner)?;
             // Members recorded under the old predicate and rows matching the new one are all dirty.
-            mark_binding_dirty(binding, owner)?;
+            let marked = mark_binding_dirty(binding, owner)?;
+            notice!(
+                "binding {binding}: {marked} addresses marked to follow the new definition of filter \"{name}\""
+            );
         }
         triggers::sync_triggers(filter.source)?;
         Ok(())
@@ -281,6 +284,9 @@ fn drop_filter_impl(name: &str) -> Result<()> {
     AsExtension::run(|| {
         for binding in bindings_of_filter(filter.id)? {
             deactivate_binding(binding, &format!("filter \"{name}\" was dropped"))?;
+            notice!(
+                "binding {binding} is now inactive: its pending changes are dropped and nothing is removed at the provider"
+            );
         }
         Spi::run(&format!("DROP VIEW IF EXISTS {}", filter_view(name)))?;
         Spi::run_with_args(
