@@ -4,7 +4,8 @@
 --   * Functions an administrator allowed in filters (listsync.allow_function).
 --   * Operational views and the filters/bindings tables show a role its own rows.
 --   * A member's status is one the engine records: 'refused' was allowed but never written.
---   * listsync.workers (the running workers) and listsync.check_setup().
+--   * listsync.workers (the running workers), listsync.check_setup(), rename_filter and
+--     rename_connection.
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -106,6 +107,10 @@ CREATE FUNCTION listsync.grant_usage("connection" text, "role" text) RETURNS voi
 LANGUAGE c AS 'MODULE_PATHNAME', 'grant_usage_wrapper';
 CREATE FUNCTION listsync.revoke_usage("connection" text, "role" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_usage_wrapper';
+CREATE FUNCTION listsync.rename_filter("name" text, "new_name" text) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'rename_filter_wrapper';
+CREATE FUNCTION listsync.rename_connection("name" text, "new_name" text) RETURNS void
+LANGUAGE c AS 'MODULE_PATHNAME', 'rename_connection_wrapper';
 CREATE FUNCTION listsync.check_setup() RETURNS boolean STRICT
 LANGUAGE c AS 'MODULE_PATHNAME', 'check_setup_wrapper';
 CREATE FUNCTION listsync.worker_registry() RETURNS TABLE (

@@ -1042,6 +1042,60 @@ mod tests {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Renaming in place
+
+    #[pg_test]
+    fn a_renamed_filter_keeps_its_bindings_and_capture() {
+        let b = vip_binding();
+        run("SELECT listsync.rename_filter('vip', 'moscow_vip')");
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT filter_name FROM listsync.bindings WHERE id = {b}"
+            )),
+            Some("moscow_vip".into())
+        );
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pg_views WHERE viewname IN ('filter:vip', 'filter:moscow_vip')"
+            ),
+            1
+        );
+        run("INSERT INTO contacts (email, city, ltv) VALUES ('n@x.io', 'Moscow', 5000)");
+        assert_eq!(dirty(b), strings(&["n@x.io"]));
+        run("SELECT listsync.create_filter('vip', 'contacts', $$ city = 'Paris' $$)");
+        expect_error(
+            "SELECT listsync.rename_filter('moscow_vip', 'vip')",
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            "filter \"vip\" already exists",
+        );
+        expect_error(
+            "SELECT listsync.rename_filter('nope', 'other')",
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "filter \"nope\" does not exist",
+        );
+    }
+
+    #[pg_test]
+    fn a_renamed_connection_keeps_its_bindings() {
+        let b = vip_binding();
+        run("SELECT listsync.rename_connection('hook', 'crm_hook')");
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT connection FROM listsync.status WHERE binding = {b}"
+            )),
+            Some("crm_hook".into())
+        );
+        run(
+            "SELECT listsync.create_connection('hook', 'webhook', '{\"url\": \"https://hooks.example/y\"}', '{\"signing_secret\": \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"}')",
+        );
+        expect_error(
+            "SELECT listsync.rename_connection('crm_hook', 'hook')",
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            "connection \"hook\" already exists",
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
     // DDL cannot silently break a binding (semantics 9)
 
     #[pg_test]

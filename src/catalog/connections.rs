@@ -121,6 +121,33 @@ fn alter_connection_impl(
     })
 }
 
+/// Renames a connection; bindings refer to it by id and go on.
+#[pg_extern]
+fn rename_connection(name: Option<&str>, new_name: Option<&str>) {
+    rename_connection_impl(required(name, "name"), required(new_name, "new_name")).or_raise()
+}
+
+fn rename_connection_impl(name: &str, new_name: &str) -> Result<()> {
+    privilege::require_admin("rename a connection")?;
+    check_name("connection", new_name, 63)?;
+    AsExtension::run(|| {
+        let id = connection_id(name)?.ok_or_else(|| Error::not_found("connection", name))?;
+        if connection_id(new_name)?.is_some() {
+            return Err(Error::new(
+                Kind::DuplicateObject,
+                format!(
+                    "cannot rename connection \"{name}\": connection \"{new_name}\" already exists"
+                ),
+            ));
+        }
+        Spi::run_with_args(
+            "UPDATE listsync.connections SET name = $2 WHERE id = $1",
+            &[id.into(), new_name.into()],
+        )?;
+        Ok(())
+    })
+}
+
 #[pg_extern]
 fn drop_connection(name: Option<&str>) {
     drop_connection_impl(required(name, "name")).or_raise()

@@ -273,6 +273,43 @@ fn alter_filter_impl(name: &str, definition: Definition) -> Result<()> {
     })
 }
 
+/// Renames a filter; its bindings, their members and pending changes stay as they are.
+#[pg_extern]
+fn rename_filter(name: Option<&str>, new_name: Option<&str>) {
+    rename_filter_impl(required(name, "name"), required(new_name, "new_name")).or_raise()
+}
+
+fn rename_filter_impl(name: &str, new_name: &str) -> Result<()> {
+    let filter = AsExtension::run(|| load_filter(name))?;
+    require_owner(&format!("filter \"{name}\""), filter.owner)?;
+    check_name("filter", new_name, MAX_FILTER_NAME_BYTES)?;
+    AsExtension::run(|| {
+        if load_filter(new_name).is_ok() {
+            return Err(Error::new(
+                Kind::DuplicateObject,
+                format!("cannot rename filter \"{name}\": filter \"{new_name}\" already exists"),
+            ));
+        }
+        Spi::run(&format!(
+            "ALTER VIEW {} RENAME TO {}",
+            filter_view(name),
+            quote_identifier(&format!("filter:{new_name}"))
+        ))?;
+        Spi::run_with_args(
+            "UPDATE listsync.filters SET name = $2, updated_at = now() WHERE id = $1",
+            &[filter.id.into(), new_name.into()],
+        )?;
+        Spi::run_with_args(
+            "UPDATE listsync.bindings SET filter_name = $2 WHERE filter_id = $1",
+            &[filter.id.into(), new_name.into()],
+        )?;
+        // Capture states name the filter's view: every backend builds them again.
+        // SAFETY: queues a relcache invalidation of the table, delivered at commit.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(filter.source) };
+        Ok(())
+    })
+}
+
 #[pg_extern]
 fn drop_filter(name: Option<&str>) {
     drop_filter_impl(required(name, "name")).or_raise()
