@@ -5,7 +5,7 @@
 --   * Operational views and the filters/bindings tables show a role its own rows.
 --   * A member's status is one the engine records: 'refused' was allowed but never written.
 --   * listsync.workers (the running workers), listsync.check_setup(), rename_filter and
---     rename_connection.
+--     rename_connection; create_connection(..., if_not_exists).
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -107,6 +107,11 @@ CREATE FUNCTION listsync.grant_usage("connection" text, "role" text) RETURNS voi
 LANGUAGE c AS 'MODULE_PATHNAME', 'grant_usage_wrapper';
 CREATE FUNCTION listsync.revoke_usage("connection" text, "role" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_usage_wrapper';
+-- create_connection gains if_not_exists.
+DROP FUNCTION listsync.create_connection(text, text, jsonb, jsonb);
+CREATE FUNCTION listsync.create_connection("name" text, "provider" text, "settings" jsonb DEFAULT '{}',
+                                           "secrets" jsonb DEFAULT '{}', "if_not_exists" boolean DEFAULT false)
+RETURNS bigint LANGUAGE c AS 'MODULE_PATHNAME', 'create_connection_wrapper';
 CREATE FUNCTION listsync.rename_filter("name" text, "new_name" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'rename_filter_wrapper';
 CREATE FUNCTION listsync.rename_connection("name" text, "new_name" text) RETURNS void

@@ -1076,6 +1076,33 @@ mod tests {
     }
 
     #[pg_test]
+    fn create_connection_if_not_exists_keeps_the_one_there() {
+        contacts();
+        let id = value::<i64>("SELECT id FROM listsync.connections WHERE name = 'hook'");
+        let again = "SELECT listsync.create_connection('hook', 'webhook', '{\"url\": \"https://other.example/\"}', '{\"signing_secret\": \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"}'";
+        assert_eq!(
+            value::<i64>(&format!("{again}, if_not_exists => true)")),
+            id
+        );
+        assert_eq!(
+            value::<String>(
+                "SELECT settings->>'url' FROM listsync.connections WHERE name = 'hook'"
+            ),
+            Some("https://hooks.example/x".into())
+        );
+        expect_error(
+            &format!("{again})"),
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            "connection \"hook\" already exists",
+        );
+        expect_error(
+            "SELECT listsync.create_connection('hook', 'mailchimp', '{\"audience_id\": \"a1\"}', '{\"api_key\": \"0123456789abcdef-us21\"}', if_not_exists => true)",
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            "connection \"hook\" already exists",
+        );
+    }
+
+    #[pg_test]
     fn a_renamed_connection_keeps_its_bindings() {
         let b = vip_binding();
         run("SELECT listsync.rename_connection('hook', 'crm_hook')");

@@ -9,6 +9,7 @@ fn create_connection(
     provider: Option<&str>,
     settings: default!(Option<Jsonb>, "'{}'"),
     secrets: default!(Option<Jsonb>, "'{}'"),
+    if_not_exists: default!(Option<bool>, false),
 ) -> i64 {
     let (name, provider) = (required(name, "name"), required(provider, "provider"));
     let settings = json_argument(settings, "settings").or_raise();
@@ -18,6 +19,7 @@ fn create_connection(
         provider,
         settings.unwrap_or(Value::Null),
         secrets.unwrap_or(Value::Null),
+        required(if_not_exists, "if_not_exists"),
     )
     .or_raise()
 }
@@ -27,17 +29,31 @@ fn create_connection_impl(
     provider: &str,
     settings: Value,
     secrets: Value,
+    if_not_exists: bool,
 ) -> Result<i64> {
     privilege::require_admin("create a connection")?;
     check_name("connection", name, 63)?;
     providers::validate_config(provider, &settings, &secrets)
         .map_err(|e| Error::invalid(format!("connection \"{name}\": {e}")))?;
     AsExtension::run(|| {
-        if connection_id(name)?.is_some() {
+        if let Some(id) = connection_id(name)? {
+            let existing: String = Spi::get_one_with_args(
+                "SELECT provider FROM listsync.connections WHERE id = $1",
+                &[id.into()],
+            )?
+            .unwrap_or_default();
+            if if_not_exists && existing == provider {
+                notice!(
+                    "connection \"{name}\" already exists, skipping; its settings and secrets are unchanged (listsync.alter_connection changes them)"
+                );
+                return Ok(id);
+            }
             return Err(Error::new(
                 Kind::DuplicateObject,
                 format!("connection \"{name}\" already exists"),
-            ));
+            )
+            .with_detail(format!("It is a {existing} connection."))
+            .with_hint("Use if_not_exists => true to skip creating a connection that exists, or listsync.alter_connection to change it."));
         }
         let owner = privilege::caller();
         let id: i64 = Spi::get_one_with_args(
