@@ -8,8 +8,11 @@ SELECT b.id                                   AS binding,
        c.provider,
        coalesce(b.list_name, b.list_id)       AS list,
        b.list_id,
-       CASE WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
-       coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) AS state_reason,
+       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed() THEN 'restored'
+            WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
+       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed()
+            THEN 'this database is a restore or a clone of another: nothing is delivered until listsync.confirm_restore()'
+            ELSE coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) END AS state_reason,
        (SELECT count(*) FROM listsync.members m
          WHERE m.binding_id = b.id AND m.status IN ('subscribed', 'pending'))       AS members,
        (SELECT count(*) FROM listsync.outbox o WHERE o.binding_id = b.id AND o.address <> '') AS pending,

@@ -6,6 +6,8 @@
 --   * A member's status is one the engine records: 'refused' was allowed but never written.
 --   * listsync.workers (the running workers), listsync.check_setup(), rename_filter and
 --     rename_connection; create_connection(..., if_not_exists).
+--   * listsync.instance: a restored or cloned database delivers nothing until
+--     listsync.confirm_restore(); status shows its bindings as 'restored'.
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -37,6 +39,23 @@ SELECT DISTINCT b.connection_id, b.owner, c.owner
  WHERE b.owner::oid <> c.owner::oid
 ON CONFLICT DO NOTHING;
 
+-- Where the catalog was bound: a restore or a clone waits for listsync.confirm_restore().
+CREATE TABLE listsync.instance (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    system_identifier text NOT NULL,
+    database          oid NOT NULL,
+    recorded_at       timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('listsync.instance', '');
+REVOKE ALL ON listsync.instance FROM PUBLIC;
+-- A catalog with bindings was bound here.
+INSERT INTO listsync.instance (system_identifier, database)
+SELECT system_identifier::text, (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+  FROM pg_catalog.pg_control_system()
+ WHERE EXISTS (SELECT FROM listsync.bindings);
+CREATE FUNCTION listsync.restore_unconfirmed() RETURNS boolean STABLE STRICT
+LANGUAGE c AS 'MODULE_PATHNAME', 'restore_unconfirmed_wrapper';
+
 CREATE OR REPLACE VIEW listsync.status AS
 SELECT b.id                                   AS binding,
        b.filter_name                          AS filter,
@@ -44,8 +63,11 @@ SELECT b.id                                   AS binding,
        c.provider,
        coalesce(b.list_name, b.list_id)       AS list,
        b.list_id,
-       CASE WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
-       coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) AS state_reason,
+       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed() THEN 'restored'
+            WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
+       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed()
+            THEN 'this database is a restore or a clone of another: nothing is delivered until listsync.confirm_restore()'
+            ELSE coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) END AS state_reason,
        (SELECT count(*) FROM listsync.members m
          WHERE m.binding_id = b.id AND m.status IN ('subscribed', 'pending'))       AS members,
        (SELECT count(*) FROM listsync.outbox o WHERE o.binding_id = b.id AND o.address <> '') AS pending,
@@ -116,6 +138,8 @@ CREATE FUNCTION listsync.rename_filter("name" text, "new_name" text) RETURNS voi
 LANGUAGE c AS 'MODULE_PATHNAME', 'rename_filter_wrapper';
 CREATE FUNCTION listsync.rename_connection("name" text, "new_name" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'rename_connection_wrapper';
+CREATE FUNCTION listsync.confirm_restore() RETURNS void STRICT
+LANGUAGE c AS 'MODULE_PATHNAME', 'confirm_restore_wrapper';
 CREATE FUNCTION listsync.check_setup() RETURNS boolean STRICT
 LANGUAGE c AS 'MODULE_PATHNAME', 'check_setup_wrapper';
 CREATE FUNCTION listsync.worker_registry() RETURNS TABLE (

@@ -179,6 +179,19 @@ CREATE TABLE listsync.delivery_log (
 );
 CREATE INDEX ON listsync.delivery_log (at);
 
+-- Where this catalog's deliveries belong: the cluster (system identifier) and the database the
+-- first binding was made in. A restored dump or a cloned database finds other values here and
+-- delivers nothing until listsync.confirm_restore(): a staging copy of production must not
+-- write to production's lists with production's keys. Written by the first
+-- bind_filter_to_list and by confirm_restore, never by CREATE EXTENSION, so that a restore
+-- brings the original's row with it.
+CREATE TABLE listsync.instance (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    system_identifier text NOT NULL,
+    database          oid NOT NULL,
+    recorded_at       timestamptz NOT NULL DEFAULT now()
+);
+
 SELECT pg_catalog.pg_extension_config_dump('listsync.connections', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.connections_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.connection_secrets', '');
@@ -193,6 +206,7 @@ SELECT pg_catalog.pg_extension_config_dump('listsync.members', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.erasures', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.dead_letter_items', '');
 SELECT pg_catalog.pg_extension_config_dump('listsync.suppressions', '');
+SELECT pg_catalog.pg_extension_config_dump('listsync.instance', '');
 
 REVOKE ALL ON ALL TABLES IN SCHEMA listsync FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA listsync FROM PUBLIC;

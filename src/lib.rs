@@ -17,6 +17,7 @@ pub mod delivery;
 pub mod error;
 pub mod filter;
 pub mod guc;
+pub mod instance;
 pub mod names;
 pub mod outbox;
 pub mod privilege;

@@ -9,6 +9,7 @@
 use crate::catalog_version::{self, Catalog};
 use crate::delivery::Engine;
 use crate::guc;
+use crate::instance::Instance;
 use crate::wake;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
@@ -218,7 +219,7 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         Err(e) => error!("pg_listsync worker: {e}"),
     };
     let mut next_housekeeping = Instant::now();
-    let mut catalog = Catalog::Current;
+    let mut preconditions = Preconditions::new();
     // SAFETY: a memory context of our own for everything one iteration allocates outside a
     // transaction, reset after each iteration (between transactions CurrentMemoryContext is
     // TopMemoryContext, where anything left would leak for the life of the worker).
@@ -243,7 +244,9 @@ pub extern "C-unwind" fn listsync_database_worker_main(_arg: pg_sys::Datum) {
         let previous = unsafe { pg_sys::MemoryContextSwitchTo(iteration) };
         let outcome = guarded(
             "delivery",
-            AssertUnwindSafe(|| run_iteration(&mut engine, &mut next_housekeeping, &mut catalog)),
+            AssertUnwindSafe(|| {
+                run_iteration(&mut engine, &mut next_housekeeping, &mut preconditions)
+            }),
         );
         wake::record_cycle(outcome.as_ref().err().map(String::as_str));
         let busy = outcome.unwrap_or(false);
@@ -331,28 +334,64 @@ fn plan_for_keyed_lookups() {
     }
 }
 
-/// One pass: if the extension is installed at this library's version, record the deliveries
-/// that finished and hand out new ones to idle connections while work is due (bounded, so that
+/// What decides whether the worker may deliver at all, as the last pass found it: each change
+/// is reported once, not at every poll.
+struct Preconditions {
+    catalog: Catalog,
+    copy_of: Option<Instance>,
+}
+
+impl Preconditions {
+    fn new() -> Self {
+        Preconditions {
+            catalog: Catalog::Current,
+            copy_of: None,
+        }
+    }
+
+    /// Whether the extension is installed at this library's version in the database it was
+    /// bound in (or a restore was confirmed). Otherwise the worker waits, and says why.
+    fn hold(&mut self) -> bool {
+        let catalog = BackgroundWorker::transaction(catalog_version::installed);
+        if let Catalog::Other(version) = &catalog
+            && self.catalog != catalog
+        {
+            let mismatch = BackgroundWorker::transaction(|| catalog_version::mismatch(version));
+            mismatch
+                .in_object("pg_listsync worker")
+                .report()
+                .report(PgLogLevel::WARNING);
+        }
+        self.catalog = catalog;
+        if self.catalog != Catalog::Current {
+            return false;
+        }
+        let copy_of = BackgroundWorker::transaction(|| {
+            crate::instance::unconfirmed_copy_of().unwrap_or_else(|e| e.raise())
+        });
+        if let Some(original) = &copy_of
+            && self.copy_of != copy_of
+        {
+            warning!(
+                "pg_listsync worker: this database is a copy (a restore or a clone) of {}, whose lists it would write to; nothing is delivered until an administrator runs SELECT listsync.confirm_restore()",
+                original.describe()
+            );
+        }
+        self.copy_of = copy_of;
+        self.copy_of.is_none()
+    }
+}
+
+/// One pass: if the worker may deliver (see [`Preconditions`]), record the deliveries that
+/// finished and hand out new ones to idle connections while work is due (bounded, so that
 /// signals and housekeeping get their turn). Never waits for a delivery in flight. Returns
-/// whether more work may be waiting right now. `catalog` is what the last pass found.
+/// whether more work may be waiting right now.
 fn run_iteration(
     engine: &mut Engine,
     next_housekeeping: &mut Instant,
-    catalog: &mut Catalog,
+    preconditions: &mut Preconditions,
 ) -> bool {
-    let found = BackgroundWorker::transaction(catalog_version::installed);
-    if let Catalog::Other(version) = &found
-        && *catalog != found
-    {
-        // Said once per change, not every poll: the worker waits for the update and goes on.
-        let mismatch = BackgroundWorker::transaction(|| catalog_version::mismatch(version));
-        mismatch
-            .in_object("pg_listsync worker")
-            .report()
-            .report(PgLogLevel::WARNING);
-    }
-    *catalog = found;
-    if *catalog != Catalog::Current {
+    if !preconditions.hold() {
         // Whatever comes back has nowhere to go (and must not keep the worker awake).
         engine.collect();
         return false;

@@ -174,26 +174,20 @@ fn drop_database_and_drop_extension_work_with_the_worker_attached() {
     });
 }
 
-#[test]
-fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
-    let (cluster, emulator, mut db, binding) = webhook_setup("dump", &[]);
-    db.batch_execute("INSERT INTO contacts (email, first_name, ltv) VALUES ('d@x.io', 'D', 5000)")
-        .unwrap();
-    wait_synced(&mut db, binding, T);
-    let dump = cluster.dir().join("crm.dump");
+/// Dumps database `from` (custom format) and restores it into a new database `to`.
+fn dump_and_restore(cluster: &Cluster, from: &str, to: &str) {
+    let dump = cluster.dir().join(format!("{from}.dump"));
+    let connection = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &cluster.port.to_string(),
+        "-U",
+        "postgres",
+    ];
     let output = Cluster::bin("pg_dump")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-Fc",
-            "-f",
-            dump.to_str().unwrap(),
-            "crm",
-        ])
+        .args(connection)
+        .args(["-Fc", "-f", dump.to_str().unwrap(), from])
         .output()
         .unwrap();
     assert!(
@@ -201,20 +195,13 @@ fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
         "pg_dump: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let mut postgres = cluster.connect_to("postgres");
-    postgres.batch_execute("CREATE DATABASE restored").unwrap();
+    cluster
+        .connect_to("postgres")
+        .batch_execute(&format!("CREATE DATABASE {to}"))
+        .unwrap();
     let output = Cluster::bin("pg_restore")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "restored",
-            dump.to_str().unwrap(),
-        ])
+        .args(connection)
+        .args(["-d", to, dump.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -222,6 +209,15 @@ fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
         "pg_restore: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
+    let (cluster, emulator, mut db, binding) = webhook_setup("dump", &[]);
+    db.batch_execute("INSERT INTO contacts (email, first_name, ltv) VALUES ('d@x.io', 'D', 5000)")
+        .unwrap();
+    wait_synced(&mut db, binding, T);
+    dump_and_restore(&cluster, "crm", "restored");
     let mut restored = cluster.connect_to("restored");
     let config: (String, String, String, i64) = {
         let row = restored
@@ -258,6 +254,91 @@ fn pg_dump_and_restore_keep_filters_bindings_and_connections() {
     );
     assert!(predicate.contains("ltv > "), "{predicate}");
     drop(emulator);
+}
+
+#[test]
+fn a_restored_copy_delivers_nothing_until_confirmed() {
+    let (cluster, emulator, mut db, binding) =
+        // The worker's complaint is a WARNING, which the harness's `log_min_messages = log` hides.
+        webhook_setup("restore-guard", &["listsync.database = 'crm, staging'", "log_min_messages = 'warning'"]);
+    db.batch_execute(
+        "INSERT INTO contacts (email, first_name, ltv) VALUES ('prod@x.io', 'P', 5000)",
+    )
+    .unwrap();
+    let list = wait_synced(&mut db, binding, T);
+    assert!(!scalar::<bool>(
+        &mut db,
+        "SELECT listsync.restore_unconfirmed()"
+    ));
+
+    // Staging is restored from production's dump, into a database a worker serves.
+    dump_and_restore(&cluster, "crm", "staging");
+    let mut staging = cluster.connect_to("staging");
+    assert!(scalar::<bool>(
+        &mut staging,
+        "SELECT listsync.restore_unconfirmed()"
+    ));
+    staging
+        .batch_execute(
+            "INSERT INTO contacts (email, first_name, ltv) VALUES ('staging@x.io', 'S', 5000)",
+        )
+        .unwrap();
+    let cycles = |db: &mut postgres::Client| -> i64 {
+        scalar(
+            db,
+            "SELECT coalesce(sum(cycles), 0)::bigint FROM listsync.workers WHERE database = 'staging'",
+        )
+    };
+    wait_for("a worker serving staging", T, || cycles(&mut db) > 0);
+    let seen = cycles(&mut db);
+    staging.batch_execute("SELECT listsync.wake()").unwrap();
+    wait_for("the staging worker to look again", T, || {
+        cycles(&mut db) >= seen + 3
+    });
+    let delivered = || emulator.webhook().list(&list);
+    assert!(
+        !delivered().contains_key("staging@x.io"),
+        "a copy delivered to production's list"
+    );
+    let state = status(&mut staging, binding);
+    assert_eq!(state["state"], "restored", "{state}");
+    assert!(
+        state["state_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("listsync.confirm_restore()")
+    );
+    assert!(
+        cluster.log().contains("this database is a copy"),
+        "the worker says why it waits"
+    );
+    // Production itself is not held back.
+    db.batch_execute(
+        "INSERT INTO contacts (email, first_name, ltv) VALUES ('prod2@x.io', 'Q', 5000)",
+    )
+    .unwrap();
+    wait_synced(&mut db, binding, T);
+
+    // Once an administrator confirms, the copy delivers as its own.
+    let refused = {
+        staging
+            .batch_execute("CREATE ROLE listsync_not_admin; SET ROLE listsync_not_admin")
+            .unwrap();
+        let refused = staging.batch_execute("SELECT listsync.confirm_restore()");
+        staging.batch_execute("RESET ROLE").unwrap();
+        refused.expect_err("only listsync_admin confirms a restore")
+    };
+    assert_eq!(refused.code().map(|c| c.code()), Some("42501"), "{refused}");
+    staging
+        .batch_execute("SELECT listsync.confirm_restore()")
+        .unwrap();
+    assert!(!scalar::<bool>(
+        &mut staging,
+        "SELECT listsync.restore_unconfirmed()"
+    ));
+    wait_for("the confirmed copy to deliver", T, || {
+        delivered().contains_key("staging@x.io")
+    });
 }
 
 #[test]

@@ -177,6 +177,8 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             ],
         )?
         .ok_or_else(|| Error::internal("INSERT returned no id"))?;
+        // From the first binding on, the catalog knows where it delivers from.
+        crate::instance::record_here(false)?;
         create_binding_view(id, &table, &identity, &predicate, &fields, false)?;
         crate::filter::revalidate::check_binding(id, owner)?;
         grant_view_to(&binding_view(id), owner)?;

@@ -51,6 +51,37 @@ fn check_setup() -> bool {
     crate::serving::unserved().is_none()
 }
 
+/// Confirms that this database, a restore or a clone of another, is to deliver to the lists its
+/// bindings name (with the credentials it holds): the worker starts delivering.
+#[pg_extern]
+fn confirm_restore() {
+    confirm_restore_impl().or_raise()
+}
+
+fn confirm_restore_impl() -> Result<()> {
+    privilege::require_admin("confirm a restore")?;
+    AsExtension::run(|| {
+        match crate::instance::unconfirmed_copy_of()? {
+            Some(original) => notice!(
+                "this database now delivers as its own what was bound in {}: the worker resumes",
+                original.describe()
+            ),
+            None => notice!("this database is not a copy: nothing to confirm"),
+        }
+        crate::instance::record_here(true)?;
+        crate::wake::request_wake();
+        Ok(())
+    })
+}
+
+/// Whether this database is a restore or a clone whose deliveries wait for `confirm_restore`;
+/// `listsync.status` shows its bindings as `restored`.
+#[pg_extern(stable)]
+fn restore_unconfirmed() -> bool {
+    AsExtension::run(|| crate::instance::unconfirmed_copy_of().map(|copy| copy.is_some()))
+        .or_raise()
+}
+
 /// The launcher's shared registry of running database workers; `listsync.workers` reads it.
 // pgrx reads the column names from this signature: a type alias would lose them.
 #[allow(clippy::type_complexity)]
