@@ -59,6 +59,61 @@ SELECT id, name, provider, settings, state, state_reason, throttled_until, owner
 
 GRANT SELECT ON listsync.status, listsync.dead_letters, listsync.deliveries, listsync.connection_list TO PUBLIC;
 
+-- Cumulative counters per binding (each role sees its own bindings): items added, updated,
+-- removed and erased at the provider, refused by it (consent), failed for good, retried, and
+-- cycles held back by the provider's rate limit.
+CREATE VIEW listsync.stats AS
+SELECT b.id AS binding, b.filter_name AS filter, c.name AS connection, c.provider,
+       coalesce(k.added, 0) AS added, coalesce(k.updated, 0) AS updated,
+       coalesce(k.removed, 0) AS removed, coalesce(k.erased, 0) AS erased,
+       coalesce(k.refused, 0) AS refused, coalesce(k.failed, 0) AS failed,
+       coalesce(k.retried, 0) AS retried, coalesce(k.throttled, 0) AS throttled,
+       k.since
+  FROM listsync.bindings b
+  JOIN listsync.connections c ON c.id = b.connection_id
+  LEFT JOIN listsync.counters k ON k.binding_id = b.id
+ WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
+GRANT SELECT ON listsync.stats TO PUBLIC;
+
+-- The counters and the status gauges in Prometheus' text exposition format, for a scraper
+-- (postgres_exporter's custom queries, or any job running SELECT listsync.metrics()).
+CREATE FUNCTION listsync.metrics() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $metrics$
+WITH bindings AS (
+    SELECT s.*, st.pending, st.members, st.dead_letters,
+           coalesce(extract(epoch FROM st.oldest_pending_age), 0) AS lag,
+           format('database="%s",binding="%s",filter="%s",connection="%s",provider="%s"',
+                  replace(replace(current_database(), E'\\', E'\\\\'), '"', E'\\"'), s.binding,
+                  replace(replace(replace(s.filter, E'\\', E'\\\\'), '"', E'\\"'), E'\n', E'\\n'),
+                  replace(replace(replace(s.connection, E'\\', E'\\\\'), '"', E'\\"'), E'\n', E'\\n'),
+                  s.provider) AS labels
+      FROM listsync.stats s JOIN listsync.status st ON st.binding = s.binding
+), samples (metric, kind, help, labels, value) AS (
+    SELECT 'listsync_items_total', 'counter', 'Items the worker recorded, by outcome at the provider.',
+           b.labels || format(',outcome="%s"', o.outcome), o.value::numeric
+      FROM bindings b,
+           LATERAL (VALUES ('added', b.added), ('updated', b.updated), ('removed', b.removed),
+                           ('erased', b.erased), ('refused', b.refused), ('failed', b.failed),
+                           ('retried', b.retried)) AS o(outcome, value)
+    UNION ALL
+    SELECT 'listsync_throttled_total', 'counter', 'Delivery cycles the provider held back (429, Retry-After).',
+           labels, throttled FROM bindings
+    UNION ALL
+    SELECT 'listsync_pending', 'gauge', 'Changes waiting in the outbox.', labels, pending FROM bindings
+    UNION ALL
+    SELECT 'listsync_oldest_pending_seconds', 'gauge', 'Age of the oldest waiting change.', labels, round(lag::numeric, 3) FROM bindings
+    UNION ALL
+    SELECT 'listsync_members', 'gauge', 'Members recorded as subscribed or pending.', labels, members FROM bindings
+    UNION ALL
+    SELECT 'listsync_dead_letters', 'gauge', 'Items refused for good, waiting for retry_dead_letters.', labels, dead_letters FROM bindings
+)
+SELECT coalesce(string_agg(block, '' ORDER BY metric), '')
+  FROM (SELECT metric,
+               format(E'# HELP %s %s\n# TYPE %s %s\n', metric, min(help), metric, min(kind))
+               || string_agg(format(E'%s{%s} %s\n', metric, labels, value), '' ORDER BY labels) AS block
+          FROM samples GROUP BY metric) blocks
+$metrics$;
+
 -- The database workers running now, from the launcher's shared registry (empty without the
 -- preload). For whoever administers pg_listsync: last_error carries provider text.
 CREATE VIEW listsync.workers AS

@@ -179,6 +179,22 @@ CREATE TABLE listsync.delivery_log (
 );
 CREATE INDEX ON listsync.delivery_log (at);
 
+-- Cumulative delivery counters per binding, added to by the worker as it records each cycle
+-- (one row per binding, one statement per cycle): what listsync.stats and listsync.metrics()
+-- read. Not dumped: a restored copy counts from zero.
+CREATE TABLE listsync.counters (
+    binding_id bigint PRIMARY KEY REFERENCES listsync.bindings (id) ON DELETE CASCADE,
+    added      bigint NOT NULL DEFAULT 0,
+    updated    bigint NOT NULL DEFAULT 0,
+    removed    bigint NOT NULL DEFAULT 0,
+    erased     bigint NOT NULL DEFAULT 0,
+    refused    bigint NOT NULL DEFAULT 0,
+    failed     bigint NOT NULL DEFAULT 0,
+    retried    bigint NOT NULL DEFAULT 0,
+    throttled  bigint NOT NULL DEFAULT 0,
+    since      timestamptz NOT NULL DEFAULT now()
+);
+
 -- Where this catalog's deliveries belong: the cluster (system identifier) and the database the
 -- first binding was made in. A restored dump or a cloned database finds other values here and
 -- delivers nothing until listsync.confirm_restore(): a staging copy of production must not

@@ -44,6 +44,21 @@ pub(super) struct DeadLetters {
     pub(super) errors: Vec<String>,
 }
 
+/// The cumulative counters of `listsync.counters`, in its column order.
+#[derive(Clone, Copy)]
+pub(super) enum Counter {
+    Added,
+    Updated,
+    Removed,
+    Erased,
+    Refused,
+    Failed,
+    Retried,
+    Throttled,
+}
+
+const COUNTERS: usize = Counter::Throttled as usize + 1;
+
 /// The writes of `record`, gathered per kind and applied with one statement each.
 #[derive(Default)]
 pub(super) struct Book {
@@ -53,9 +68,14 @@ pub(super) struct Book {
     pub(super) complete: (Pairs, Vec<i64>),
     pub(super) retry: (Pairs, Vec<i64>, Vec<String>),
     pub(super) release: Pairs,
+    counts: std::collections::BTreeMap<i64, [i64; COUNTERS]>,
 }
 
 impl Book {
+    pub(super) fn count(&mut self, binding: i64, counter: Counter) {
+        self.counts.entry(binding).or_default()[counter as usize] += 1;
+    }
+
     pub(super) fn member(
         &mut self,
         binding: i64,
@@ -165,8 +185,43 @@ impl Book {
         let (pairs, delays, errors) = self.retry;
         outbox::reschedule(pairs.bindings, pairs.addresses, delays, errors)?;
         outbox::release(self.release.bindings, self.release.addresses)?;
-        Ok(())
+        write_counts(self.counts)
     }
+}
+
+/// Adds a cycle's counts to `listsync.counters`: one row per binding, one statement per cycle.
+fn write_counts(counts: std::collections::BTreeMap<i64, [i64; COUNTERS]>) -> Result<()> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let bindings: Vec<i64> = counts.keys().copied().collect();
+    let column =
+        |counter: Counter| -> Vec<i64> { counts.values().map(|c| c[counter as usize]).collect() };
+    use Counter::*;
+    Spi::run_with_args(
+        "INSERT INTO listsync.counters AS k (binding_id, added, updated, removed, erased, refused, failed, retried, throttled)
+         SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[], $9::int8[])
+                       AS u(binding_id, added, updated, removed, erased, refused, failed, retried, throttled)
+          -- A binding unbound while its cycle was out has nobody left to count for.
+          WHERE EXISTS (SELECT FROM listsync.bindings b WHERE b.id = u.binding_id)
+         ON CONFLICT (binding_id) DO UPDATE
+            SET added = k.added + EXCLUDED.added, updated = k.updated + EXCLUDED.updated,
+                removed = k.removed + EXCLUDED.removed, erased = k.erased + EXCLUDED.erased,
+                refused = k.refused + EXCLUDED.refused, failed = k.failed + EXCLUDED.failed,
+                retried = k.retried + EXCLUDED.retried, throttled = k.throttled + EXCLUDED.throttled",
+        &[
+            bindings.into(),
+            column(Added).into(),
+            column(Updated).into(),
+            column(Removed).into(),
+            column(Erased).into(),
+            column(Refused).into(),
+            column(Failed).into(),
+            column(Retried).into(),
+            column(Throttled).into(),
+        ],
+    )?;
+    Ok(())
 }
 
 pub(super) fn clear_dead_letters(bindings: Vec<i64>, addresses: Vec<String>) -> Result<()> {

@@ -400,6 +400,7 @@ impl Engine {
             None => {}
         }
         if let Some(after) = work.throttled {
+            book.count(id, Counter::Throttled);
             Spi::run_with_args(
                 "UPDATE listsync.connections SET throttled_until = now() + $2 * interval '1 millisecond' WHERE id = $1",
                 &[
@@ -438,6 +439,14 @@ impl Engine {
             match outcome {
                 Outcome::Member { status, remote_id } => {
                     succeeded = true;
+                    book.count(
+                        id,
+                        if planned.action == Action::Add {
+                            Counter::Added
+                        } else {
+                            Counter::Updated
+                        },
+                    );
                     book.member(
                         id,
                         &item.address,
@@ -448,14 +457,22 @@ impl Engine {
                 }
                 Outcome::Removed => {
                     succeeded = true;
+                    match planned.action {
+                        Action::Erase => book.count(id, Counter::Erased),
+                        Action::Leave(_) => book.count(id, Counter::Removed),
+                        // Forgotten without a call: nothing happened at the provider.
+                        _ => {}
+                    }
                     book.gone(id, &item.address);
                 }
                 Outcome::Refused { status, message } => {
+                    book.count(id, Counter::Refused);
                     last_error = Some(format!("{}: {message}", item.address));
                     let fields = planned.recorded.map(|r| r.fields).unwrap_or_default();
                     book.member(id, &item.address, status.as_str(), None, fields);
                 }
                 Outcome::Failed { message } => {
+                    book.count(id, Counter::Failed);
                     last_error = Some(format!("{}: {message}", item.address));
                     if planned.action == Action::Add {
                         // Refused for good: the provider did not take it, there is nothing to undo.
@@ -470,6 +487,7 @@ impl Engine {
                     last_error = Some(format!("{}: {message}", item.address));
                     let attempts = item.attempts + 1;
                     if attempts >= max_attempts {
+                        book.count(id, Counter::Failed);
                         book.dead(
                             id,
                             &item.address,
@@ -485,6 +503,7 @@ impl Engine {
                             retry_after,
                             self.next_random(),
                         );
+                        book.count(id, Counter::Retried);
                         book.retry(id, item.address, delay, message);
                         continue;
                     }
