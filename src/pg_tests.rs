@@ -1042,6 +1042,49 @@ mod tests {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Explaining one address
+
+    fn explained(binding: i64, address: &str) -> serde_json::Value {
+        value::<pgrx::JsonB>(&format!("SELECT listsync.explain({binding}, '{address}')"))
+            .unwrap()
+            .0
+    }
+
+    #[pg_test]
+    fn explain_says_why_an_address_is_or_is_not_on_the_list() {
+        let b = vip_binding();
+        run(
+            "INSERT INTO contacts (id, email, first_name, city, ltv) VALUES (7, 'Ann@X.io', 'Ann', 'Moscow', 5000)",
+        );
+        let ann = explained(b, " ann@x.io ");
+        assert_eq!(ann["address"], "ann@x.io");
+        assert_eq!(ann["matching_rows"][0]["id"], 7);
+        assert_eq!(
+            ann["matching_rows"][0]["fields"],
+            serde_json::json!({"FNAME": "Ann"})
+        );
+        assert_eq!(ann["on_the_list"], false);
+        assert_eq!(ann["pending"]["attempts"], 0);
+        assert_eq!(ann["next"]["operation"], "add");
+        assert_eq!(ann["next"]["fields"], serde_json::json!({"FNAME": "Ann"}));
+
+        let nobody = explained(b, "nobody@x.io");
+        assert_eq!(nobody["matching_rows"], serde_json::json!([]));
+        assert_eq!(nobody["member"], serde_json::Value::Null);
+        assert_eq!(nobody["next"]["operation"], "none");
+
+        run("SELECT listsync.suppress('ann@x.io', 'asked by phone')");
+        let suppressed = explained(b, "ann@x.io");
+        assert_eq!(suppressed["suppressed"]["reason"], "asked by phone");
+        assert_eq!(suppressed["next"]["operation"], "none");
+        expect_error(
+            &format!("SELECT listsync.explain({b}, 'not an address')"),
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "is not an email address",
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Renaming in place
 
     #[pg_test]

@@ -343,6 +343,14 @@ fn resync_impl(id: i64, full: bool) -> Result<i64> {
     })
 }
 
+/// Why `address` is or is not in the binding's list, and what the worker would do with it now.
+#[pg_extern]
+fn explain(binding: Option<i64>, address: Option<&str>) -> JsonB {
+    let binding = required(binding, "binding");
+    owned_binding(binding).or_raise();
+    JsonB(crate::delivery::explain(binding, required(address, "address")).or_raise())
+}
+
 #[pg_extern]
 fn dry_run(
     id: Option<i64>,

@@ -1,4 +1,5 @@
-//! `dry_run`: the plan of every dirty pair of a binding, without sending anything.
+//! `dry_run`: the plan of every dirty pair of a binding, without sending anything; `explain`:
+//! everything that decides one address's place in a binding's list.
 
 use crate::error::{Error, Result};
 use crate::names::binding_view;
@@ -58,5 +59,78 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
             }
         }
         Ok(steps)
+    })
+}
+
+/// Why `raw_address` is or is not in the binding's list: the rows the filter matches for it,
+/// what was recorded at the provider, suppression, a pending change or a dead letter, and what
+/// the worker would do with it now (computed as the worker plans it).
+pub fn explain(binding: i64, raw_address: &str) -> Result<Value> {
+    let address = listsync_core::address::normalize(raw_address).ok_or_else(|| {
+        Error::invalid(format!("\"{raw_address}\" is not an email address"))
+            .with_hint("Give the address as the filter's email column holds it; it is normalized as the binding's view does.")
+    })?;
+    AsExtension::run(|| {
+        let targets = load_targets(&[binding])?;
+        let target = targets
+            .get(&binding)
+            .ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
+        let view = binding_view(binding);
+        let matching = privilege::as_owner(target.owner, || {
+            Spi::get_one_with_args::<pgrx::JsonB>(
+                &format!("SELECT coalesce(jsonb_agg(to_jsonb(v) - 'address'), '[]') FROM {view} v WHERE address = $1"),
+                &[address.clone().into()],
+            )
+        })?
+        .map(|j| j.0)
+        .unwrap_or(Value::Null);
+        let row = |sql: &str, args: &[pgrx::datum::DatumWithOid]| -> Result<Value> {
+            Ok(crate::query::optional::<pgrx::JsonB>(sql, args)?
+                .map(|j| j.0)
+                .unwrap_or(Value::Null))
+        };
+        let pair = [binding.into(), address.clone().into()];
+        let member = row(
+            "SELECT to_jsonb(m) - 'binding_id' - 'address' FROM listsync.members m WHERE binding_id = $1 AND address = $2",
+            &pair,
+        )?;
+        let pending = row(
+            "SELECT to_jsonb(o) - 'binding_id' - 'address' FROM listsync.outbox o WHERE binding_id = $1 AND address = $2",
+            &pair,
+        )?;
+        let dead_letter = row(
+            "SELECT to_jsonb(d) - 'binding_id' - 'address' FROM listsync.dead_letter_items d WHERE binding_id = $1 AND address = $2",
+            &pair,
+        )?;
+        let suppressed = row(
+            "SELECT to_jsonb(s) - 'address' FROM listsync.suppressions s WHERE address = $1",
+            &[address.clone().into()],
+        )?;
+        let planned = plan_binding(
+            binding,
+            target.owner,
+            target.on_leave,
+            std::slice::from_ref(&address),
+        )?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::internal("no plan for the address"))?;
+        let on_the_list = planned.recorded.as_ref().is_some_and(|r| r.is_member());
+        let next = serde_json::json!({
+            "operation": planned.action.describe(),
+            "fields": matches!(planned.action, Action::Add | Action::Update).then(|| Value::Object(planned.fields.clone())),
+            "reason": match &planned.action { Action::Refrain(why) => Some(why.clone()), _ => None },
+        });
+        Ok(serde_json::json!({
+            "binding": binding,
+            "address": address,
+            "matching_rows": matching,
+            "on_the_list": on_the_list,
+            "member": member,
+            "suppressed": suppressed,
+            "pending": pending,
+            "dead_letter": dead_letter,
+            "next": next,
+        }))
     })
 }

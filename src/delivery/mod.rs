@@ -41,7 +41,7 @@ mod threads;
 
 use connection::http_config;
 pub use connection::{Connection, check_connection, load_connection_by_name};
-pub use dry_run::{DryRunStep, dry_run};
+pub use dry_run::{DryRunStep, dry_run, explain};
 use ledger::*;
 use state::*;
 use threads::*;
