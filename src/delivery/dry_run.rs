@@ -84,6 +84,7 @@ pub fn explain(binding: i64, raw_address: &str) -> Result<Value> {
         })?
         .map(|j| j.0)
         .unwrap_or(Value::Null);
+        let matching = with_key_names(binding, matching)?;
         let row = |sql: &str, args: &[pgrx::datum::DatumWithOid]| -> Result<Value> {
             Ok(crate::query::optional::<pgrx::JsonB>(sql, args)?
                 .map(|j| j.0)
@@ -133,4 +134,27 @@ pub fn explain(binding: i64, raw_address: &str) -> Result<Value> {
             "next": next,
         }))
     })
+}
+
+/// The binding view names the table's key columns `key_1`, ...: show the table's own names.
+fn with_key_names(binding: i64, mut rows: Value) -> Result<Value> {
+    let names: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT coalesce(array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum)), '{}')
+           FROM listsync.bindings b
+           JOIN pg_catalog.pg_index i ON i.indrelid = b.source::oid AND i.indisprimary
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+          WHERE b.id = $1",
+        &[binding.into()],
+    )?
+    .unwrap_or_default();
+    for row in rows.as_array_mut().into_iter().flatten() {
+        if let Some(columns) = row.as_object_mut() {
+            for (i, name) in names.iter().enumerate() {
+                if let Some(value) = columns.remove(&format!("key_{}", i + 1)) {
+                    columns.insert(name.clone(), value);
+                }
+            }
+        }
+    }
+    Ok(rows)
 }
