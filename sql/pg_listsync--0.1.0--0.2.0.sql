@@ -9,7 +9,7 @@
 --   * listsync.instance: a restored or cloned database delivers nothing until
 --     listsync.confirm_restore(); status shows its bindings as 'restored'.
 --   * listsync.counters, the listsync.stats view and listsync.metrics() (Prometheus).
---   * listsync.explain(binding, address).
+--   * listsync.explain(binding, address) and listsync.alter_binding(id, ...).
 -- Filters made under 0.1.0 that break the new rules are put in state error by the worker (its
 -- first look after the upgrade) and are not captured; nothing is dropped.
 
@@ -140,6 +140,9 @@ CREATE FUNCTION listsync.rename_filter("name" text, "new_name" text) RETURNS voi
 LANGUAGE c AS 'MODULE_PATHNAME', 'rename_filter_wrapper';
 CREATE FUNCTION listsync.rename_connection("name" text, "new_name" text) RETURNS void
 LANGUAGE c AS 'MODULE_PATHNAME', 'rename_connection_wrapper';
+CREATE FUNCTION listsync.alter_binding("id" bigint, "fields" jsonb DEFAULT NULL, "tags" text[] DEFAULT NULL,
+                                       "on_leave" text DEFAULT NULL, "new_member_status" text DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_binding_wrapper';
 CREATE FUNCTION listsync.explain("binding" bigint, "address" text) RETURNS jsonb
 LANGUAGE c AS 'MODULE_PATHNAME', 'explain_wrapper';
 CREATE FUNCTION listsync.confirm_restore() RETURNS void STRICT

@@ -1146,6 +1146,71 @@ mod tests {
     }
 
     #[pg_test]
+    fn alter_binding_changes_it_in_place_and_resends_only_what_differs() {
+        let b = vip_binding();
+        run(
+            "INSERT INTO contacts (email, first_name, city, ltv) VALUES ('a@x.io', 'A', 'Moscow', 5000), ('b@x.io', 'B', 'Moscow', 5000)",
+        );
+        clear_outbox();
+        run(&format!(
+            "INSERT INTO listsync.members (binding_id, address, status, fields) VALUES
+                ({b}, 'a@x.io', 'subscribed', '{{\"FNAME\": \"A\", \"CITY\": \"Moscow\"}}'),
+                ({b}, 'b@x.io', 'subscribed', '{{\"FNAME\": \"B\"}}')"
+        ));
+        run(&format!(
+            "SELECT listsync.alter_binding({b}, fields => '{{\"FNAME\": \"first_name\", \"CITY\": \"city\"}}')"
+        ));
+        // (and the recount marker of rows without an address)
+        assert_eq!(dirty(b), strings(&["", "a@x.io", "b@x.io"]));
+        // a@x.io was delivered with these values already: only b@x.io goes out again.
+        assert_eq!(
+            value::<Vec<String>>(&format!(
+                "SELECT array_agg(address || ' ' || operation ORDER BY address) FROM listsync.dry_run({b})"
+            )),
+            Some(strings(&["b@x.io update"]))
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM listsync.members WHERE binding_id = {b}"
+            )),
+            2
+        );
+
+        run(&format!(
+            "SELECT listsync.alter_binding({b}, tags => ARRAY['crm'])"
+        ));
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM listsync.members WHERE binding_id = {b} AND NOT verified"
+            )),
+            2,
+            "new tags send every member again"
+        );
+        run(&format!(
+            "SELECT listsync.alter_binding({b}, on_leave => 'keep')"
+        ));
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT on_leave || ' ' || array_to_string(tags, ',') || ' ' || (fields->>'CITY') FROM listsync.bindings WHERE id = {b}"
+            )),
+            Some("keep crm city".into()),
+            "what is not given stays"
+        );
+        expect_error(
+            &format!("SELECT listsync.alter_binding({b}, on_leave => 'explode')"),
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid on_leave",
+        );
+        expect_error(
+            &format!(
+                "SELECT listsync.alter_binding({b}, fields => '{{\"FNAME\": \"no_such_column\"}}')"
+            ),
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            "no_such_column",
+        );
+    }
+
+    #[pg_test]
     fn a_renamed_connection_keeps_its_bindings() {
         let b = vip_binding();
         run("SELECT listsync.rename_connection('hook', 'crm_hook')");

@@ -83,66 +83,9 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
             .with_hint(format!("Binding installs a trigger on the table, which needs the same rights as CREATE TRIGGER: GRANT {word} ON {} TO {}.", table.name, quote_identifier(&privilege::role_name(privilege::caller())))));
         }
     }
-    if OnLeave::parse(r.on_leave).is_none() {
-        return Err(
-            Error::invalid(format!("invalid on_leave \"{}\"", r.on_leave)).with_hint(format!(
-                "on_leave is one of {}.",
-                OnLeave::ALL.map(OnLeave::as_str).join(", ")
-            )),
-        );
-    }
-    let Some(new_member_status) = MemberStatus::parse(r.new_member_status) else {
-        return Err(Error::invalid(format!(
-            "invalid new_member_status \"{}\"",
-            r.new_member_status
-        ))
-        .with_hint(format!(
-            "new_member_status is one of {} (pending: double opt-in).",
-            MemberStatus::ALL.map(MemberStatus::as_str).join(", ")
-        )));
-    };
+    check_delivery_options(&provider, r.on_leave, r.new_member_status, &r.tags)?;
     let capabilities = providers::capabilities(&provider)
         .ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
-    if !capabilities.on_leave.contains(&r.on_leave) {
-        return Err(Error::new(
-            Kind::FeatureNotSupported,
-            format!("provider {provider} cannot do on_leave => '{}'", r.on_leave),
-        )
-        .with_hint(format!(
-            "{provider} supports on_leave {}.",
-            capabilities.on_leave.join(", ")
-        )));
-    }
-    if new_member_status == MemberStatus::Pending && !capabilities.double_opt_in {
-        return Err(Error::new(
-            Kind::FeatureNotSupported,
-            format!("provider {provider} has no double opt-in (new_member_status => 'pending')"),
-        ));
-    }
-    if !r.tags.is_empty() && !capabilities.tags {
-        return Err(Error::new(
-            Kind::FeatureNotSupported,
-            format!("provider {provider} has no tags"),
-        )
-        .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
-    }
-    if r.tags.len() > MAX_TAGS {
-        return Err(Error::invalid(format!(
-            "a binding has at most {MAX_TAGS} tags, not {}",
-            r.tags.len()
-        ))
-        .with_hint(
-            "Every member delivered carries every tag of its binding; group with the list instead.",
-        ));
-    }
-    if let Some(tag) = r
-        .tags
-        .iter()
-        .find(|t| t.trim().is_empty() || t.chars().count() > MAX_TAG_CHARS)
-    {
-        return Err(Error::invalid(format!("invalid tag \"{tag}\""))
-            .with_hint(format!("Tags are 1 to {MAX_TAG_CHARS} characters.")));
-    }
     if r.list.is_some_and(|l| l.trim().is_empty()) {
         return Err(Error::invalid(
             "list must be a provider's list id, or NULL to create one",
@@ -201,6 +144,196 @@ fn bind_impl(r: BindRequest) -> Result<i64> {
         crate::wake::request_wake();
         Ok(id)
     })
+}
+
+/// Changes a binding in place: its members and pending changes stay. New `fields` are compared
+/// member by member, so only members whose mapped values differ are sent again; new `tags` send
+/// every member again (tags go with each member); `on_leave` and `new_member_status` apply to
+/// the next leave and the next add. NULL keeps a setting as it is.
+#[pg_extern]
+fn alter_binding(
+    id: Option<i64>,
+    fields: default!(Option<Jsonb>, "NULL"),
+    tags: default!(Option<Vec<Option<String>>>, "NULL"),
+    on_leave: default!(Option<&str>, "NULL"),
+    new_member_status: default!(Option<&str>, "NULL"),
+) {
+    let id = required(id, "id");
+    let fields = json_argument(fields, "fields").or_raise();
+    let tags: Option<Vec<String>> =
+        tags.map(|tags| tags.into_iter().map(|t| required(t, "a tag")).collect());
+    alter_binding_impl(id, fields, tags, on_leave, new_member_status).or_raise()
+}
+
+fn alter_binding_impl(
+    id: i64,
+    fields: Option<Value>,
+    tags: Option<Vec<String>>,
+    on_leave: Option<&str>,
+    new_member_status: Option<&str>,
+) -> Result<()> {
+    let binding = owned_binding(id)?;
+    let source = match (binding.state.as_str(), binding.source) {
+        ("inactive", _) | (_, None) => {
+            return Err(Error::new(
+                Kind::ObjectNotInPrerequisiteState,
+                format!("binding {id} is inactive and cannot be altered"),
+            )
+            .with_hint("Its filter or table is gone; unbind it and bind a new filter."));
+        }
+        (_, Some(source)) => source,
+    };
+    type Current = (String, String, String, Vec<String>, String, String);
+    let (filter, provider, connection, current_tags, current_on_leave, current_status): Current =
+        AsExtension::run(|| {
+            Spi::connect(|c| -> Result<Current> {
+                let row = c
+                    .select(
+                        "SELECT b.filter_name, c.provider, c.name, b.tags, b.on_leave, b.new_member_status
+                           FROM listsync.bindings b JOIN listsync.connections c ON c.id = b.connection_id
+                          WHERE b.id = $1",
+                        None,
+                        &[id.into()],
+                    )?
+                    .first();
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                    row.get::<Vec<String>>(4)?.unwrap_or_default(),
+                    row.get::<String>(5)?.unwrap_or_default(),
+                    row.get::<String>(6)?.unwrap_or_default(),
+                ))
+            })
+        })?;
+    let new_tags = tags.clone().unwrap_or_else(|| current_tags.clone());
+    let on_leave = on_leave.unwrap_or(&current_on_leave);
+    let new_member_status = new_member_status.unwrap_or(&current_status);
+    check_delivery_options(&provider, on_leave, new_member_status, &new_tags)?;
+    let table = Table::load(source)?;
+    let compiled = fields
+        .as_ref()
+        .map(|f| compile_fields(&filter, &table, &provider, f, binding.owner))
+        .transpose()?;
+    let predicate = filter_predicate(&filter)?;
+    AsExtension::run(|| {
+        Spi::run_with_args(
+            "UPDATE listsync.bindings SET fields = coalesce($2, fields), tags = $3, on_leave = $4, new_member_status = $5
+              WHERE id = $1",
+            &[
+                id.into(),
+                fields.clone().map(JsonB).into(),
+                new_tags.clone().into(),
+                on_leave.into(),
+                new_member_status.into(),
+            ],
+        )?;
+        let mut said = Vec::new();
+        if let Some(compiled) = &compiled {
+            let phone = binding_has_phone_identity(id)?;
+            let identity = current_identity(&filter)?.for_binding(phone);
+            create_binding_view(id, &table, &identity, &predicate, compiled, true)?;
+            crate::filter::revalidate::check_binding(id, binding.owner)?;
+            triggers::sync_triggers(source)?;
+        }
+        let tags_changed = tags.is_some_and(|t| t != current_tags);
+        if tags_changed {
+            // Tags go with each member: every member is sent again.
+            Spi::run_with_args(
+                "UPDATE listsync.members SET verified = false WHERE binding_id = $1",
+                &[id.into()],
+            )?;
+        }
+        if compiled.is_some() || tags_changed {
+            let marked = mark_binding_dirty(id, binding.owner)?;
+            said.push(if tags_changed {
+                format!("{marked} addresses marked and every member sent again with the new tags")
+            } else {
+                format!("{marked} addresses marked; only members whose mapped fields differ are sent again")
+            });
+            crate::wake::request_wake();
+        }
+        if on_leave != current_on_leave || new_member_status != current_status {
+            said.push(format!(
+                "on_leave '{on_leave}' and new_member_status '{new_member_status}' apply from the next change; nothing already at {connection} is changed for them"
+            ));
+        }
+        if said.is_empty() {
+            said.push("nothing changed".into());
+        }
+        notice!("binding {id}: {}", said.join("; "));
+        Ok(())
+    })
+}
+
+/// What bind_filter_to_list and alter_binding check of a binding's delivery options against
+/// its provider, without a network call.
+fn check_delivery_options(
+    provider: &str,
+    on_leave: &str,
+    new_member_status: &str,
+    tags: &[String],
+) -> Result<()> {
+    if OnLeave::parse(on_leave).is_none() {
+        return Err(
+            Error::invalid(format!("invalid on_leave \"{}\"", on_leave)).with_hint(format!(
+                "on_leave is one of {}.",
+                OnLeave::ALL.map(OnLeave::as_str).join(", ")
+            )),
+        );
+    }
+    let Some(status) = MemberStatus::parse(new_member_status) else {
+        return Err(Error::invalid(format!(
+            "invalid new_member_status \"{}\"",
+            new_member_status
+        ))
+        .with_hint(format!(
+            "new_member_status is one of {} (pending: double opt-in).",
+            MemberStatus::ALL.map(MemberStatus::as_str).join(", ")
+        )));
+    };
+    let capabilities = providers::capabilities(provider)
+        .ok_or_else(|| Error::internal(format!("unknown provider {provider}")))?;
+    if !capabilities.on_leave.contains(&on_leave) {
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} cannot do on_leave => '{}'", on_leave),
+        )
+        .with_hint(format!(
+            "{provider} supports on_leave {}.",
+            capabilities.on_leave.join(", ")
+        )));
+    }
+    if status == MemberStatus::Pending && !capabilities.double_opt_in {
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} has no double opt-in (new_member_status => 'pending')"),
+        ));
+    }
+    if !tags.is_empty() && !capabilities.tags {
+        return Err(Error::new(
+            Kind::FeatureNotSupported,
+            format!("provider {provider} has no tags"),
+        )
+        .with_hint("Leave tags empty; the list itself is the grouping at this provider."));
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(Error::invalid(format!(
+            "a binding has at most {MAX_TAGS} tags, not {}",
+            tags.len()
+        ))
+        .with_hint(
+            "Every member delivered carries every tag of its binding; group with the list instead.",
+        ));
+    }
+    if let Some(tag) = tags
+        .iter()
+        .find(|t| t.trim().is_empty() || t.chars().count() > MAX_TAG_CHARS)
+    {
+        return Err(Error::invalid(format!("invalid tag \"{tag}\""))
+            .with_hint(format!("Tags are 1 to {MAX_TAG_CHARS} characters.")));
+    }
+    Ok(())
 }
 
 /// The predicate as the filter's view holds it now (it follows column renames).
