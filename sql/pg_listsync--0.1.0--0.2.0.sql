@@ -72,9 +72,8 @@ SELECT b.id                                   AS binding,
             ELSE coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) END AS state_reason,
        (SELECT count(*) FROM listsync.members m
          WHERE m.binding_id = b.id AND m.status IN ('subscribed', 'pending'))       AS members,
-       (SELECT count(*) FROM listsync.outbox o WHERE o.binding_id = b.id AND o.address <> '') AS pending,
-       (SELECT now() - min(o.dirtied_at) FROM listsync.outbox o
-         WHERE o.binding_id = b.id AND o.address <> '')                              AS oldest_pending_age,
+       p.pending,
+       p.oldest_pending_age,
        (SELECT count(*) FROM listsync.dead_letter_items d WHERE d.binding_id = b.id) AS dead_letters,
        (SELECT count(*) FROM listsync.members m
          WHERE m.binding_id = b.id AND m.status NOT IN ('subscribed', 'pending'))   AS refused,
@@ -82,9 +81,22 @@ SELECT b.id                                   AS binding,
        b.last_success_at,
        b.last_error_at,
        b.last_error,
-       c.throttled_until
+       c.throttled_until,
+       p.realtime                             AS pending_realtime,
+       p.backfill                             AS pending_backfill,
+       p.retry                                AS pending_retry
   FROM listsync.bindings b
   JOIN listsync.connections c ON c.id = b.connection_id
+  -- Pending pairs by why they wait: changes captured as they happen (due at once), marked in
+  -- bulk by a backfill, resync or reconcile (served after real-time ones), waiting for a retry.
+  CROSS JOIN LATERAL (
+      SELECT count(*)                                                   AS pending,
+             now() - min(o.dirtied_at)                                  AS oldest_pending_age,
+             count(*) FILTER (WHERE o.not_before = '-infinity')         AS realtime,
+             count(*) FILTER (WHERE o.not_before = 'epoch')             AS backfill,
+             count(*) FILTER (WHERE o.not_before NOT IN ('-infinity', 'epoch')) AS retry
+        FROM listsync.outbox o
+       WHERE o.binding_id = b.id AND o.address <> '') p
  WHERE pg_catalog.pg_has_role(b.owner, 'USAGE') OR pg_catalog.pg_has_role('listsync_admin', 'USAGE');
 
 CREATE OR REPLACE VIEW listsync.dead_letters AS

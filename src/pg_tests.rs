@@ -1041,6 +1041,36 @@ mod tests {
         assert_eq!(dirty(b), Vec::<String>::new());
     }
 
+    #[pg_test]
+    fn status_splits_pending_into_realtime_backfill_and_retry() {
+        let b = vip_binding();
+        run(&format!(
+            "INSERT INTO listsync.members (binding_id, address, status) VALUES ({b}, 'gone@x.io', 'subscribed')"
+        ));
+        run(
+            "INSERT INTO contacts (email, city, ltv) VALUES ('now@x.io', 'Moscow', 5000), ('later@x.io', 'Moscow', 5000)",
+        );
+        run(&format!("SELECT listsync.resync({b})"));
+        run(
+            "UPDATE listsync.outbox SET not_before = now() + interval '1 hour', attempts = 2 WHERE address = 'later@x.io'",
+        );
+        assert_eq!(
+            value::<Vec<i64>>(&format!(
+                "SELECT ARRAY[pending, pending_realtime, pending_backfill, pending_retry] FROM listsync.status WHERE binding = {b}"
+            )),
+            Some(vec![3, 1, 1, 1])
+        );
+        // Edited while it waits for its retry: due now, its attempts kept for the retry policy.
+        run("UPDATE contacts SET first_name = 'L' WHERE email = 'later@x.io'");
+        assert_eq!(
+            value::<Vec<i64>>(&format!(
+                "SELECT ARRAY[pending_realtime, pending_retry, (SELECT attempts FROM listsync.outbox WHERE address = 'later@x.io')]
+                   FROM listsync.status WHERE binding = {b}"
+            )),
+            Some(vec![2, 0, 2])
+        );
+    }
+
     // -----------------------------------------------------------------------------------------
     // Explaining one address
 
