@@ -155,6 +155,11 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'rename_connection_wrapper';
 CREATE FUNCTION listsync.alter_binding("id" bigint, "fields" jsonb DEFAULT NULL, "tags" text[] DEFAULT NULL,
                                        "on_leave" text DEFAULT NULL, "new_member_status" text DEFAULT NULL)
 RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'alter_binding_wrapper';
+-- dry_run gains only_address and max_rows.
+DROP FUNCTION listsync.dry_run(bigint);
+CREATE FUNCTION listsync.dry_run("id" bigint, "only_address" text DEFAULT NULL, "max_rows" integer DEFAULT NULL)
+RETURNS TABLE ("address" text, "operation" text, "fields" jsonb, "reason" text)
+LANGUAGE c AS 'MODULE_PATHNAME', 'dry_run_wrapper';
 CREATE FUNCTION listsync.explain("binding" bigint, "address" text) RETURNS jsonb
 LANGUAGE c AS 'MODULE_PATHNAME', 'explain_wrapper';
 CREATE FUNCTION listsync.confirm_restore() RETURNS void STRICT

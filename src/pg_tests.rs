@@ -1413,6 +1413,24 @@ mod tests {
             Some("changed@x.io:update gone@x.io:remove unsub@x.io:skip".into()),
             "suppressed addresses are never sent"
         );
+        assert_eq!(
+            value::<String>(&format!(
+                "SELECT string_agg(address || ':' || operation, ' ') FROM listsync.dry_run({b}, only_address => ' Changed@X.io ')"
+            )),
+            Some("changed@x.io:update".into()),
+            "one address, normalized"
+        );
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM listsync.dry_run({b}, max_rows => 2)"
+            )),
+            2
+        );
+        expect_error(
+            &format!("SELECT * FROM listsync.dry_run({b}, max_rows => -1)"),
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "max_rows",
+        );
     }
 
     #[pg_test]

@@ -484,9 +484,13 @@ fn explain(binding: Option<i64>, address: Option<&str>) -> JsonB {
     JsonB(crate::delivery::explain(binding, required(address, "address")).or_raise())
 }
 
+/// What the worker would send for the binding now, without sending anything: for every pair
+/// (or for `only_address`; `address` names the result column), at most `max_rows` rows.
 #[pg_extern]
 fn dry_run(
     id: Option<i64>,
+    only_address: default!(Option<&str>, "NULL"),
+    max_rows: default!(Option<i32>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -505,9 +509,14 @@ fn dry_run(
         )
         .raise();
     }
-    let plan = crate::delivery::dry_run(id).or_raise();
+    if max_rows.is_some_and(|n| n < 0) {
+        Error::invalid("max_rows must not be negative").raise();
+    }
+    let plan = crate::delivery::dry_run(id, only_address).or_raise();
+    let limit = max_rows.map_or(usize::MAX, |n| n as usize);
     TableIterator::new(
         plan.into_iter()
+            .take(limit)
             .map(|op| (op.address, op.operation, op.fields.map(JsonB), op.reason)),
     )
 }

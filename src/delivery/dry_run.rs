@@ -17,29 +17,37 @@ pub struct DryRunStep {
     pub reason: Option<String>,
 }
 
-/// What a resync of the binding would send now, computed exactly as the worker would.
-pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
+/// What a resync of the binding would send now, computed exactly as the worker would: for
+/// every address the filter matches or the provider was given, or for `only` that address.
+pub fn dry_run(binding: i64, only: Option<&str>) -> Result<Vec<DryRunStep>> {
+    let only = only.map(normalized).transpose()?;
     AsExtension::run(|| {
         let targets = load_targets(&[binding])?;
         let target = targets
             .get(&binding)
             .ok_or_else(|| Error::not_found("binding", &binding.to_string()))?;
-        let view = binding_view(binding);
-        let mut addresses: Vec<String> = privilege::as_owner(target.owner, || {
-            Spi::get_one::<Vec<String>>(&format!(
-                "SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"
-            ))
-        })?
-        .unwrap_or_default();
-        addresses.extend(
-            Spi::get_one_with_args::<Vec<String>>(
-                "SELECT coalesce(array_agg(address), '{}') FROM listsync.members WHERE binding_id = $1",
-                &[binding.into()],
-            )?
-            .unwrap_or_default(),
-        );
-        addresses.sort_unstable();
-        addresses.dedup();
+        let addresses = match only {
+            Some(address) => vec![address],
+            None => {
+                let view = binding_view(binding);
+                let mut addresses: Vec<String> = privilege::as_owner(target.owner, || {
+                    Spi::get_one::<Vec<String>>(&format!(
+                        "SELECT coalesce(array_agg(DISTINCT address), '{{}}') FROM {view} WHERE address IS NOT NULL"
+                    ))
+                })?
+                .unwrap_or_default();
+                addresses.extend(
+                    Spi::get_one_with_args::<Vec<String>>(
+                        "SELECT coalesce(array_agg(address), '{}') FROM listsync.members WHERE binding_id = $1",
+                        &[binding.into()],
+                    )?
+                    .unwrap_or_default(),
+                );
+                addresses.sort_unstable();
+                addresses.dedup();
+                addresses
+            }
+        };
         let mut steps = Vec::new();
         for chunk in addresses.chunks(5_000) {
             for planned in plan_binding(binding, target.owner, target.on_leave, chunk)? {
@@ -66,10 +74,7 @@ pub fn dry_run(binding: i64) -> Result<Vec<DryRunStep>> {
 /// what was recorded at the provider, suppression, a pending change or a dead letter, and what
 /// the worker would do with it now (computed as the worker plans it).
 pub fn explain(binding: i64, raw_address: &str) -> Result<Value> {
-    let address = listsync_core::address::normalize(raw_address).ok_or_else(|| {
-        Error::invalid(format!("\"{raw_address}\" is not an email address"))
-            .with_hint("Give the address as the filter's email column holds it; it is normalized as the binding's view does.")
-    })?;
+    let address = normalized(raw_address)?;
     AsExtension::run(|| {
         let targets = load_targets(&[binding])?;
         let target = targets
@@ -157,4 +162,12 @@ fn with_key_names(binding: i64, mut rows: Value) -> Result<Value> {
         }
     }
     Ok(rows)
+}
+
+/// An address as the binding's view normalizes it, or a clear error.
+fn normalized(raw: &str) -> Result<String> {
+    listsync_core::address::normalize(raw).ok_or_else(|| {
+        Error::invalid(format!("\"{raw}\" is not an email address"))
+            .with_hint("Give the address as the filter's email column holds it; it is normalized as the binding's view does.")
+    })
 }
