@@ -8,9 +8,9 @@ SELECT b.id                                   AS binding,
        c.provider,
        coalesce(b.list_name, b.list_id)       AS list,
        b.list_id,
-       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed() THEN 'restored'
+       CASE WHEN b.state = 'active' AND r.restored THEN 'restored'
             WHEN b.state = 'active' AND c.state = 'error' THEN 'error' ELSE b.state END AS state,
-       CASE WHEN b.state = 'active' AND listsync.restore_unconfirmed()
+       CASE WHEN b.state = 'active' AND r.restored
             THEN 'this database is a restore or a clone of another: nothing is delivered until listsync.confirm_restore()'
             ELSE coalesce(b.state_reason, CASE WHEN c.state = 'error' THEN c.state_reason END) END AS state_reason,
        (SELECT count(*) FROM listsync.members m
@@ -30,6 +30,7 @@ SELECT b.id                                   AS binding,
        p.retry                                AS pending_retry
   FROM listsync.bindings b
   JOIN listsync.connections c ON c.id = b.connection_id
+  CROSS JOIN (SELECT listsync.restore_unconfirmed() AS restored) r
   -- Pending pairs by why they wait: changes captured as they happen (due at once), marked in
   -- bulk by a backfill, resync or reconcile (served after real-time ones), waiting for a retry.
   CROSS JOIN LATERAL (
