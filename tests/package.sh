@@ -45,7 +45,7 @@ as_pg "$bin/initdb" -D "$scratch/data" -U postgres -A trust --no-sync >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 as_pg "$bin/pg_ctl" -D "$scratch/data" -l "$scratch/run/log" -w -t 60 start \
     -o "-p $port -k $scratch/run -c listen_addresses='' -c shared_preload_libraries=pg_listsync -c listsync.database=postgres" >/dev/null
-psql() { as_pg "$bin/psql" -h "$scratch/run" -p "$port" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 "$@"; }
+psql() { as_pg env PGOPTIONS="-c client_min_messages=warning" "$bin/psql" -h "$scratch/run" -p "$port" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 "$@"; }
 
 psql -c "CREATE EXTENSION pg_listsync"
 version=$(psql -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_listsync'")
