@@ -56,10 +56,7 @@ pub fn require_current() -> Result<()> {
 }
 
 pub fn mismatch(catalog_version: &str) -> Error {
-    let database = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let database = crate::names::current_database();
     Error::new(
         Kind::ObjectNotInPrerequisiteState,
         format!(

@@ -44,3 +44,19 @@ pub fn view_oid(qualified: &str) -> Result<Option<pg_sys::Oid>> {
         &[qualified.into()],
     )?)
 }
+
+/// The name of the database this backend is connected to.
+pub fn current_database() -> String {
+    // SAFETY: MyDatabaseId is set for any backend that can run SQL; get_database_name returns
+    // a palloc'd copy or NULL for a database that is gone.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}

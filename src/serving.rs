@@ -21,24 +21,9 @@ pub fn unserved() -> Option<Unserved> {
     if !wake::preloaded() {
         return Some(Unserved::NotPreloaded);
     }
-    let database = current_database();
+    let database = crate::names::current_database();
     let listed = guc::databases();
     (!listed.contains(&database)).then_some(Unserved::NotListed { database, listed })
-}
-
-fn current_database() -> String {
-    // SAFETY: MyDatabaseId is set for any backend that can run SQL; get_database_name returns
-    // a palloc'd copy or NULL for a database that is gone.
-    unsafe {
-        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-        if name.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned()
-        }
-    }
 }
 
 impl Unserved {
